@@ -1,0 +1,26 @@
+"""revffn-fx: rewrite the decoder layers of MoE causal LMs into reversible couplings.
+
+The pipeline, one direction: trace -> analyze -> rewrite -> generate backward -> export.
+
+    import revffn_fx as rf
+    rev = rf.transform("path/to/model_dir")          # RevModel
+    report = rf.verify(rev, input_ids)                 # generated backward vs autograd
+"""
+
+from . import passes
+from .errors import ConversionError, ExportError, LoadError, RevFFNError, TraceError
+from .ir import LayerGraph, TracedModel, trace
+from .loading import load_model
+from .model import RevModel, transform
+from .passes.analyze import analyze
+from .passes.manager import PassManager, PassRecord
+from .plan import LayerPlan, Plan, Sublayer
+from .verify import VerifyReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionError", "ExportError", "LayerGraph", "LayerPlan", "LoadError", "PassManager",
+    "PassRecord", "Plan", "RevFFNError", "RevModel", "Sublayer", "TraceError", "TracedModel",
+    "VerifyReport", "analyze", "load_model", "passes", "trace", "transform", "verify",
+]

@@ -1,0 +1,27 @@
+"""Exceptions raised for problems a user can act on.
+
+Every exception here carries a one-line message; the CLI prints it and exits with status 2.
+Anything else that escapes is a bug (exit status 1).
+"""
+
+from __future__ import annotations
+
+
+class RevFFNError(Exception):
+    """Base class: bad input or a check that failed, explained in one line."""
+
+
+class LoadError(RevFFNError):
+    """A model directory could not be loaded."""
+
+
+class TraceError(RevFFNError):
+    """A model could not be traced with torch.fx."""
+
+
+class ConversionError(RevFFNError):
+    """A model or layer cannot be rewritten into reversible couplings."""
+
+
+class ExportError(RevFFNError):
+    """A transformed model could not be written or read back."""

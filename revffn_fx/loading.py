@@ -1,0 +1,151 @@
+"""Load a local Hugging Face causal-LM directory, offline, with one-line errors.
+
+Every problem a user can fix (a wrong path, a broken config, missing or damaged weights,
+weights for another config) raises :class:`revffn_fx.errors.LoadError` naming the file.
+The hub is never contacted: ``local_files_only=True`` is always passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import logging as hf_logging
+
+from revffn_fx.errors import LoadError
+from revffn_fx.registry import SUPPORTED_TRANSFORMERS, facts_for
+
+# The weight files from_pretrained looks for, in its order of preference.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
+_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss",
+              "granitemoe", "phimoe", "dbrx", "jetmoe", "minimax", "flex_olmo")
+_VERSIONS = f"transformers {transformers.__version__}; revffn-fx supports " + ",".join(
+    SUPPORTED_TRANSFORMERS)
+
+
+def load_model(model_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
+               **kwargs: Any) -> PreTrainedModel:
+    """Load the causal LM saved in the local directory ``model_dir`` (eval mode).
+
+    ``dtype`` is passed to ``from_pretrained`` when given (default: the checkpoint's own);
+    other keyword arguments are passed through, after the architecture's registry
+    ``load_kwargs``. Raises :class:`LoadError` for anything wrong with the directory.
+    """
+    path = Path(model_dir).expanduser()
+    config_path, model_type = _check_config(path)
+    weights = _check_weights(path)
+    options: dict[str, Any] = {**facts_for(model_type).load_kwargs, **kwargs}
+    if dtype is not None:
+        options["dtype"] = dtype
+    options.update(local_files_only=True, trust_remote_code=False,
+                   ignore_mismatched_sizes=True, output_loading_info=True)
+    try:
+        with _quiet():
+            model, info = AutoModelForCausalLM.from_pretrained(path, **options)
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"{weights}: cannot load the model: {detail}") from e
+    if info["mismatched_keys"]:
+        name, ckpt_shape, model_shape = sorted(info["mismatched_keys"])[0]
+        raise LoadError(f"{weights}: weights do not fit {config_path.name}: tensor {name} has "
+                        f"shape {list(ckpt_shape)} in the checkpoint but {list(model_shape)} "
+                        "in the model")
+    if info["missing_keys"]:
+        names = sorted(info["missing_keys"])
+        raise LoadError(f"{weights}: weights do not fit {config_path.name}: {len(names)} tensor(s) "
+                        f"missing from the checkpoint, e.g. {names[0]}")
+    if info["unexpected_keys"]:
+        names = sorted(info["unexpected_keys"])
+        raise LoadError(f"{weights}: weights do not fit {config_path.name}: {len(names)} "
+                        f"tensor(s) the model does not have, e.g. {names[0]}")
+    return model.eval()
+
+
+def _check_config(path: Path) -> tuple[Path, str]:
+    """The path of a readable config.json, and its ``model_type`` (known to transformers)."""
+    if not path.exists():
+        raise LoadError(f"{path}: no such directory (revffn-fx loads local model directories "
+                        "only; it never downloads from the hub)")
+    if not path.is_dir():
+        raise LoadError(f"{path}: not a directory (expected a model directory with "
+                        "config.json and weights)")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise LoadError(f"{config_path}: missing (not a Hugging Face model directory?)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{config_path}: not valid JSON: line {e.lineno} column {e.colno}: "
+                        f"{e.msg}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"{config_path}: cannot read: {e}") from e
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in CONFIG_MAPPING:
+        known = ", ".join(t for t in _MOE_TYPES if t in CONFIG_MAPPING)
+        raise LoadError(f"{config_path}: unknown model_type {model_type!r} ({_VERSIONS}; "
+                        f"known MoE types include {known})")
+    return config_path, model_type
+
+
+def _check_weights(path: Path) -> Path:
+    """The main weights file; every safetensors file it names has a readable header."""
+    found = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    if found is None:
+        raise LoadError(f"{path}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+    shards = [found]
+    if found.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(found.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise LoadError(f"{found}: not a valid weights index ({e})") from e
+        shards = [path / s for s in sorted(set(weight_map.values()))]
+        for shard in shards:
+            if not shard.is_file():
+                raise LoadError(f"{found}: lists shard {shard.name}, which is missing")
+    for shard in shards:
+        if shard.suffix == ".safetensors":
+            _check_safetensors(shard)
+    return found
+
+
+def _check_safetensors(file: Path) -> None:
+    """Read the header of ``file``; tensors stacked into one (experts) must agree in shape."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError, and OSError
+        raise LoadError(f"{file}: truncated or corrupted safetensors file ({e})") from e
+    first: dict[str, tuple[str, list[int]]] = {}
+    for name, shape in shapes.items():
+        group = re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
+        if group == name:
+            continue
+        other, other_shape = first.setdefault(group, (name, shape))
+        if shape != other_shape:
+            raise LoadError(f"{file}: weights do not fit each other: tensor {name} has shape "
+                            f"{shape} but {other} has {other_shape}")
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' load report and progress bar; we raise our own errors."""
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()

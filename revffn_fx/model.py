@@ -1,0 +1,253 @@
+"""RevModel and ``transform``: the pipeline trace -> analyze -> rewrite -> inverse -> fuse.
+
+A RevModel owns the original model (its weights keep their Hugging Face names) and the
+new adapter parameters. Compiled graphs are built lazily for each (mode, inputs) key,
+since torch.fx bakes ``self.training`` and optional inputs into a graph; the adapters are
+shared by all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .errors import ConversionError, RevFFNError
+from .ir import TracedModel, trace
+from .passes.analyze import analyze, analyze_layer
+from .passes.couple import COUPLINGS, couple_layer, make_adapters
+from .passes.fuse import fuse_stacks
+from .passes.inverse import ReversibleSpec, generate_inverse
+from .passes.manager import Pass, PassManager, PassRecord, snapshot
+from .plan import Plan
+from .registry import facts_for
+from .runtime.router import RouterTap, find_routers
+from .runtime.stack import RevStack, RuntimeOptions
+
+_BENIGN_KWARGS = {"use_cache", "return_dict"}
+
+
+def parse_layers(spec: str | Sequence[int] | None, n: int) -> list[int] | None:
+    """``"0-3,6"`` or a list of ints -> sorted layer indices; None means all."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        out: set[int] = set()
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                if "-" in part:
+                    a, b = part.split("-", 1)
+                    out.update(range(int(a), int(b) + 1))
+                else:
+                    out.add(int(part))
+            except ValueError:
+                raise RevFFNError(f"bad layer spec {spec!r}: use e.g. '0-3,6'") from None
+        spec = sorted(out)
+    bad = [i for i in spec if not 0 <= i < n]
+    if bad:
+        raise RevFFNError(f"layer {bad[0]} out of range: the model has {n} layers (0-{n - 1})")
+    return sorted(set(spec))
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "d_model", "n_embd"):
+        if config is not None and isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        raise ConversionError("cannot tell the hidden size: no config.hidden_size and no "
+                              "input embeddings")
+    return emb.weight.shape[1]
+
+
+class RevModel(nn.Module):
+    """A causal LM whose convertible decoder layers run as reversible couplings.
+
+    ``rev(input_ids, attention_mask=None, labels=None, output_router_logits=False)``
+    returns ``.logits``, ``.loss``, ``.aux_loss``. In training with gradients enabled the
+    reversible stacks use the generated backward; in eval mode or under no_grad they run
+    as plain modules; ``with rev.plain_autograd():`` forces ordinary autograd.
+    """
+
+    def __init__(self, model: nn.Module, coupling: str = "revffn",
+                 layers: str | Sequence[int] | None = None,
+                 passes: Sequence[Pass] | None = None, leaf_modules: Sequence[str] = ()) -> None:
+        super().__init__()
+        if coupling not in COUPLINGS:
+            raise RevFFNError(f"unknown coupling {coupling!r}; choose from {', '.join(COUPLINGS)}")
+        self.model = model
+        self.coupling = coupling
+        self.user_passes = list(passes or [])
+        traced = trace(model, leaf_modules)
+        self.__dict__["traced"] = traced  # not a submodule: it shares self.model
+        self.plan: Plan = analyze(traced)
+        n = len(traced.layers)
+        wanted = parse_layers(layers, n)
+        chosen = [lp.index for lp in self.plan.layers
+                  if lp.convertible and (wanted is None or lp.index in wanted)]
+        if wanted is not None:
+            refused = [lp for lp in self.plan.layers if lp.index in wanted and not lp.convertible]
+            if refused:
+                lp = refused[0]
+                raise ConversionError(
+                    f"layer {lp.index} ({lp.qualname}) cannot be converted: {lp.reason}")
+        if not chosen:
+            reasons = {lp.reason for lp in self.plan.layers if not lp.convertible}
+            raise ConversionError("no convertible decoder layer"
+                                  + (f": {sorted(reasons)[0]}" if reasons else ""))
+        self.converted = chosen
+        self.hidden_size = hidden_size_of(model)
+        p = next(model.parameters())
+        self.adapters = nn.ModuleDict()
+        if coupling == "revffn":
+            for i in chosen:
+                self.adapters[str(i)] = make_adapters(self.hidden_size, p.dtype, p.device)
+        routers, index = find_routers(model)
+        tap = RouterTap(routers, index) if routers else None
+        self.options = RuntimeOptions(router_tap=tap)
+        self.__dict__["_graphs"] = {}
+        self.__dict__["_specs"] = {}
+        self.pass_records: dict[str, list[PassRecord]] = {}
+
+    # -- compilation -------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return getattr(self.model, "config", None)
+
+    def specs(self, training: bool | None = None) -> dict[int, ReversibleSpec]:
+        """The compiled coupling of every converted layer, for one mode."""
+        mode = self.training if training is None else training
+        if mode not in self._specs:
+            overrides = facts_for(getattr(self.config, "model_type", None)).kind_overrides
+            out: dict[int, ReversibleSpec] = {}
+            for i in self.converted:
+                lg = self.traced.layers[i]
+                plan = analyze_layer(lg, overrides, mode)
+                if not plan.convertible:
+                    raise ConversionError(f"layer {i} is not convertible in "
+                                          f"{'train' if mode else 'eval'} mode: {plan.reason}")
+                adapters = self.adapters[str(i)] if self.coupling == "revffn" else None
+
+                def couple(gm: fx.GraphModule, _p: Any = plan,
+                           _a: Any = adapters) -> fx.GraphModule:
+                    return couple_layer(gm, _p, self.coupling, _a)
+
+                couple.__name__ = f"couple_{self.coupling}"
+                pm = PassManager([couple, *self.user_passes])
+                gm = pm(snapshot(lg.trace(mode))).graph_module
+                self.pass_records[f"layer{i}"] = pm.records
+                out[i] = generate_inverse(gm)
+            self._specs[mode] = out
+        return self._specs[mode]
+
+    def graph(self, training: bool | None = None, has_mask: bool = True,
+              has_labels: bool = True) -> fx.GraphModule:
+        """The compiled model-level graph (reversible stacks in place of layer runs)."""
+        mode = self.training if training is None else training
+        key = (mode, has_mask, has_labels)
+        if key not in self._graphs:
+            specs = self.specs(mode)
+            layers = {}
+            for i, spec in specs.items():
+                lg = self.traced.layers[i]
+                layers["model." + lg.qualname] = (spec.layer(lg.qualname), lg.call.inputs)
+            split = COUPLINGS[self.coupling]
+
+            def fuse(gm: fx.GraphModule) -> fx.GraphModule:
+                return fuse_stacks(gm, layers, split, self.options)[0]
+
+            pm = PassManager([fuse])
+            gm = pm(snapshot(self.traced.trace(mode, has_mask, has_labels))).graph_module
+            self.pass_records["model"] = pm.records
+            self._graphs[key] = gm
+        return self._graphs[key]
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.graph()
+
+    def stacks(self, training: bool | None = None) -> list[RevStack]:
+        gm = self.graph(training)
+        return [m for m in gm.modules() if isinstance(m, RevStack)]
+
+    # -- running -----------------------------------------------------------------------
+    @contextmanager
+    def plain_autograd(self, on: bool = True) -> Iterator[None]:
+        """Run with ordinary autograd (activations kept): the reference for checks."""
+        was = self.options.plain_autograd
+        self.options.plain_autograd = on
+        try:
+            yield
+        finally:
+            self.options.plain_autograd = was
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, output_router_logits: bool = False,
+                **kwargs: Any) -> MoeCausalLMOutputWithPast:
+        unknown = set(kwargs) - _BENIGN_KWARGS
+        if unknown:
+            raise RevFFNError(f"unsupported argument(s) {sorted(unknown)}; RevModel takes "
+                              "input_ids, attention_mask, labels, output_router_logits")
+        gm = self.graph(has_mask=attention_mask is not None, has_labels=labels is not None)
+        kw = {k: v for k, v in (("attention_mask", attention_mask), ("labels", labels))
+              if v is not None}
+        tap = self.options.router_tap
+        record = bool(output_router_logits and tap is not None)
+        if not record:
+            logits, loss = gm(input_ids, **kw)
+            return MoeCausalLMOutputWithPast(loss=loss, logits=logits)
+        self.options.record_router_logits = True
+        try:
+            with tap.recording() as rec:  # type: ignore[union-attr]
+                logits, loss = gm(input_ids, **kw)
+        finally:
+            self.options.record_router_logits = False
+        router_logits = tuple(rec)
+        aux = self._aux_loss(router_logits, attention_mask)
+        if aux is not None and loss is not None:
+            loss = loss + self.model.router_aux_loss_coef * aux.to(loss.device)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits,
+                                         router_logits=router_logits)
+
+    def _aux_loss(self, router_logits: tuple[torch.Tensor, ...],
+                  attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The model's own load-balancing loss function, applied to the captured logits."""
+        fn = getattr(sys.modules.get(type(self.model).__module__), "load_balancing_loss_func", None)
+        if fn is None or not router_logits or not hasattr(self.model, "num_experts"):
+            return None
+        return fn(router_logits, self.model.num_experts, self.model.num_experts_per_tok,
+                  attention_mask)
+
+    def extra_repr(self) -> str:
+        return f"coupling={self.coupling!r}, converted={self.converted}"
+
+
+def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn",
+              layers: str | Sequence[int] | None = None, passes: Sequence[Pass] | None = None,
+              leaf_modules: Sequence[str] = ()) -> RevModel:
+    """Rewrite a causal LM (or a local model directory) into a :class:`RevModel`.
+
+    ``coupling``: "revffn" (halves + adapters, the paper's block) or "revnet" (two
+    full-width copies, no new parameters). ``layers``: indices or a spec like "0-3,6"
+    (default: every convertible layer). ``passes``: extra passes run on each coupling graph
+    after the built-in rewrite. ``leaf_modules``: modules torch.fx should not trace into.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        from .loading import load_model
+
+        model = load_model(model)
+    return RevModel(model, coupling, layers, passes, leaf_modules)
+
+
+__all__ = ["RevModel", "transform", "TracedModel"]

@@ -1,0 +1,167 @@
+"""Inverse generation: read a coupling graph's updates off its data flow and emit the inverse.
+
+In a coupling graph the hidden state is split into streams; an ``add`` whose one operand
+is the current value of a stream is an update ``stream[t] += u``, and the nodes that feed
+``u`` form its branch. Which streams the branch reads decides the inverse:
+- it does not read stream t: ``x_t = y_t - branch(...)`` (closed form);
+- it reads stream t: ``x_t`` solves ``x = y_t - branch(..., x, ...)`` (fixed point).
+The result is the list of runtime updates plus an fx GraphModule of the inverse.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from ..errors import ConversionError
+from ..runtime.function import fixed_point
+from ..runtime.stack import RevLayer, Update
+from ..runtime.streams import MERGES, SPLITS
+
+
+@dataclass
+class ReversibleSpec:
+    """A coupling ready for the runtime: its updates, forward and inverse graphs."""
+
+    split: str
+    updates: list[Update]
+    forward: fx.GraphModule
+    inverse: fx.GraphModule
+
+    def layer(self, name: str) -> RevLayer:
+        return RevLayer(list(self.updates), name)
+
+
+def _digraph(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+    return g
+
+
+def extract(gm: fx.GraphModule, inputs: list[fx.Node], output: fx.Node,
+            g: nx.DiGraph, name: str) -> tuple[fx.GraphModule, list[str]]:
+    """The subgraph computing ``output`` from ``inputs`` and the graph's other placeholders.
+
+    Returns the GraphModule (placeholders: one per input, then the context placeholders
+    it uses, by their original names) and those context names.
+    """
+    needed = nx.ancestors(g, output) | {output}
+    stop = set(inputs)
+    # nodes upstream of the inputs (the split, the hidden input) are not part of the branch
+    for i in inputs:
+        needed -= nx.ancestors(g, i)
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    for k, i in enumerate(inputs):
+        env[i] = graph.placeholder(f"s{k}")
+    order = [n for n in gm.graph.nodes if n in needed and n not in stop]
+    ctx_names = [n.name for n in order if n.op == "placeholder"]
+    root: dict[str, Any] = {}
+    for n in order:
+        if n.op == "placeholder":
+            env[n] = graph.placeholder(n.name)
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+        if n.op in ("call_module", "get_attr"):
+            obj: Any = gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            root[n.target] = obj
+    graph.output(env[output])
+    graph.lint()
+    return fx.GraphModule(root, graph, class_name=name), ctx_names
+
+
+def _ancestors_until(node: fx.Node, stops: set[fx.Node]) -> set[fx.Node]:
+    """Ancestors of ``node`` (itself included), not looking past the ``stops``."""
+    seen, todo = {node}, [node]
+    while todo:
+        n = todo.pop()
+        if n in stops:
+            continue
+        for i in n.all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return seen
+
+
+def generate_inverse(coupling: fx.GraphModule) -> ReversibleSpec:
+    """Analyse a coupling graph into updates and emit its inverse GraphModule."""
+    graph = coupling.graph
+    split_fns = {v: k for k, v in SPLITS.items()}
+    split = next((n for n in graph.nodes
+                  if n.op == "call_function" and n.target in split_fns), None)
+    if split is None:
+        raise ConversionError("coupling graph has no split of the hidden state")
+    kind = split_fns[split.target]
+    streams = sorted((u for u in split.users), key=lambda u: u.args[1])
+    current: list[fx.Node] = list(streams)
+    versions = set(streams)
+    g = _digraph(graph)
+    updates: list[Update] = []
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target is operator.add):
+            continue
+        a, b = node.args[:2]
+        if a in current:
+            t, u = current.index(a), b
+        elif b in current:
+            t, u = current.index(b), a
+        else:
+            continue
+        anc = _ancestors_until(u, set(current))
+        stale = [v for v in versions if v in anc and v not in current]
+        if stale:
+            raise ConversionError(f"branch of {node.name} reads an overwritten stream value "
+                                  f"({stale[0].name}): not reversible")
+        reads = [i for i, v in enumerate(current) if v in anc]
+        branch, ctx_names = extract(coupling, [current[i] for i in reads], u, g,
+                                    f"Branch_{node.name}")
+        updates.append(Update(branch, t, reads, ctx_names))
+        current[t] = node
+        versions.add(node)
+    merge = next((n for n in graph.nodes if n.op == "call_function"
+                  and n.target in MERGES.values()), None)
+    if merge is None or list(merge.args) != current:
+        raise ConversionError("coupling graph does not merge the final streams")
+    return ReversibleSpec(kind, updates, coupling, _inverse_graph(updates, len(streams)))
+
+
+def _inverse_graph(updates: list[Update], n: int) -> fx.GraphModule:
+    """``(y_0..y_{n-1}, **ctx) -> (x_0..x_{n-1})``, undoing the updates in reverse."""
+    graph = fx.Graph()
+    ys = [graph.placeholder(f"y{i}") for i in range(n)]
+    ctx_names = sorted({c for u in updates for c in u.ctx_names})
+    ctx = {c: graph.placeholder(c) for c in ctx_names}
+    root: dict[str, Any] = {}
+    cur: list[fx.Node] = list(ys)
+    for j in reversed(range(len(updates))):
+        u = updates[j]
+        name = f"update_{j}"
+        kw = {c: ctx[c] for c in u.ctx_names}
+        if u.closed_form:
+            root[f"{name}.branch"] = u.branch
+            f = graph.call_module(f"{name}.branch", tuple(cur[i] for i in u.reads), kw)
+            cur[u.target] = graph.call_function(operator.sub, (cur[u.target], f))
+        else:
+            root[name] = u
+            mod = graph.get_attr(name)
+            cur[u.target] = graph.call_function(solve_fixed_point, (mod, tuple(cur), kw))
+    graph.output(tuple(cur))
+    return fx.GraphModule(root, graph, class_name="Inverse")
+
+
+def solve_fixed_point(update: Update, streams: tuple[torch.Tensor, ...],
+                      ctx: dict[str, Any], iters: int = 100, tol: float = 1e-10) -> torch.Tensor:
+    """The fixed-point inverse step of an update that reads the stream it writes."""
+    x, _, _ = fixed_point(update, list(streams), ctx, iters, tol)
+    return x

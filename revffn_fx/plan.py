@@ -1,0 +1,70 @@
+"""The analysis result: what every decoder layer is made of and whether it can be coupled."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Sublayer:
+    """One residual branch of a decoder layer: ``out = residual + scale * branch(residual)``.
+
+    ``residual_form``: "pre_norm" (norm at the branch input), "post_norm" (norm on the
+    branch output), "sandwich" (both), "scaled" (a constant multiplies the branch),
+    "plain" (no norm), or "norm_residual" (the residual is taken after a norm and both
+    sides are scaled: not of the form x + f(x)).
+    """
+
+    kind: str
+    residual_form: str
+    scale: float | None = None
+    norm_before: str | None = None
+    norm_after: str | None = None
+    modules: list[str] = field(default_factory=list)
+    module_kinds: dict[str, str] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
+    residual_node: str = ""
+    add_node: str = ""
+
+
+@dataclass
+class LayerPlan:
+    """The sublayers of one decoder layer and whether it can become a coupling."""
+
+    index: int
+    qualname: str
+    sublayers: list[Sublayer]
+    convertible: bool
+    reason: str = ""
+
+    @property
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.sublayers]
+
+
+@dataclass
+class Plan:
+    """The analysis of a whole model: one LayerPlan per decoder layer, plus model facts."""
+
+    layers: list[LayerPlan]
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def convertible(self) -> list[int]:
+        return [lp.index for lp in self.layers if lp.convertible]
+
+    def summary(self) -> str:
+        """One line, e.g. ``24 layers: 24 convertible; attention 24, moe 23, mlp 1``."""
+        counts: dict[str, int] = {}
+        for lp in self.layers:
+            for s in lp.sublayers:
+                counts[s.kind] = counts.get(s.kind, 0) + 1
+        kinds = ", ".join(f"{k} {counts[k]}" for k in ("attention", "moe", "mlp", "other")
+                          if k in counts)
+        return (f"{len(self.layers)} layers: {len(self.convertible)} convertible"
+                + (f"; {kinds}" if kinds else ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "summary": self.summary(),
+                "layers": [asdict(lp) for lp in self.layers]}

@@ -1,0 +1,188 @@
+"""The generated backward: one autograd Function per reversible stack.
+
+Forward runs the updates under no_grad and saves only the stack's final streams and the
+shared context tensors (mask, position embeddings). Backward walks the updates in reverse;
+for ``y_t = x_t + f(x_reads)`` it recomputes ``f`` once with grad on, from the
+reconstructed inputs, and that one recompute gives both ``x_t = y_t - f`` and the
+gradients (RevNet / Reformer / RevViT). Randomness is replayed from the RNG state
+recorded before each branch; autocast is restored as it was in forward. Router logits
+produced inside the stack are outputs of the Function, so the load-balancing loss sends
+its gradients into the recompute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import rng
+from .stack import RevStack, Update
+
+_AMP_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AMP_DEVICES]
+
+
+@contextmanager
+def _autocast(state: list[tuple[str, bool, torch.dtype]]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for dev, enabled, dtype in state:
+            if enabled or torch.is_autocast_enabled(dev):
+                stack.enter_context(torch.autocast(device_type=dev, dtype=dtype, enabled=enabled))
+        yield
+
+
+def fixed_point(u: Update, y: list[torch.Tensor], ctx: dict[str, Any], iters: int,
+                tol: float) -> tuple[torch.Tensor, int, float]:
+    """Solve ``x = y_t - f(..., x, ...)`` for the stream ``u`` updates (it reads itself).
+
+    Starts at ``x = y_t``; returns (x, iterations, final relative residual).
+    """
+    t = u.target
+    x = y[t]
+    residual = float("inf")
+    for i in range(1, iters + 1):
+        streams = list(y)
+        streams[t] = x
+        new = y[t] - u.run(streams, ctx)
+        residual = float((new - x).norm() / x.norm().clamp_min(1e-30))
+        x = new
+        if residual <= tol:
+            return x, i, residual
+    return x, iters, residual
+
+
+class FixedPointError(RuntimeError):
+    """A fixed-point reconstruction did not converge."""
+
+
+def _updates(stack: RevStack) -> list[tuple[str, Update]]:
+    return [(f"{layer.name}.{j}", u) for layer in stack.layers for j, u in enumerate(layer.updates)]
+
+
+class RevFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx: Any, stack: RevStack, ctx_leaves: list[Any], ctx_spec: Any,
+                tensor_pos: list[int], n: int, n_ctx: int, *tensors: torch.Tensor) -> Any:
+        streams = list(tensors[:n])
+        ctx_t = tensors[n:n + n_ctx]
+        ctx = _rebuild(ctx_leaves, ctx_spec, tensor_pos, ctx_t)
+        opts = stack.options
+        tap = opts.router_tap
+        record = bool(opts.record_router_logits and tap is not None)
+        devices = rng.cuda_devices(streams)
+        states, counts, logits = [], [], []
+        for _, u in _updates(stack):
+            states.append(rng.capture(devices))
+            if record:
+                with tap.recording() as rec:  # type: ignore[union-attr]
+                    out = u.run(streams, ctx)
+                counts.append(len(rec))
+                logits.extend(rec)
+            else:
+                counts.append(0)
+                out = u.run(streams, ctx)
+            streams[u.target] = streams[u.target] + out
+        fctx.save_for_backward(*streams, *ctx_t)
+        fctx.stack, fctx.n, fctx.n_ctx = stack, n, n_ctx
+        fctx.ctx_meta = (ctx_leaves, ctx_spec, tensor_pos)
+        fctx.params = tensors[n + n_ctx:]
+        fctx.states, fctx.counts, fctx.record = states, counts, record
+        fctx.amp = _autocast_state()
+        return (*streams, *logits)
+
+    @staticmethod
+    def backward(fctx: Any, *grads: torch.Tensor | None) -> Any:
+        stack: RevStack = fctx.stack
+        n, n_ctx = fctx.n, fctx.n_ctx
+        saved = fctx.saved_tensors
+        y = [t.detach() for t in saved[:n]]
+        ctx_in = [t.detach().requires_grad_(t.requires_grad) for t in saved[n:]]
+        ctx = _rebuild(*fctx.ctx_meta, ctx_in)
+        gy = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:n], y)]
+        glog = list(grads[n:])
+        params = fctx.params
+        where = {id(p): i for i, p in enumerate(params)}
+        pgrads: list[torch.Tensor | None] = [None] * len(params)
+        cgrads: list[torch.Tensor | None] = [None] * n_ctx
+        ctx_req = [i for i, t in enumerate(ctx_in) if t.requires_grad]
+        updates = _updates(stack)
+        ends = torch.tensor(fctx.counts).cumsum(0).tolist() if updates else []
+        opts = stack.options
+        for j in reversed(range(len(updates))):
+            name, u = updates[j]
+            t = u.target
+            with torch.no_grad(), rng.replay(fctx.states[j]), _autocast(fctx.amp):
+                if not u.closed_form:
+                    x_t, iters, res = fixed_point(u, y, ctx, opts.fixed_point_iters,
+                                                  opts.fixed_point_tol)
+                    stack.stats[name] = (iters, res)  # type: ignore[attr-defined]
+                    if res > opts.fixed_point_tol:
+                        raise FixedPointError(
+                            f"{name}: fixed-point reconstruction did not converge "
+                            f"(residual {res:.3g} after {iters} iterations)")
+                    y[t] = x_t
+            with torch.enable_grad(), rng.replay(fctx.states[j]), _autocast(fctx.amp):
+                reads = {i: y[i].detach().requires_grad_(True) for i in sorted(set(u.reads))}
+                streams = [reads.get(i, y[i]) for i in range(n)]
+                if fctx.record:
+                    with stack.options.router_tap.recording() as rec:  # type: ignore[union-attr]
+                        out = u.run(streams, ctx)
+                else:
+                    rec, out = [], u.run(streams, ctx)
+            if u.closed_form:
+                y[t] = (y[t] - out).detach()
+            outs, gouts = [out], [gy[t]]
+            lo = ends[j] - fctx.counts[j]
+            for k, logit in enumerate(rec):
+                g = glog[lo + k]
+                if g is not None:
+                    outs.append(logit)
+                    gouts.append(g)
+            mine = list({id(p): p for p in u.branch.parameters() if id(p) in where}.values())
+            inputs = [reads[i] for i in sorted(reads)] + mine + [ctx_in[i] for i in ctx_req]
+            got = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
+            k = 0
+            for i in sorted(reads):
+                if got[k] is not None:
+                    gy[i] = gy[i] + got[k] if i != t else gy[t] + got[k]
+                k += 1
+            for p in mine:
+                g = got[k]
+                k += 1
+                if g is not None:
+                    idx = where[id(p)]
+                    pgrads[idx] = g if pgrads[idx] is None else pgrads[idx] + g
+            for i in ctx_req:
+                g = got[k]
+                k += 1
+                if g is not None:
+                    cgrads[i] = g if cgrads[i] is None else cgrads[i] + g
+        return (None,) * 6 + tuple(gy) + tuple(cgrads) + tuple(pgrads)
+
+
+def _rebuild(leaves: list[Any], spec: Any, pos: list[int], tensors: Any) -> dict[str, Any]:
+    leaves = list(leaves)
+    for i, t in zip(pos, tensors):
+        leaves[i] = t
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def run_reversible(stack: RevStack, streams: list[torch.Tensor], ctx: dict[str, Any],
+                   params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Run ``stack`` on ``streams`` with the memory-saving backward."""
+    leaves, spec = pytree.tree_flatten(ctx)
+    pos = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    ctx_t = [leaves[i] for i in pos]
+    n = len(streams)
+    outs = RevFunction.apply(stack, leaves, spec, pos, n, len(ctx_t), *streams, *ctx_t, *params)
+    tap = stack.options.router_tap
+    if stack.options.record_router_logits and tap is not None and tap.active:
+        tap.records.extend(outs[n:])
+    return list(outs[:n])

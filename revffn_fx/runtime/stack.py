@@ -1,0 +1,96 @@
+"""Reversible layers and stacks: the modules the compiler's output runs on.
+
+A reversible layer is a list of additive updates over streams,
+``stream[target] += branch(*stream[reads], **ctx)``, applied in order. The forward of a
+stack keeps only its final streams; the backward (``function.py``) walks the updates in
+reverse, reconstructing each stream and recomputing each branch once.
+This module knows nothing of torch.fx: a branch is any callable module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .router import RouterTap
+from .streams import MERGES, SPLITS
+
+
+@dataclass
+class RuntimeOptions:
+    """Switches shared by every stack of one model."""
+
+    plain_autograd: bool = False  # run with ordinary autograd (the reference)
+    router_tap: RouterTap | None = None
+    record_router_logits: bool = False
+    fixed_point_iters: int = 50
+    fixed_point_tol: float = 1e-6
+
+
+class Update(nn.Module):
+    """``stream[target] = stream[target] + branch(*stream[reads], **ctx[ctx_names])``."""
+
+    def __init__(self, branch: nn.Module, target: int, reads: list[int],
+                 ctx_names: list[str]) -> None:
+        super().__init__()
+        self.branch = branch
+        self.target = target
+        self.reads = list(reads)
+        self.ctx_names = list(ctx_names)
+
+    @property
+    def closed_form(self) -> bool:
+        """The branch does not read the stream it updates: invert by subtraction."""
+        return self.target not in self.reads
+
+    def run(self, streams: list[torch.Tensor], ctx: dict[str, Any]) -> torch.Tensor:
+        return self.branch(*(streams[i] for i in self.reads),
+                           **{k: ctx[k] for k in self.ctx_names})
+
+
+class RevLayer(nn.Module):
+    """One reversible coupling: its updates, in forward order."""
+
+    def __init__(self, updates: list[Update], name: str = "") -> None:
+        super().__init__()
+        self.updates = nn.ModuleList(updates)
+        self.name = name
+
+    def forward(self, streams: list[torch.Tensor], ctx: dict[str, Any]) -> list[torch.Tensor]:
+        streams = list(streams)
+        for u in self.updates:
+            streams[u.target] = streams[u.target] + u.run(streams, ctx)
+        return streams
+
+
+class RevStack(nn.Module):
+    """A run of reversible layers between a split and a merge of the hidden state."""
+
+    def __init__(self, layers: list[RevLayer], split: str, options: RuntimeOptions) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.split = split
+        self.options = options
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        seen: dict[int, torch.nn.Parameter] = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def forward(self, hidden: torch.Tensor, **ctx: Any) -> torch.Tensor:
+        streams = list(SPLITS[self.split](hidden))
+        params = self._params()
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
+        if self.options.plain_autograd or not needs_grad:
+            for layer in self.layers:
+                streams = layer(streams, ctx)
+        else:
+            from .function import run_reversible
+
+            streams = run_reversible(self, streams, ctx, params)
+        return MERGES[self.split](*streams)

@@ -1,0 +1,277 @@
+"""A torch.fx tracer for causal language models, Hugging Face or hand-written.
+
+Two levels are traced:
+- the model: ``(input_ids, attention_mask, labels) -> (logits, loss)`` with each decoder
+  layer a single ``call_module`` node;
+- each decoder layer: ``(hidden_states, <the keyword arguments the model passes>)`` with
+  attention, MoE/MLP and norm modules as leaves, so the residual structure is plain.
+
+Structure is found generically (see :func:`find_decoder_layers`, :func:`layer_leaves`);
+nothing here knows about couplings.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceError
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation module: no children, only 1-D parameters (weight, maybe bias)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)):
+        return True
+    params = list(module.parameters(recurse=False))
+    return (
+        not any(True for _ in module.children())
+        and bool(params)
+        and all(p.dim() == 1 for p in params)
+    )
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The decoder layers of ``model``, as (qualified name, module), in order.
+
+    Hugging Face layers subclass ``GradientCheckpointingLayer``; otherwise the layers are
+    the longest ``nn.ModuleList`` of parameterised modules that all share one class.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        GradientCheckpointingLayer = ()  # type: ignore[assignment]
+    candidates = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        kids = list(mod.named_children())
+        hf = all(isinstance(c, GradientCheckpointingLayer) for _, c in kids)
+        same = len({type(c) for _, c in kids}) == 1 and all(_has_params(c) for _, c in kids)
+        if hf or same:
+            size = sum(p.numel() for p in mod.parameters())
+            candidates.append((hf, name, size, kids))
+    if not candidates:
+        return []
+
+    def outermost(name: str) -> bool:  # not inside another candidate (experts in a block)
+        return not any(name.startswith(other + ".") for _, other, _, _ in candidates
+                       if other != name and other != "")
+
+    _, name, _, kids = max(candidates, key=lambda c: (c[0], outermost(c[1]), c[2]))
+    return [(f"{name}.{n}" if name else n, c) for n, c in kids]
+
+
+def layer_leaves(layer: nn.Module, trace_through: Sequence[str] = ()) -> set[nn.Module]:
+    """Modules inside ``layer`` that are traced *through* (not leaves).
+
+    The layer's children are leaves, except containers that hold a norm next to a
+    composite sublayer (dbrx's ``norm_attn_norm``: norm, attention, norm): those hide
+    residual additions and are traced through, recursively. A module whose children are
+    all atomic (an attention with q/k norms, MLA with its low-rank norms) stays a leaf.
+    Classes named in ``trace_through`` are always traced.
+    """
+    through: set[nn.Module] = {layer}
+
+    def visit(mod: nn.Module) -> None:
+        for child in mod.children():
+            kids = [k for k in child.children() if _has_params(k)]
+            composite = (any(is_norm(k) for k in kids)
+                         and any(not is_norm(k) and any(_has_params(g) for g in k.children())
+                                 for k in kids))
+            if composite or type(child).__name__ in trace_through:
+                through.add(child)
+                visit(child)
+
+    visit(layer)
+    return through
+
+
+class RevTracer(fx.Tracer):
+    """fx.Tracer with a leaf policy given as a predicate, and error context.
+
+    ``leaf(module, qualname) -> bool | None``: True/False decides, None falls back to
+    torch's default (torch.nn modules are leaves).
+    """
+
+    def __init__(self, leaf: Callable[[nn.Module, str], bool | None],
+                 leaf_modules: Sequence[str] = (), inner: str = "", prefix: str = "") -> None:
+        super().__init__()
+        self.inner, self.prefix = inner, prefix
+        # buffers become get_attr nodes, so `self.causal[:t, :t]` with a traced `t` works
+        self.proxy_buffer_attributes = True
+        self._leaf = leaf
+        self._user_leaves = set(leaf_modules)
+        self.module_stack_names: list[str] = []
+        # (qualified name, module) of the innermost module being traced when tracing failed
+        self.failed_in: tuple[str, nn.Module] | None = None
+
+    def user_name(self, qualname: str) -> str:
+        """The name a user knows a module by: relative to ``inner``, after ``prefix``."""
+        if self.inner and (qualname == self.inner or qualname.startswith(self.inner + ".")):
+            qualname = qualname[len(self.inner) + 1:]
+        return ".".join(p for p in (self.prefix, qualname) if p)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.inner and module_qualified_name == self.inner:
+            return False  # the module being traced is always traced through
+        if (type(m).__name__ in self._user_leaves
+                or self.user_name(module_qualified_name) in self._user_leaves):
+            return True
+        decided = self._leaf(m, module_qualified_name)
+        if decided is not None:
+            return decided
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple,
+                    kwargs: dict) -> Any:
+        self.module_stack_names.append(self.path_of_module(m) or type(m).__name__)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.module_stack_names[-1], m)
+            raise
+        finally:
+            self.module_stack_names.pop()
+
+
+def _opaque(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fn`` so that, called with proxies, it becomes one call_function node.
+
+    Non-proxy arguments (a config object, None) are bound into the node's target, so the
+    graph stays executable; the real function runs at run time.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        proxies = {k: v for k, v in kwargs.items() if isinstance(v, fx.Proxy)}
+        if not proxies or any(isinstance(a, fx.Proxy) for a in args):
+            return fn(*args, **kwargs)
+        consts = {k: v for k, v in kwargs.items() if k not in proxies}
+
+        def bound(**kw: Any) -> Any:
+            return fn(*args, **consts, **kw)
+
+        bound.__name__ = fn.__name__
+        bound.__qualname__ = fn.__name__
+        tracer = next(iter(proxies.values())).tracer
+        return tracer.create_proxy("call_function", bound, (), proxies)
+
+    return wrapper
+
+
+@contextmanager
+def patched_mask_creators(model: nn.Module) -> Iterator[None]:
+    """Make transformers' attention-mask builders opaque while tracing ``model``.
+
+    They branch on shapes and dtypes (``torch.finfo(proxy.dtype)``), so they cannot be
+    traced; every ``create_*mask*`` function a modeling module imported from
+    ``transformers.masking_utils`` becomes one node instead.
+    """
+    patched: list[tuple[Any, str, Any]] = []
+    modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
+    for mod in modules:
+        if mod is None:
+            continue
+        for name, obj in list(vars(mod).items()):
+            if (callable(obj) and "mask" in name and name.startswith("create_")
+                    and getattr(obj, "__module__", "") == "transformers.masking_utils"):
+                patched.append((mod, name, obj))
+                setattr(mod, name, _opaque(obj))
+    try:
+        yield
+    finally:
+        for mod, name, obj in patched:
+            setattr(mod, name, obj)
+
+
+def _explain(exc: Exception, tracer: RevTracer, what: str) -> TraceError:
+    cls = type(exc).__name__
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else cls
+    failed = tracer.failed_in
+    if failed is None or failed[0] == tracer.inner:
+        return TraceError(
+            f"cannot trace the forward of {what} itself ({cls}: {msg}); torch.fx cannot follow "
+            "data-dependent Python control flow outside submodules: move that code into a "
+            "submodule and keep it whole with rf.trace(model, leaf_modules=[<its class name>])")
+    name, mod = tracer.user_name(failed[0]), type(failed[1]).__name__
+    return TraceError(
+        f"cannot trace {name} ({mod}) ({cls}: {msg}); keep it whole (untraced) with "
+        f"rf.trace(model, leaf_modules=[{mod!r}]) or leaf_modules=[{name!r}]")
+
+
+def trace_module(root: nn.Module, leaf: Callable[[nn.Module, str], bool | None],
+                 leaf_modules: Sequence[str], what: str,
+                 concrete_args: dict[str, Any] | None = None,
+                 patch_masks_of: nn.Module | None = None,
+                 inner: str = "", prefix: str = "") -> fx.GraphModule:
+    """Trace ``root`` into a GraphModule, turning failures into a :class:`TraceError`.
+
+    ``root`` is usually a wrapper holding the module of interest as attribute ``inner``;
+    user-facing qualified names (errors, ``leaf_modules``) are relative to that module,
+    with ``prefix`` (its own qualified name) in front.
+    """
+    tracer = RevTracer(leaf, leaf_modules, inner=inner, prefix=prefix)
+    try:
+        if patch_masks_of is not None:
+            with patched_mask_creators(patch_masks_of):
+                graph = tracer.trace(root, concrete_args=concrete_args)
+        else:
+            graph = tracer.trace(root, concrete_args=concrete_args)
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear line
+        raise _explain(exc, tracer, what) from exc
+    return fx.GraphModule(tracer.root, graph, class_name=type(root).__name__ + "Graph")
+
+
+def make_call_wrapper(target: nn.Module, params: Sequence[str], consts: dict[str, Any],
+                      attr: str = "inner") -> nn.Module:
+    """A module whose ``forward(self, <params>)`` calls ``target`` by keyword.
+
+    fx traces a function by its code object, so the signature must be real: it is
+    generated. ``consts`` are passed as keywords too (``cache=None, use_cache=False``).
+    """
+    for p in params:
+        if not p.isidentifier():
+            raise TraceError(f"cannot trace: argument name {p!r} is not an identifier")
+    sig = ", ".join(params)
+    call = ", ".join(f"{p}={p}" for p in params)
+    src = (f"def forward(self, {sig}):\n"
+           f"    return self.{attr}({call}, **self._consts)\n")
+    ns: dict[str, Any] = {}
+    exec(compile(src, f"<revffn wrapper of {type(target).__name__}>", "exec"), ns)  # noqa: S102
+    cls = type(f"{type(target).__name__}Call", (nn.Module,), {"forward": ns["forward"]})
+    wrapper = cls()
+    wrapper.add_module(attr, target)
+    wrapper._consts = dict(consts)
+    return wrapper
+
+
+def signature_names(fn: Callable[..., Any]) -> set[str]:
+    """Parameter names of ``fn`` (empty when it takes ``**kwargs`` only)."""
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def strip_prefix(gm: fx.GraphModule, root: nn.Module, prefix: str) -> fx.GraphModule:
+    """Re-root a graph traced through a wrapper so targets are relative to ``root``."""
+    graph = gm.graph
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
+            if node.target.startswith(prefix + "."):
+                node.target = node.target[len(prefix) + 1:]
+    return fx.GraphModule(root, graph, class_name=type(root).__name__ + "Graph")

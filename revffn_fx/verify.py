@@ -1,0 +1,156 @@
+"""verify: check a RevModel's generated backward against ordinary autograd.
+
+Two checks on one batch:
+- reconstruction: for every reversible layer, its generated inverse applied to its
+  outputs gives back its inputs (relative error, per layer);
+- gradients: the loss (plus the load-balancing loss when asked) differentiated through
+  the generated backward and through plain autograd, from the same RNG seed, gives the
+  same gradient for every parameter and for the input embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .model import RevModel
+
+# (gradient, reconstruction) tolerances by dtype, relative
+TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4),
+              torch.bfloat16: (5e-2, 5e-2), torch.float16: (5e-2, 5e-2)}
+
+
+@dataclass
+class LayerCheck:
+    index: int
+    qualname: str
+    reconstruction_err: float
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify`; ``ok`` when every error is within tolerance."""
+
+    ok: bool
+    max_grad_rel_err: float
+    worst_param: str
+    embedding_grad_rel_err: float
+    loss: float
+    layers: list[LayerCheck] = field(default_factory=list)
+    grad_tol: float = 0.0
+    recon_tol: float = 0.0
+    dtype: str = ""
+
+    def summary(self) -> str:
+        rec = max((c.reconstruction_err for c in self.layers), default=0.0)
+        return (f"{'OK' if self.ok else 'FAILED'}: max gradient relative error "
+                f"{self.max_grad_rel_err:.2e} (tol {self.grad_tol:.0e}, worst {self.worst_param}), "
+                f"max reconstruction error {rec:.2e} (tol {self.recon_tol:.0e}) over "
+                f"{len(self.layers)} reversible layers, dtype {self.dtype}")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    den = b.norm()
+    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
+
+
+def _grads(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, Any], seed: int,
+           router: bool) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
+    emb = rev.model.get_input_embeddings()
+    box: list[torch.Tensor] = []
+
+    def keep(_m: Any, _i: Any, out: torch.Tensor) -> None:
+        out.retain_grad()
+        box.append(out)
+
+    handle = emb.register_forward_hook(keep)
+    try:
+        rev.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        out = rev(input_ids, output_router_logits=router, **kw)
+        loss = out.loss if out.loss is not None else out.logits.float().pow(2).mean()
+        loss.backward()
+    finally:
+        handle.remove()
+    grads = {n: p.grad.detach().clone() for n, p in rev.named_parameters() if p.grad is not None}
+    rev.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads, box[0].grad.detach().clone()
+
+
+def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, Any],
+                          seed: int = 0) -> list[LayerCheck]:
+    """Per reversible layer: ||inverse(layer(x)) - x|| / ||x||, streams concatenated."""
+    specs = rev.specs()
+    by_layer = {}
+    for stack in rev.stacks():
+        for layer in stack.layers:
+            by_layer[layer.name] = layer
+    names = {rev.traced.layers[i].qualname: i for i in specs}
+    seen: dict[str, tuple[Any, Any, Any]] = {}
+    handles = []
+    for name, layer in by_layer.items():
+        def hook(_m: Any, args: Any, out: Any, _n: str = name) -> None:
+            streams, ctx = args
+            seen[_n] = ([s.detach() for s in streams], [o.detach() for o in out], ctx)
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            rev(input_ids, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    checks = []
+    with torch.no_grad():
+        for name, (xs, ys, ctx) in seen.items():
+            spec = specs[names[name]]
+            inv = spec.inverse
+            wanted = [n.name for n in inv.graph.nodes if n.op == "placeholder"][len(ys):]
+            rec = inv(*ys, **{k: ctx[k] for k in wanted})
+            err = _rel(torch.cat([r.flatten() for r in rec]), torch.cat([x.flatten() for x in xs]))
+            checks.append(LayerCheck(names[name], name, err))
+    return sorted(checks, key=lambda c: c.index)
+
+
+def verify(rev: RevModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+           labels: torch.Tensor | None = None, output_router_logits: bool = False,
+           seed: int = 0, train: bool = True) -> VerifyReport:
+    """Compare the generated backward with plain autograd on one batch.
+
+    ``labels`` default to ``input_ids`` (the causal-LM loss). The model is put in train
+    mode (``train=True``) so dropout and sampled routing are exercised and replayed, and
+    restored to its previous mode afterwards.
+    """
+    kw: dict[str, Any] = {"labels": input_ids if labels is None else labels}
+    if attention_mask is not None:
+        kw["attention_mask"] = attention_mask
+    was = rev.training
+    rev.train(train)
+    try:
+        loss, g_rev, e_rev = _grads(rev, input_ids, kw, seed, output_router_logits)
+        with rev.plain_autograd():
+            _, g_ref, e_ref = _grads(rev, input_ids, kw, seed, output_router_logits)
+        rev.eval()  # the inverse graph replays no randomness: check it deterministically
+        layers = reconstruction_errors(rev, input_ids, kw, seed)
+    finally:
+        rev.train(was)
+    worst, err = "", 0.0
+    for name, ref in g_ref.items():
+        got = g_rev.get(name)
+        e = _rel(got, ref) if got is not None else float("inf")
+        if e > err or not worst:
+            worst, err = name, e
+    missing = set(g_rev) ^ set(g_ref)
+    if missing:
+        worst, err = sorted(missing)[0], float("inf")
+    dtype = next(rev.parameters()).dtype
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        dtype = torch.bfloat16
+    gtol, rtol = TOLERANCES.get(dtype, (1e-4, 1e-4))
+    emb_err = _rel(e_rev, e_ref)
+    ok = err <= gtol and emb_err <= gtol and all(c.reconstruction_err <= rtol for c in layers)
+    return VerifyReport(ok, err, worst, emb_err, loss, layers, gtol, rtol,
+                        str(dtype).replace("torch.", ""))
