@@ -100,8 +100,8 @@ def _forward_params(layer: nn.Module) -> list[str]:
     return names or ["hidden_states"]
 
 
-def layer_call_of(node: fx.Node, layer: nn.Module) -> LayerCall:
-    """Read a layer's calling convention off its call_module node in the model graph."""
+def call_arguments(node: fx.Node, layer: nn.Module) -> tuple[Any, dict[str, Any]]:
+    """A layer node's (hidden-state argument, other arguments by parameter name)."""
     names = _forward_params(layer)
     hidden = names[0]
     kwargs = dict(node.kwargs)
@@ -110,14 +110,21 @@ def layer_call_of(node: fx.Node, layer: nn.Module) -> LayerCall:
                          f"arguments but its forward names only {len(names)}")
     for name, value in zip(names[1:], node.args[1:]):
         kwargs[name] = value
-    kwargs.pop(hidden, None)  # hidden states given by keyword: it is the first placeholder
+    value = node.args[0] if node.args else kwargs.get(hidden)
+    kwargs.pop(hidden, None)
+    return value, kwargs
+
+
+def layer_call_of(node: fx.Node, layer: nn.Module) -> LayerCall:
+    """Read a layer's calling convention off its call_module node in the model graph."""
+    _, kwargs = call_arguments(node, layer)
     inputs, consts = [], {}
     for k, v in kwargs.items():
         if any(isinstance(x, fx.Node) for x in pytree.tree_leaves(v)):
             inputs.append(k)
         else:
             consts[k] = v
-    return LayerCall(hidden, inputs, consts)
+    return LayerCall(_forward_params(layer)[0], inputs, consts)
 
 
 class LayerGraph:

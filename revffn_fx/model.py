@@ -20,7 +20,7 @@ from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .errors import ConversionError, RevFFNError
-from .ir import TracedModel, trace
+from .ir import TracedModel, call_arguments, trace
 from .passes.analyze import analyze, analyze_layer
 from .passes.couple import COUPLINGS, couple_layer, make_adapters
 from .passes.fuse import fuse_stacks
@@ -59,12 +59,18 @@ def parse_layers(spec: str | Sequence[int] | None, n: int) -> list[int] | None:
     return sorted(set(spec))
 
 
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The token embedding: ``get_input_embeddings()`` or the first nn.Embedding."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb or next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
 def hidden_size_of(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     for key in ("hidden_size", "d_model", "n_embd"):
         if config is not None and isinstance(getattr(config, key, None), int):
             return getattr(config, key)
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb = input_embeddings(model)
     if emb is None:
         raise ConversionError("cannot tell the hidden size: no config.hidden_size and no "
                               "input embeddings")
@@ -163,9 +169,13 @@ class RevModel(nn.Module):
                 lg = self.traced.layers[i]
                 layers["model." + lg.qualname] = (spec.layer(lg.qualname), lg.call.inputs)
             split = COUPLINGS[self.coupling]
+            by_target = {"model." + lg.qualname: lg.module for lg in self.traced.layers}
+
+            def bind(node: fx.Node) -> tuple[Any, dict[str, Any]]:
+                return call_arguments(node, by_target[node.target])
 
             def fuse(gm: fx.GraphModule) -> fx.GraphModule:
-                return fuse_stacks(gm, layers, split, self.options)[0]
+                return fuse_stacks(gm, layers, bind, split, self.options)[0]
 
             pm = PassManager([fuse])
             gm = pm(snapshot(self.traced.trace(mode, has_mask, has_labels))).graph_module
@@ -216,7 +226,7 @@ class RevModel(nn.Module):
         router_logits = tuple(rec)
         aux = self._aux_loss(router_logits, attention_mask)
         if aux is not None and loss is not None:
-            loss = loss + self.model.router_aux_loss_coef * aux.to(loss.device)
+            loss = loss + self.aux_loss_coef * aux.to(loss.device)
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits,
                                          router_logits=router_logits)
 
@@ -228,6 +238,17 @@ class RevModel(nn.Module):
             return None
         return fn(router_logits, self.model.num_experts, self.model.num_experts_per_tok,
                   attention_mask)
+
+    @property
+    def aux_loss_coef(self) -> float:
+        """The weight of the load-balancing loss, as the model's own forward uses it."""
+        for name in ("router_aux_loss_coef", "aux_loss_coef"):
+            value = getattr(self.model, name, None)
+            if value is None:
+                value = getattr(self.config, name, None)
+            if value is not None:
+                return float(value)
+        return 0.0
 
     def extra_repr(self) -> str:
         return f"coupling={self.coupling!r}, converted={self.converted}"

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .model import RevModel
+from .model import RevModel, input_embeddings
+from .runtime.stack import RevStack
 
 # (gradient, reconstruction) tolerances by dtype, relative
 TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4),
@@ -59,7 +60,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _grads(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, Any], seed: int,
            router: bool) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
-    emb = rev.model.get_input_embeddings()
+    emb = input_embeddings(rev.model)
     box: list[torch.Tensor] = []
 
     def keep(_m: Any, _i: Any, out: torch.Tensor) -> None:
@@ -85,7 +86,8 @@ def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, 
     """Per reversible layer: ||inverse(layer(x)) - x|| / ||x||, streams concatenated."""
     specs = rev.specs()
     by_layer = {}
-    for stack in rev.stacks():
+    graph = rev.graph(has_mask="attention_mask" in kw, has_labels="labels" in kw)
+    for stack in (m for m in graph.modules() if isinstance(m, RevStack)):
         for layer in stack.layers:
             by_layer[layer.name] = layer
     names = {rev.traced.layers[i].qualname: i for i in specs}
@@ -151,6 +153,7 @@ def verify(rev: RevModel, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         dtype = torch.bfloat16
     gtol, rtol = TOLERANCES.get(dtype, (1e-4, 1e-4))
     emb_err = _rel(e_rev, e_ref)
-    ok = err <= gtol and emb_err <= gtol and all(c.reconstruction_err <= rtol for c in layers)
+    ok = (err <= gtol and emb_err <= gtol and len(layers) == len(rev.converted)
+          and all(c.reconstruction_err <= rtol for c in layers))
     return VerifyReport(ok, err, worst, emb_err, loss, layers, gtol, rtol,
                         str(dtype).replace("torch.", ""))

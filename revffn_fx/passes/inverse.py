@@ -34,7 +34,10 @@ class ReversibleSpec:
     inverse: fx.GraphModule
 
     def layer(self, name: str) -> RevLayer:
-        return RevLayer(list(self.updates), name)
+        """The runtime layer (one per spec, shared by every graph of this mode)."""
+        if getattr(self, "_layer", None) is None:
+            self._layer = RevLayer(list(self.updates), name)
+        return self._layer
 
 
 def _digraph(graph: fx.Graph) -> nx.DiGraph:
