@@ -21,7 +21,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .errors import ConversionError, RevFFNError
 from .ir import TracedModel, call_arguments, trace
-from .passes.analyze import analyze, analyze_layer
+from .passes.analyze import analyze, analyze_layer, router_ids
 from .passes.couple import COUPLINGS, couple_layer, make_adapters
 from .passes.fuse import fuse_stacks
 from .passes.inverse import ReversibleSpec, generate_inverse
@@ -29,7 +29,7 @@ from .passes.manager import Pass, PassManager, PassRecord, snapshot
 from .plan import Plan
 from .registry import facts_for
 from .runtime.router import RouterTap, find_routers
-from .runtime.stack import RevStack, RuntimeOptions
+from .runtime.stack import Checkpointed, RevStack, RuntimeOptions
 
 _BENIGN_KWARGS = {"use_cache", "return_dict"}
 
@@ -88,8 +88,10 @@ class RevModel(nn.Module):
 
     def __init__(self, model: nn.Module, coupling: str = "revffn",
                  layers: str | Sequence[int] | None = None,
-                 passes: Sequence[Pass] | None = None, leaf_modules: Sequence[str] = ()) -> None:
+                 passes: Sequence[Pass] | None = None, leaf_modules: Sequence[str] = (),
+                 checkpoint_rest: bool = False) -> None:
         super().__init__()
+        self.checkpoint_rest = checkpoint_rest
         if coupling not in COUPLINGS:
             raise RevFFNError(f"unknown coupling {coupling!r}; choose from {', '.join(COUPLINGS)}")
         self.model = model
@@ -137,9 +139,10 @@ class RevModel(nn.Module):
         if mode not in self._specs:
             overrides = facts_for(getattr(self.config, "model_type", None)).kind_overrides
             out: dict[int, ReversibleSpec] = {}
+            routers = router_ids(self.model)
             for i in self.converted:
                 lg = self.traced.layers[i]
-                plan = analyze_layer(lg, overrides, mode)
+                plan = analyze_layer(lg, overrides, mode, routers)
                 if not plan.convertible:
                     raise ConversionError(f"layer {i} is not convertible in "
                                           f"{'train' if mode else 'eval'} mode: {plan.reason}")
@@ -177,9 +180,20 @@ class RevModel(nn.Module):
             def fuse(gm: fx.GraphModule) -> fx.GraphModule:
                 return fuse_stacks(gm, layers, bind, split, self.options)[0]
 
-            pm = PassManager([fuse])
+            def checkpoint_rest(gm: fx.GraphModule) -> fx.GraphModule:
+                for node in gm.graph.nodes:
+                    if node.op == "call_module" and node.target in by_target:
+                        name = "revffn_ckpt_" + node.target.replace(".", "_")
+                        gm.add_submodule(name, Checkpointed(by_target[node.target]))
+                        node.target = name
+                        node.meta["revffn"] = "checkpoint"
+                return gm
+
+            pm = PassManager([fuse, checkpoint_rest] if self.checkpoint_rest else [fuse])
             gm = pm(snapshot(self.traced.trace(mode, has_mask, has_labels))).graph_module
             self.pass_records["model"] = pm.records
+            for stack in (m for m in gm.modules() if isinstance(m, RevStack)):
+                stack.training = mode  # not gm.train(): that would reach the shared layers
             self._graphs[key] = gm
         return self._graphs[key]
 
@@ -256,19 +270,21 @@ class RevModel(nn.Module):
 
 def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn",
               layers: str | Sequence[int] | None = None, passes: Sequence[Pass] | None = None,
-              leaf_modules: Sequence[str] = ()) -> RevModel:
+              leaf_modules: Sequence[str] = (), checkpoint_rest: bool = False) -> RevModel:
     """Rewrite a causal LM (or a local model directory) into a :class:`RevModel`.
 
     ``coupling``: "revffn" (halves + adapters, the paper's block) or "revnet" (two
     full-width copies, no new parameters). ``layers``: indices or a spec like "0-3,6"
     (default: every convertible layer). ``passes``: extra passes run on each coupling graph
     after the built-in rewrite. ``leaf_modules``: modules torch.fx should not trace into.
+    ``checkpoint_rest``: run the layers left out of the stacks under activation
+    checkpointing.
     """
     if isinstance(model, (str, os.PathLike)):
         from .loading import load_model
 
         model = load_model(model)
-    return RevModel(model, coupling, layers, passes, leaf_modules)
+    return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest)
 
 
 __all__ = ["RevModel", "transform", "TracedModel"]

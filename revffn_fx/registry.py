@@ -22,8 +22,6 @@ class ArchFacts:
     kind_overrides: dict[str, str] = field(default_factory=dict)
     # Keyword arguments the model must be built with for tracing/training to work.
     load_kwargs: dict[str, object] = field(default_factory=dict)
-    # Why a transform is refused outright for this architecture (None: try it).
-    unsupported: str | None = None
     # Free text shown by `revffn inspect`.
     note: str = ""
 
@@ -32,12 +30,6 @@ REGISTRY: dict[str, ArchFacts] = {
     # gpt_oss refuses sdpa attention (it has attention sinks).
     "gpt_oss": ArchFacts(load_kwargs={"attn_implementation": "eager"},
                          note="eager attention (sinks)"),
-    # jetmoe's attention is itself a mixture of experts (router + expert projections);
-    # structure alone would call it "moe".
-    "jetmoe": ArchFacts(kind_overrides={"self_attention": "attention"},
-                        note="mixture-of-attention heads"),
-    # minimax's linear-attention layers do not receive the attention mask.
-    "minimax": ArchFacts(kind_overrides={"self_attn": "attention"}),
 }
 
 

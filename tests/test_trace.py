@@ -11,7 +11,7 @@ import networkx as nx
 import pytest
 import torch
 from torch import nn
-from zoo import ARCHS, HandBlock, HandMoE, save_and_load, tiny_model
+from zoo import ARCHS, RANDOM, HandBlock, HandMoE, save_and_load, tiny_model
 
 from revffn_fx.errors import TraceError
 from revffn_fx.ir import TracedModel, trace
@@ -19,8 +19,6 @@ from revffn_fx.tracer import is_norm
 
 MODELS = [*ARCHS, "hand"]
 
-# switch on the randomness some architectures have in train mode, so RNG replay is tested
-RANDOM = {"dbrx": dict(resid_pdrop=0.1, emb_pdrop=0.1), "mixtral": dict(router_jitter_noise=0.1)}
 
 _cache: dict[str, tuple[nn.Module, TracedModel]] = {}
 

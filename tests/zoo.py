@@ -54,6 +54,13 @@ _PER_ARCH: dict[str, dict[str, Any]] = {
 }
 
 
+# Switch on the randomness some architectures have in train mode, so RNG replay is tested:
+# dbrx dropout, mixtral router jitter, phimoe input jitter and sampled routing (its
+# sampling only picks among experts within 2 * router_jitter_noise of the best score).
+RANDOM = {"dbrx": dict(resid_pdrop=0.1, emb_pdrop=0.1), "mixtral": dict(router_jitter_noise=0.1),
+          "phimoe": dict(router_jitter_noise=0.5, input_jitter_noise=0.1)}
+
+
 def _layer_types(kind: str, n: int) -> list[str]:
     """Alternate layer types for configs that list one per layer."""
     first = "sliding_attention" if kind == "gpt_oss" else "linear_attention"

@@ -18,6 +18,7 @@ import torch.fx as fx
 from ..ir import LayerGraph, TracedModel
 from ..plan import LayerPlan, Plan, Sublayer
 from ..registry import facts_for
+from ..runtime.router import find_routers
 from .classify import branch_kind, module_kind
 
 _ADD = {operator.add, operator.iadd, torch.add}
@@ -76,7 +77,7 @@ def _branch_nodes(g: nx.DiGraph, r: fx.Node, b: fx.Node) -> list[fx.Node]:
 
 
 def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
-                  training: bool | None = None) -> LayerPlan:
+                  training: bool | None = None, routers: set[int] | None = None) -> LayerPlan:
     """Find the residual sublayers of one layer and decide if it can be coupled."""
     gm = layer.trace(training)
     modules = dict(gm.named_modules())
@@ -98,10 +99,10 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
         if d in ops:
             r = d
             b = ops[1] if ops[0] is d else ops[0]
-            sub = _sublayer(gm, modules, g, hidden, r, b, add, overrides)
+            sub = _sublayer(gm, modules, g, hidden, r, b, add, overrides, routers)
             sublayers.append(sub)
         else:
-            odd = _norm_residual(gm, modules, g, hidden, d, ops, add, overrides)
+            odd = _norm_residual(gm, modules, g, hidden, d, ops, add, overrides, routers)
             sublayers.append(odd)
     reason = ""
     if not sublayers:
@@ -133,7 +134,7 @@ def _norm_kind(modules: dict[str, Any], node: Any) -> bool:
 
 def _sublayer(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph, hidden: fx.Node,
               r: fx.Node, b: fx.Node, add: fx.Node,
-              overrides: dict[str, str] | None) -> Sublayer:
+              overrides: dict[str, str] | None, routers: set[int] | None = None) -> Sublayer:
     nodes = _branch_nodes(g, r, b)
     scale = None
     core = b
@@ -156,7 +157,7 @@ def _sublayer(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph, hidden
     for n in nodes:
         if n.op == "call_module":
             mods.append(n.target)
-            kinds[n.target] = module_kind(modules[n.target], n, hidden, overrides)
+            kinds[n.target] = module_kind(modules[n.target], n, hidden, overrides, routers)
     kind = branch_kind([k for k in kinds.values() if k != "norm"])
     if scale is not None and scale != 1.0:
         form = "scaled"
@@ -175,12 +176,17 @@ def _sublayer(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph, hidden
 
 def _norm_residual(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph,
                    hidden: fx.Node, d: fx.Node, ops: list[fx.Node], add: fx.Node,
-                   overrides: dict[str, str] | None) -> Sublayer:
+                   overrides: dict[str, str] | None, routers: set[int] | None) -> Sublayer:
     """``out = a * d + c * f(d)``: the residual side is scaled (minimax)."""
     sides = sorted(ops, key=lambda n: len(_branch_nodes(g, d, n)))
-    sub = _sublayer(gm, modules, g, hidden, d, sides[1], add, overrides)
+    sub = _sublayer(gm, modules, g, hidden, d, sides[1], add, overrides, routers)
     sub.residual_form = "norm_residual"
     return sub
+
+
+def router_ids(model: Any) -> set[int]:
+    """Ids of the modules whose outputs the model records as router logits."""
+    return {id(m) for m in find_routers(model)[0]}
 
 
 def analyze(traced: TracedModel, training: bool | None = None) -> Plan:
@@ -188,7 +194,8 @@ def analyze(traced: TracedModel, training: bool | None = None) -> Plan:
     config = traced.config
     model_type = getattr(config, "model_type", None)
     overrides = facts_for(model_type).kind_overrides
-    layers = [analyze_layer(lg, overrides, training) for lg in traced.layers]
+    routers = router_ids(traced.model)
+    layers = [analyze_layer(lg, overrides, training, routers) for lg in traced.layers]
     params = sum(p.numel() for p in traced.model.parameters())
     dtype = next(traced.model.parameters()).dtype
     experts = None

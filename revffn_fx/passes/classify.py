@@ -28,12 +28,14 @@ def _has_dense(module: nn.Module) -> bool:
 
 
 def module_kind(module: nn.Module, node: fx.Node, hidden: fx.Node,
-                overrides: dict[str, str] | None = None) -> str:
+                overrides: dict[str, str] | None = None,
+                routers: set[int] | None = None) -> str:
     """Classify one call_module leaf of a layer graph.
 
     - "attention": the call consumes layer inputs other than the hidden state (attention
       mask, positions, rotary embeddings): only token-mixing modules need those;
-    - "moe": parallel experts (a router is implied: something must pick among them);
+    - "moe": it holds a router (``routers``: ids of the modules the model records router
+      logits from) or parallel experts (a router is implied: something must pick);
     - "mlp": other dense parameters; "norm": a normalisation; "other" otherwise.
     ``overrides`` maps the module's attribute name to a kind (see the registry).
     """
@@ -45,6 +47,8 @@ def module_kind(module: nn.Module, node: fx.Node, hidden: fx.Node,
     placeholders = {n for n in node.all_input_nodes if n.op == "placeholder" and n is not hidden}
     if placeholders:
         return "attention"
+    if routers and any(id(m) in routers for m in module.modules()):
+        return "moe"
     if _has_experts(module):
         return "moe"
     if _has_dense(module):

@@ -86,7 +86,8 @@ class RevStack(nn.Module):
         streams = list(SPLITS[self.split](hidden))
         params = self._params()
         needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
-        if self.options.plain_autograd or not needs_grad:
+        # eval mode and no_grad run the layers as plain modules (nothing to save memory for)
+        if self.options.plain_autograd or not needs_grad or not self.training:
             for layer in self.layers:
                 streams = layer(streams, ctx)
         else:
@@ -94,3 +95,18 @@ class RevStack(nn.Module):
 
             streams = run_reversible(self, streams, ctx, params)
         return MERGES[self.split](*streams)
+
+
+class Checkpointed(nn.Module):
+    """A layer left out of the reversible stacks, run under activation checkpointing."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.layer(*args, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)

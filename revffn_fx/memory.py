@@ -1,0 +1,96 @@
+"""Machine-independent memory probes.
+
+- :func:`saved_tensor_bytes`: bytes autograd keeps for backward while ``fn`` runs, summed
+  over unique storages seen by ``torch.autograd.graph.saved_tensors_hooks``, parameters
+  excluded (they exist anyway).
+- :func:`peak_live_bytes`: the peak of live tensor storage bytes during ``fn`` (forward,
+  loss and backward together), tracked by a TorchDispatchMode over storages; tensors that
+  were alive before ``fn`` started count too, so the figure is a step's true peak.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    st = t.untyped_storage()
+    return (str(t.device), st.data_ptr())
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: set[int] | None = None) -> tuple[int, Any]:
+    """Run ``fn``; return (bytes saved for backward, fn's result).
+
+    ``exclude``: ids of tensors not to count (parameters are always excluded).
+    """
+    seen: dict[tuple[str, int], int] = {}
+    skip = exclude or set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.nn.Parameter) or id(t) in skip or t.device.type == "meta":
+            return t
+        st = t.untyped_storage()
+        seen[_storage_key(t)] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+class _LiveTracker(TorchDispatchMode):
+    """Counts storage bytes of every tensor an op produces, until the storage dies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[tuple[str, int], int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def track(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        key = _storage_key(t)
+        if key in self.live or st.nbytes() == 0:
+            return
+        self.live[key] = st.nbytes()
+        self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: tuple[str, int]) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def peak_live_bytes(fn: Callable[[], Any], baseline: list[torch.Tensor] | None = None
+                    ) -> tuple[int, Any]:
+    """Run ``fn``; return (peak bytes of live tensors created during it, fn's result).
+
+    ``baseline``: tensors alive before (parameters, optimizer state) to add to the count,
+    so the result is the peak of the whole step rather than of what ``fn`` allocated.
+    """
+    tracker = _LiveTracker()
+    base = 0
+    seen: set[tuple[str, int]] = set()
+    for t in baseline or []:
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            base += t.untyped_storage().nbytes()
+    with tracker:
+        out = fn()
+    return base + tracker.peak, out
