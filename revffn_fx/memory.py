@@ -2,10 +2,13 @@
 
 - :func:`saved_tensor_bytes`: bytes autograd keeps for backward while ``fn`` runs, summed
   over unique storages seen by ``torch.autograd.graph.saved_tensors_hooks``, parameters
-  excluded (they exist anyway).
+  and views of parameters (``weight.t()`` saved by a linear layer) excluded: they exist
+  anyway.
 - :func:`peak_live_bytes`: the peak of live tensor storage bytes during ``fn`` (forward,
-  loss and backward together), tracked by a TorchDispatchMode over storages; tensors that
-  were alive before ``fn`` started count too, so the figure is a step's true peak.
+  loss and backward together), tracked by a TorchDispatchMode over storages. An op's output
+  counts only when its storage is new, not shared with one of the op's inputs (views and
+  in-place results of tensors from before ``fn`` are not allocations); the ``baseline``
+  tensors (parameters) are added once, so the figure is a step's true peak.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def saved_tensor_bytes(fn: Callable[[], Any], exclude: set[int] | None = None) -
     skip = exclude or set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, torch.nn.Parameter) or id(t) in skip or t.device.type == "meta":
+        if (isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+                or id(t) in skip or t.device.type == "meta"):
             return t
         st = t.untyped_storage()
         seen[_storage_key(t)] = st.nbytes()
@@ -70,8 +74,12 @@ class _LiveTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(t) for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            # an output sharing an input's storage (a view, an in-place result) is no allocation
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" \
+                    and _storage_key(t) not in inputs:
                 self.track(t)
         return out
 

@@ -25,6 +25,7 @@ from .passes.analyze import analyze, analyze_layer, router_ids
 from .passes.couple import COUPLINGS, couple_layer, make_adapters
 from .passes.fuse import fuse_stacks
 from .passes.inverse import ReversibleSpec, generate_inverse
+from .passes.loss_head import chunk_loss_head
 from .passes.manager import Pass, PassManager, PassRecord, snapshot
 from .plan import Plan
 from .registry import facts_for
@@ -89,9 +90,13 @@ class RevModel(nn.Module):
     def __init__(self, model: nn.Module, coupling: str = "revffn",
                  layers: str | Sequence[int] | None = None,
                  passes: Sequence[Pass] | None = None, leaf_modules: Sequence[str] = (),
-                 checkpoint_rest: bool = False) -> None:
+                 checkpoint_rest: bool = False, loss_head: str = "chunked") -> None:
         super().__init__()
+        if loss_head not in ("chunked", "original"):
+            raise RevFFNError(f"unknown loss head {loss_head!r}; choose chunked or original")
         self.checkpoint_rest = checkpoint_rest
+        self.loss_head = loss_head
+        self.loss_head_status = "not compiled yet"
         if coupling not in COUPLINGS:
             raise RevFFNError(f"unknown coupling {coupling!r}; choose from {', '.join(COUPLINGS)}")
         self.model = model
@@ -161,10 +166,11 @@ class RevModel(nn.Module):
         return self._specs[mode]
 
     def graph(self, training: bool | None = None, has_mask: bool = True,
-              has_labels: bool = True) -> fx.GraphModule:
-        """The compiled model-level graph (reversible stacks in place of layer runs)."""
+              has_labels: bool = True, chunked_head: bool = False) -> fx.GraphModule:
+        """The compiled model-level graph (reversible stacks in place of layer runs; with
+        ``chunked_head``, the memory-lean loss head in place of lm_head + loss)."""
         mode = self.training if training is None else training
-        key = (mode, has_mask, has_labels)
+        key = (mode, has_mask, has_labels, chunked_head and has_labels)
         if key not in self._graphs:
             specs = self.specs(mode)
             layers = {}
@@ -189,7 +195,17 @@ class RevModel(nn.Module):
                         node.meta["revffn"] = "checkpoint"
                 return gm
 
-            pm = PassManager([fuse, checkpoint_rest] if self.checkpoint_rest else [fuse])
+            def chunk_head(gm: fx.GraphModule) -> fx.GraphModule:
+                gm, why = chunk_loss_head(gm, self._lm_head_target(), self.options)
+                self.loss_head_status = why or "chunked"
+                return gm
+
+            passes: list[Pass] = [fuse]
+            if self.checkpoint_rest:
+                passes.append(checkpoint_rest)
+            if key[3]:
+                passes.append(chunk_head)
+            pm = PassManager(passes)
             gm = pm(snapshot(self.traced.trace(mode, has_mask, has_labels))).graph_module
             self.pass_records["model"] = pm.records
             for stack in (m for m in gm.modules() if isinstance(m, RevStack)):
@@ -200,6 +216,14 @@ class RevModel(nn.Module):
     @property
     def graph_module(self) -> fx.GraphModule:
         return self.graph()
+
+    def _lm_head_target(self) -> str:
+        head = self.model.get_output_embeddings() if hasattr(
+            self.model, "get_output_embeddings") else None
+        for name, mod in self.model.named_modules():
+            if mod is head or (head is None and name.split(".")[-1] == "lm_head"):
+                return "model." + name
+        return "model.lm_head"
 
     def stacks(self, training: bool | None = None) -> list[RevStack]:
         gm = self.graph(training)
@@ -218,25 +242,46 @@ class RevModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, output_router_logits: bool = False,
+                return_logits: bool = False, num_items_in_batch: Any = None,
                 **kwargs: Any) -> MoeCausalLMOutputWithPast:
+        """Run the model. With labels, gradients enabled and ``loss_head="chunked"``, the
+        loss comes from the memory-lean head and ``.logits`` is None unless
+        ``return_logits=True``. ``num_items_in_batch`` (passed by the Trainer under
+        gradient accumulation) makes the loss a sum divided by it, as in transformers."""
         unknown = set(kwargs) - _BENIGN_KWARGS
         if unknown:
             raise RevFFNError(f"unsupported argument(s) {sorted(unknown)}; RevModel takes "
-                              "input_ids, attention_mask, labels, output_router_logits")
-        gm = self.graph(has_mask=attention_mask is not None, has_labels=labels is not None)
-        kw = {k: v for k, v in (("attention_mask", attention_mask), ("labels", labels))
+                              "input_ids, attention_mask, labels, output_router_logits, "
+                              "return_logits, num_items_in_batch")
+        chunked = (self.loss_head == "chunked" and labels is not None and not return_logits
+                   and torch.is_grad_enabled())
+        # the original head bakes a mean into the graph: with num_items_in_batch, take the
+        # logits and apply the model's own loss function instead
+        own_loss = labels is not None and num_items_in_batch is not None and not chunked
+        graph_labels = labels if not own_loss else None
+        gm = self.graph(has_mask=attention_mask is not None, has_labels=graph_labels is not None,
+                        chunked_head=chunked)
+        kw = {k: v for k, v in (("attention_mask", attention_mask), ("labels", graph_labels))
               if v is not None}
         tap = self.options.router_tap
         record = bool(output_router_logits and tap is not None)
-        if not record:
-            logits, loss = gm(input_ids, **kw)
-            return MoeCausalLMOutputWithPast(loss=loss, logits=logits)
-        self.options.record_router_logits = True
+        self.options.num_items_in_batch = num_items_in_batch
+        self.options.record_router_logits = record
         try:
-            with tap.recording() as rec:  # type: ignore[union-attr]
+            if record:
+                with tap.recording() as rec:  # type: ignore[union-attr]
+                    logits, loss = gm(input_ids, **kw)
+            else:
+                rec = []
                 logits, loss = gm(input_ids, **kw)
         finally:
             self.options.record_router_logits = False
+            self.options.num_items_in_batch = None
+        if own_loss:
+            loss = self.model.loss_function(logits, labels, logits.shape[-1],
+                                            num_items_in_batch=num_items_in_batch)
+        if not record:
+            return MoeCausalLMOutputWithPast(loss=loss, logits=logits)
         router_logits = tuple(rec)
         aux = self._aux_loss(router_logits, attention_mask)
         if aux is not None and loss is not None:
@@ -267,10 +312,26 @@ class RevModel(nn.Module):
     def extra_repr(self) -> str:
         return f"coupling={self.coupling!r}, converted={self.converted}"
 
+    # -- saving and loading (revffn_fx.export; imported lazily: it imports this module) --
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Write a model directory that :meth:`from_pretrained` / ``rf.load`` reads back
+        bit for bit (``max_shard_size="2GB"``); see :func:`revffn_fx.export.save`."""
+        from .export import save
+
+        save(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str], **kwargs: Any) -> RevModel:
+        """Load a directory written by :meth:`save_pretrained` or ``revffn-transform``."""
+        from .export import load
+
+        return load(directory, **kwargs)
+
 
 def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn",
               layers: str | Sequence[int] | None = None, passes: Sequence[Pass] | None = None,
-              leaf_modules: Sequence[str] = (), checkpoint_rest: bool = False) -> RevModel:
+              leaf_modules: Sequence[str] = (), checkpoint_rest: bool = False,
+              loss_head: str = "chunked") -> RevModel:
     """Rewrite a causal LM (or a local model directory) into a :class:`RevModel`.
 
     ``coupling``: "revffn" (halves + adapters, the paper's block) or "revnet" (two
@@ -278,13 +339,14 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
     (default: every convertible layer). ``passes``: extra passes run on each coupling graph
     after the built-in rewrite. ``leaf_modules``: modules torch.fx should not trace into.
     ``checkpoint_rest``: run the layers left out of the stacks under activation
-    checkpointing.
+    checkpointing. ``loss_head``: "chunked" (default: the memory-lean head when labels
+    are given and logits are not asked for) or "original".
     """
     if isinstance(model, (str, os.PathLike)):
         from .loading import load_model
 
         model = load_model(model)
-    return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest)
+    return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head)
 
 
 __all__ = ["RevModel", "transform", "TracedModel"]

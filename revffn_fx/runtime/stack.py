@@ -28,6 +28,7 @@ class RuntimeOptions:
     record_router_logits: bool = False
     fixed_point_iters: int = 50
     fixed_point_tol: float = 1e-6
+    num_items_in_batch: Any = None  # the loss normaliser the Trainer passes, per call
 
 
 class Update(nn.Module):
