@@ -1,0 +1,345 @@
+"""Command line: ``revffn`` (transform, inspect, verify) and ``revffn-transform``.
+
+A thin layer over the library: parse arguments, call library functions, print. Exit
+statuses are decided in one place (:class:`_ExitStatus`): 0 success; 2 bad input or a check
+that failed (any :class:`revffn_fx.errors.RevFFNError`, or a usage error), one line on
+stderr; 1 anything else, which is a bug (set ``REVFFN_DEBUG=1`` for the full traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from revffn_fx import __version__
+from revffn_fx.errors import RevFFNError
+
+EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
+# click >= 8.2 raises this for a bare ``revffn``; older click printed the help and exited 0
+_NO_ARGS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+_WIDTH = 120  # rich's width when the output is not a terminal: stable for pipes and tests
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+_EXIT_HELP = """\b
+Exit status:
+  0  success
+  2  bad input or a check that failed (one line on stderr, "error: ...")
+  1  a bug in revffn-fx (set REVFFN_DEBUG=1 for the full traceback)"""
+
+
+class VerificationFailed(RevFFNError):
+    """``revffn verify`` found errors above tolerance."""
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its lines joined, so an error is always one line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {_one_line(message)}", err=True)
+    sys.exit(code)
+
+
+def _bug(exc: BaseException) -> NoReturn:
+    """Report an unexpected exception: one line, where it happened, and how to see more."""
+    if os.environ.get("REVFFN_DEBUG"):
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in " \
+            f"{frames[-1].name})" if frames else ""
+    click.echo(f"error: internal error, a bug in revffn-fx: {type(exc).__name__}: "
+               f"{_one_line(str(exc)) or '(no message)'}{where}", err=True)
+    if not os.environ.get("REVFFN_DEBUG"):
+        click.echo("hint: rerun with REVFFN_DEBUG=1 for the full traceback, and report it",
+                   err=True)
+    sys.exit(EXIT_BUG)
+
+
+class _ExitStatus:
+    """Mixin for click commands: maps exceptions to the documented exit statuses."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var,  # type: ignore[misc]
+                              standalone_mode=False, **extra)
+        except _NO_ARGS as e:  # bare ``revffn``: the help, as for --help
+            click.echo(e.format_message())
+            rv = EXIT_OK
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            _fail(e.format_message() + hint, EXIT_BAD_INPUT)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except RevFFNError as e:
+            _fail(str(e) or type(e).__name__, EXIT_BAD_INPUT)
+        except (click.Abort, KeyboardInterrupt):
+            _fail("interrupted", 130)
+        except Exception as e:  # anything else is a bug
+            _bug(e)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+class Command(_ExitStatus, click.Command):
+    """A click command with revffn's exit statuses."""
+
+
+class Group(_ExitStatus, click.Group):
+    """A click group with revffn's exit statuses; its subcommands are plain commands."""
+
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console; a fixed width when not writing to a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    return Console(file=stream, width=None if tty else _WIDTH, highlight=False,
+                   soft_wrap=False)
+
+
+def _human(n: int | float) -> str:
+    """``476736`` -> ``476,736 (0.48M)``."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n:,} ({n / size:.2f}{unit})"
+    return f"{n:,}"
+
+
+# ------------------------------------------------------------------------------------ transform
+
+@contextmanager
+def _progress_bar(console: Console) -> Iterator[Callable[[int, int, str], None]]:
+    """A ``progress(done, total, what)`` callback drawing a bar on ``console`` (a terminal)."""
+    if not console.is_terminal:
+        yield lambda done, total, what: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("shards", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=str(what))
+
+        yield progress
+
+
+@click.command("transform", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.argument("out_dir", type=click.Path(path_type=str))
+@click.option("--coupling", type=click.Choice(["revffn", "revnet"]), default="revffn",
+              show_default=True,
+              help="revffn: attention and MoE as the two halves of one coupling; "
+                   "revnet: a RevNet-style split of the hidden state.")
+@click.option("--layers", "layers", metavar="SPEC", default=None,
+              help="Decoder layers to convert, e.g. '0-11' or '0,2,4' (default: every "
+                   "convertible layer).")
+@click.option("--verify/--no-verify", default=False, show_default=True,
+              help="Load the weights and check the generated backward against autograd on a "
+                   "small batch before writing.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty OUT_DIR.")
+@click.option("--dry-run", is_flag=True, help="Analyze and report, write nothing.")
+@click.option("--max-shard-size", default="2GB", show_default=True, metavar="SIZE",
+              help="Largest safetensors shard written (e.g. 500MB, 2GB); larger models are "
+                   "sharded with an index.")
+@click.version_option(__version__, "-V", "--version", prog_name="revffn-transform")
+def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, verify: bool,
+              force: bool, dry_run: bool, max_shard_size: str) -> None:
+    """Transform the MoE causal LM in MODEL_DIR into reversible layers, written to OUT_DIR.
+
+    MODEL_DIR is a local Hugging Face model directory (config.json and safetensors
+    weights); nothing is downloaded and MODEL_DIR is never modified. OUT_DIR receives the
+    weights (safetensors, sharded above --max-shard-size), a config.json with a "revffn"
+    section and an auto_map, the tokenizer files and a model card. OUT_DIR is written in a
+    temporary directory beside it and renamed at the end; a non-empty OUT_DIR is refused
+    unless --force. Progress per shard is shown on stderr when it is a terminal.
+
+    \b
+    Example:
+      revffn-transform examples/tiny-mixtral /tmp/tiny-mixtral-rev --verify
+    """
+    from revffn_fx.export import transform_dir  # lazy: the heavy part of the package
+
+    with _progress_bar(_console(stderr=True)) as progress:
+        summary = transform_dir(model_dir, out_dir, coupling=coupling, layers=layers,
+                                verify=verify, force=force, dry_run=dry_run,
+                                max_shard_size=max_shard_size, progress=progress)
+    for line in summary.lines():
+        click.echo(line)
+
+
+# -------------------------------------------------------------------------------------- inspect
+
+_FACTS = (("model_type", "model type"), ("class", "class"), ("hidden_size", "hidden size"),
+          ("num_layers", "layers"), ("num_experts", "experts"), ("parameters", "parameters"),
+          ("dtype", "dtype"))
+
+
+def _facts_table(model: dict[str, Any]) -> Table:
+    """The model-level facts from ``plan.model``, known keys first, in a two-column grid."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    labels = dict(_FACTS)
+    for key in [k for k, _ in _FACTS if k in model] + [k for k in model if k not in labels]:
+        value = model[key]
+        shown = _human(value) if key == "parameters" and isinstance(value, int) else str(value)
+        grid.add_row(labels.get(key, key.replace("_", " ")), Text(shown))
+    return grid
+
+
+def _plan_table(plan: Any) -> Table:
+    """One row per decoder layer: its sublayers, their residual forms, convertible or why not."""
+    table = Table(title="decoder layers", title_justify="left", show_lines=True)
+    table.add_column("layer", justify="right", no_wrap=True)
+    table.add_column("sublayers (kind: modules)")
+    table.add_column("residual form", no_wrap=True)
+    table.add_column("convertible")
+    for lp in plan.layers:
+        subs = Text("\n").join(Text(f"{s.kind}: {', '.join(s.modules) or '-'}")
+                               for s in lp.sublayers) or Text("(no residual branch)")
+        forms = Text("\n").join(
+            Text(s.residual_form + (f" (scale {s.scale:g})" if s.scale is not None else ""))
+            for s in lp.sublayers) or Text("-")
+        verdict = (Text("yes", style="green") if lp.convertible
+                   else Text(f"no: {lp.reason}", style="red"))
+        table.add_row(str(lp.index), subs, forms, verdict)
+    return table
+
+
+@click.command("inspect", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the plan as JSON (model facts, summary, layers) and nothing else.")
+def inspect(model_dir: str, as_json: bool) -> None:
+    """Analyze the model in MODEL_DIR: the residual sublayers of every decoder layer.
+
+    Loads the local model directory, traces it with torch.fx and prints the model's facts,
+    a table (layer, sublayers with their kind and modules, residual form and scale,
+    convertible or the reason why not) and a one-line summary. Nothing is written.
+
+    \b
+    Examples:
+      revffn inspect examples/tiny-mixtral
+      revffn inspect examples/tiny-mixtral --json | jq .summary
+    """
+    from revffn_fx import analyze, load_model, trace
+
+    plan = analyze(trace(load_model(model_dir)))
+    if as_json:
+        click.echo(json.dumps(plan.to_dict(), indent=2, default=str))
+        return
+    console = _console()
+    console.print(Text(f"{model_dir}", style="bold"))
+    console.print(_facts_table(plan.model))
+    console.print()
+    console.print(_plan_table(plan))
+    click.echo(plan.summary())
+
+
+# --------------------------------------------------------------------------------------- verify
+
+def _load_rev(out_dir: str) -> Any:
+    """``rf.load(out_dir)``: from the export module (or the package, once re-exported)."""
+    try:
+        from revffn_fx.export import load
+    except ImportError:  # pragma: no cover - depends on the export module's state
+        import revffn_fx
+
+        load = getattr(revffn_fx, "load", None)
+        if load is None:
+            raise
+    return load(out_dir)
+
+
+@click.command("verify", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.argument("out_dir", type=click.Path(path_type=str))
+@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Batch size of the random input.")
+@click.option("--seq", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sequence length of the random input.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random input ids and of the model's randomness.")
+@click.option("--router/--no-router", default=False, show_default=True,
+              help="Include the load-balancing (router) loss in the checked gradients.")
+def verify(out_dir: str, batch: int, seq: int, seed: int, router: bool) -> None:
+    """Check a transformed model in OUT_DIR: generated backward against plain autograd.
+
+    Loads OUT_DIR (written by revffn-transform) with rf.load, runs one training step on
+    random token ids through the reversible layers and through ordinary autograd, and
+    compares every parameter gradient; then checks that each reversible layer's inverse
+    reconstructs its input. Prints the summary and the per-layer reconstruction errors;
+    exits 2 when an error is above tolerance.
+
+    \b
+    Example:
+      revffn verify /tmp/tiny-mixtral-rev --batch 2 --seq 32
+    """
+    import torch
+
+    from revffn_fx import verify as run_verify
+
+    rev = _load_rev(out_dir)
+    vocab = int(getattr(rev.config, "vocab_size", 0) or 0)
+    if vocab <= 0:
+        raise RevFFNError(f"{out_dir}: config.json has no vocab_size; cannot make input ids")
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    report = run_verify(rev, input_ids, output_router_logits=router, seed=seed)
+    console = _console()
+    table = Table(title="reconstruction per reversible layer", title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("module")
+    table.add_column("relative error", justify="right")
+    table.add_column("ok")
+    for check in report.layers:
+        good = check.reconstruction_err <= report.recon_tol
+        table.add_row(str(check.index), Text(check.qualname), f"{check.reconstruction_err:.2e}",
+                      Text("yes", style="green") if good else Text("no", style="red"))
+    console.print(table)
+    click.echo(f"loss {report.loss:.4f}; embedding gradient relative error "
+               f"{report.embedding_grad_rel_err:.2e}")
+    click.echo(report.summary())
+    if not report.ok:
+        raise VerificationFailed(f"{out_dir}: verification failed: {report.summary()}")
+
+
+# ----------------------------------------------------------------------------------------- main
+
+@click.group("revffn", cls=Group, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.version_option(__version__, "-V", "--version", prog_name="revffn")
+def main() -> None:
+    """revffn-fx: rewrite Hugging Face MoE causal LMs into reversible couplings.
+
+    \b
+    Examples:
+      revffn inspect examples/tiny-mixtral
+      revffn transform examples/tiny-mixtral /tmp/tiny-mixtral-rev
+      revffn verify /tmp/tiny-mixtral-rev
+    """
+
+
+main.add_command(transform)
+main.add_command(inspect)
+main.add_command(verify)
+
+#: ``revffn-transform``: the transform command on its own.
+transform_main = transform
+
+
+if __name__ == "__main__":
+    main()
