@@ -115,6 +115,14 @@ class RevFunction(torch.autograd.Function):
         updates = _updates(stack)
         ends = torch.tensor(fctx.counts).cumsum(0).tolist() if updates else []
         opts = stack.options
+        # with a gradient sink (the optimizer fused into backward) a parameter's gradient
+        # is handed over as soon as it is complete: after the first update (in forward
+        # order) that uses it, so gradients of the whole stack never coexist
+        first_use: dict[int, int] = {}
+        if opts.grad_sink is not None:
+            for j, (_, u) in enumerate(updates):
+                for p in u.branch.parameters():
+                    first_use.setdefault(id(p), j)
         for j in reversed(range(len(updates))):
             name, u = updates[j]
             t = u.target
@@ -164,6 +172,12 @@ class RevFunction(torch.autograd.Function):
                 k += 1
                 if g is not None:
                     cgrads[i] = g if cgrads[i] is None else cgrads[i] + g
+            if opts.grad_sink is not None:
+                for p in mine:
+                    idx = where[id(p)]
+                    if first_use.get(id(p)) == j and pgrads[idx] is not None:
+                        opts.grad_sink(p, pgrads[idx])
+                        pgrads[idx] = None
         return (None,) * 6 + tuple(gy) + tuple(cgrads) + tuple(pgrads)
 
 

@@ -29,6 +29,9 @@ class RuntimeOptions:
     fixed_point_iters: int = 50
     fixed_point_tol: float = 1e-6
     num_items_in_batch: Any = None  # the loss normaliser the Trainer passes, per call
+    # called with (parameter, complete gradient) from inside the generated backward; the
+    # fused optimizer sets it (see revffn_fx.training.fused)
+    grad_sink: Any = None
 
 
 class Update(nn.Module):
@@ -75,6 +78,7 @@ class RevStack(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.split = split
         self.options = options
+        self.stats: dict[str, tuple[int, float]] = {}  # fixed-point iterations, residual
 
     def _params(self) -> list[torch.nn.Parameter]:
         seen: dict[int, torch.nn.Parameter] = {}

@@ -1,0 +1,141 @@
+"""The optimizer step fused into the backward pass.
+
+Each trainable parameter gets its own optimizer instance (Adam, AdamW, SGD... act on each
+parameter alone, so this is the same update) and is stepped, and its gradient freed, as
+soon as its gradient is complete: through ``Tensor.register_post_accumulate_grad_hook`` for
+ordinary parameters, and, inside a reversible stack's generated backward, as soon as the
+last branch that uses the parameter has been recomputed. Gradients therefore never all
+coexist, which is what lets the reversible stack lower the peak of a training step.
+
+What it cannot do, by construction:
+- clipping by the global gradient norm needs every gradient at once. Use per-parameter
+  clipping (``clip_per_param=``), or run a first backward that only measures the norm and
+  a second that steps (twice the compute).
+- gradient accumulation over micro-batches: gradients are kept in ``.grad`` (as without
+  fusion) on every micro-batch but the last, and the step happens during the last one's
+  backward: wrap the earlier micro-batches in ``with fused.accumulating():``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Per-parameter optimizers stepped from backward hooks.
+
+    It is an ``Optimizer`` so LR schedulers and checkpointing work: ``param_groups`` are
+    the per-parameter optimizers' own groups (a scheduler's change reaches them), ``step``
+    and ``zero_grad`` do nothing (the work happened in backward), ``state_dict`` and
+    ``load_state_dict`` save and restore every per-parameter state.
+    """
+
+    def __init__(self, model: nn.Module, optimizer_cls: type[torch.optim.Optimizer],
+                 clip_per_param: float | None = None,
+                 overrides: dict[torch.Tensor, dict[str, Any]] | None = None,
+                 **optimizer_kwargs: Any) -> None:
+        params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
+        if not params:
+            raise ValueError("no trainable parameters to optimise")
+        overrides = overrides or {}
+        self.optimizers = {p: optimizer_cls([p], **{**optimizer_kwargs, **overrides.get(p, {})})
+                           for p in params}
+        self.clip_per_param = clip_per_param
+        self.accumulate = False
+        self.steps = 0
+        self.defaults = dict(next(iter(self.optimizers.values())).defaults)
+        self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
+        self.state: dict[Any, Any] = {}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self._sinks = []
+        for mod in model.modules():
+            opts = getattr(mod, "options", None)
+            if opts is not None and hasattr(opts, "grad_sink"):
+                opts.grad_sink = self._deliver
+                self._sinks.append(opts)
+        # torch's LR schedulers and hooks expect these
+        self._optimizer_step_pre_hooks: dict[int, Any] = {}
+        self._optimizer_step_post_hooks: dict[int, Any] = {}
+
+    # -- the fused step ---------------------------------------------------------------
+    def _deliver(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """A complete gradient from inside a reversible stack's backward."""
+        p.grad = grad if p.grad is None else p.grad + grad
+        self._on_grad(p)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if self.accumulate or p.grad is None:
+            return
+        if self.clip_per_param is not None:
+            torch.nn.utils.clip_grad_norm_([p], self.clip_per_param)
+        self.optimizers[p].step()
+        p.grad = None
+
+    @contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Keep gradients (no step) for the micro-batches inside the block."""
+        was = self.accumulate
+        self.accumulate = True
+        try:
+            yield
+        finally:
+            self.accumulate = was
+
+    # -- the Optimizer surface --------------------------------------------------------
+    def step(self, closure: Any = None) -> None:  # noqa: D401 - the step ran in backward
+        """No-op: parameters were stepped during backward. Counts calls for schedulers."""
+        self.steps += 1
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop gradients kept by accumulation; normally there are none."""
+        for p in self.optimizers:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"per_param": [opt.state_dict() for opt in self.optimizers.values()],
+                "steps": self.steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        per = state_dict["per_param"]
+        if len(per) != len(self.optimizers):
+            raise ValueError(f"state has {len(per)} parameters, this optimizer "
+                             f"{len(self.optimizers)}")
+        for opt, sd in zip(self.optimizers.values(), per):
+            opt.load_state_dict(sd)
+        self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
+        self.steps = state_dict.get("steps", 0)
+
+    def remove(self) -> None:
+        """Detach from the model: remove hooks and sinks."""
+        for h in self._hooks:
+            h.remove()
+        for opts in self._sinks:
+            opts.grad_sink = None
+
+    def __repr__(self) -> str:
+        opt = next(iter(self.optimizers.values()))
+        return (f"FusedOptimizer({type(opt).__name__}, {len(self.optimizers)} parameters, "
+                f"lr={self.param_groups[0]['lr']})")
+
+
+def fuse_optimizer(model: nn.Module,
+                   optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                   clip_per_param: float | None = None,
+                   overrides: dict[torch.Tensor, dict[str, Any]] | None = None,
+                   **optimizer_kwargs: Any) -> FusedOptimizer:
+    """Fuse ``optimizer_cls(**optimizer_kwargs)`` into the backward of ``model``.
+
+    After this, ``loss.backward()`` also updates every trainable parameter and frees its
+    gradient; call ``opt.step()`` / ``scheduler.step()`` as usual (step is a no-op).
+    ``overrides`` maps a parameter to keyword arguments of its own (e.g. no weight decay
+    for norms and biases).
+    """
+    return FusedOptimizer(model, optimizer_cls, clip_per_param, overrides, **optimizer_kwargs)
