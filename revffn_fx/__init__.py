@@ -9,6 +9,7 @@ The pipeline, one direction: trace -> analyze -> rewrite -> generate backward ->
 
 from . import passes
 from .errors import ConversionError, ExportError, LoadError, RevFFNError, TraceError
+from .export import TransformSummary, load, transform_dir
 from .ir import LayerGraph, TracedModel, trace
 from .loading import load_model
 from .model import RevModel, transform
@@ -22,5 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ConversionError", "ExportError", "LayerGraph", "LayerPlan", "LoadError", "PassManager",
     "PassRecord", "Plan", "RevFFNError", "RevModel", "Sublayer", "TraceError", "TracedModel",
-    "VerifyReport", "analyze", "load_model", "passes", "trace", "transform", "verify",
+    "TransformSummary", "VerifyReport", "analyze", "load", "load_model", "passes", "trace",
+    "transform", "transform_dir", "verify",
 ]
