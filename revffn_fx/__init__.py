@@ -8,6 +8,7 @@ The pipeline, one direction: trace -> analyze -> rewrite -> generate backward ->
 """
 
 from . import passes
+from .diff import GraphDiff, diff
 from .errors import ConversionError, ExportError, LoadError, RevFFNError, TraceError
 from .export import TransformSummary, load, transform_dir
 from .ir import LayerGraph, TracedModel, trace
@@ -21,8 +22,8 @@ from .verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConversionError", "ExportError", "LayerGraph", "LayerPlan", "LoadError", "PassManager",
-    "PassRecord", "Plan", "RevFFNError", "RevModel", "Sublayer", "TraceError", "TracedModel",
-    "TransformSummary", "VerifyReport", "analyze", "load", "load_model", "passes", "trace",
-    "transform", "transform_dir", "verify",
+    "ConversionError", "ExportError", "GraphDiff", "LayerGraph", "LayerPlan", "LoadError",
+    "PassManager", "PassRecord", "Plan", "RevFFNError", "RevModel", "Sublayer", "TraceError",
+    "TracedModel", "TransformSummary", "VerifyReport", "analyze", "diff", "load", "load_model",
+    "passes", "trace", "transform", "transform_dir", "verify",
 ]

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from revffn_fx import __version__
+from revffn_fx.diff import diff_command
 from revffn_fx.errors import RevFFNError
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
@@ -336,6 +337,7 @@ def main() -> None:
 main.add_command(transform)
 main.add_command(inspect)
 main.add_command(verify)
+main.add_command(diff_command)
 
 #: ``revffn-transform``: the transform command on its own.
 transform_main = transform
