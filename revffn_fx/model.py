@@ -193,6 +193,7 @@ class RevModel(nn.Module):
                         gm.add_submodule(name, Checkpointed(by_target[node.target]))
                         node.target = name
                         node.meta["revffn"] = "checkpoint"
+                        node.meta["from_node"] = node.name
                 return gm
 
             def chunk_head(gm: fx.GraphModule) -> fx.GraphModule:
