@@ -9,7 +9,14 @@ The pipeline, one direction: trace -> analyze -> rewrite -> generate backward ->
 
 from . import passes
 from .diff import GraphDiff, diff
-from .errors import ConversionError, ExportError, LoadError, RevFFNError, TraceError
+from .errors import (
+    ConversionError,
+    ExportError,
+    FixedPointError,
+    LoadError,
+    RevFFNError,
+    TraceError,
+)
 from .export import TransformSummary, load, transform_dir
 from .ir import LayerGraph, TracedModel, trace
 from .loading import load_model
@@ -22,8 +29,8 @@ from .verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConversionError", "ExportError", "GraphDiff", "LayerGraph", "LayerPlan", "LoadError",
-    "PassManager", "PassRecord", "Plan", "RevFFNError", "RevModel", "Sublayer", "TraceError",
-    "TracedModel", "TransformSummary", "VerifyReport", "analyze", "diff", "load", "load_model",
-    "passes", "trace", "transform", "transform_dir", "verify",
+    "ConversionError", "ExportError", "FixedPointError", "GraphDiff", "LayerGraph", "LayerPlan",
+    "LoadError", "PassManager", "PassRecord", "Plan", "RevFFNError", "RevModel", "Sublayer",
+    "TraceError", "TracedModel", "TransformSummary", "VerifyReport", "analyze", "diff", "load",
+    "load_model", "passes", "trace", "transform", "transform_dir", "verify",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``revffn`` (transform, inspect, verify) and ``revffn-transform``.
+"""Command line: ``revffn`` (transform, inspect, verify, diff, bench) and ``revffn-transform``.
 
 A thin layer over the library: parse arguments, call library functions, print. Exit
 statuses are decided in one place (:class:`_ExitStatus`): 0 success; 2 bad input or a check
@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from revffn_fx import __version__
-from revffn_fx.diff import diff_command
+from revffn_fx.bench import bench_command
 from revffn_fx.errors import RevFFNError
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
@@ -157,9 +157,19 @@ def _progress_bar(console: Console) -> Iterator[Callable[[int, int, str], None]]
 @click.option("--max-shard-size", default="2GB", show_default=True, metavar="SIZE",
               help="Largest safetensors shard written (e.g. 500MB, 2GB); larger models are "
                    "sharded with an index.")
+@click.option("--attention", type=click.Choice(["plain", "cross"]), default="plain",
+              show_default=True,
+              help="cross: the paper's cross-branch attention (queries from X1, keys/values "
+                   "from X2), inverted by fixed-point iteration; revffn only.")
+@click.option("--fixed-point-iters", type=click.IntRange(min=1), default=None,
+              help="Most fixed-point iterations per layer in backward (--attention cross; "
+                   "default 50).")
+@click.option("--fixed-point-tol", type=float, default=None,
+              help="Relative residual at which the fixed point stops (default 1e-6).")
 @click.version_option(__version__, "-V", "--version", prog_name="revffn-transform")
 def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, verify: bool,
-              force: bool, dry_run: bool, max_shard_size: str) -> None:
+              force: bool, dry_run: bool, max_shard_size: str, attention: str,
+              fixed_point_iters: int | None, fixed_point_tol: float | None) -> None:
     """Transform the MoE causal LM in MODEL_DIR into reversible layers, written to OUT_DIR.
 
     MODEL_DIR is a local Hugging Face model directory (config.json and safetensors
@@ -178,7 +188,9 @@ def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, v
     with _progress_bar(_console(stderr=True)) as progress:
         summary = transform_dir(model_dir, out_dir, coupling=coupling, layers=layers,
                                 verify=verify, force=force, dry_run=dry_run,
-                                max_shard_size=max_shard_size, progress=progress)
+                                max_shard_size=max_shard_size, progress=progress,
+                                attention=attention, fixed_point_iters=fixed_point_iters,
+                                fixed_point_tol=fixed_point_tol)
     for line in summary.lines():
         click.echo(line)
 
@@ -321,6 +333,61 @@ def verify(out_dir: str, batch: int, seq: int, seed: int, router: bool) -> None:
 
 # ----------------------------------------------------------------------------------------- main
 
+def _print_diff(text: str) -> None:
+    console = Console(highlight=False, soft_wrap=True)
+    styles = {"+": "green", "-": "red", "~": "yellow", "@": "cyan"}
+    for line in text.splitlines():
+        console.print(Text(line, style=styles.get(line[:1], "")))
+
+
+@click.command("diff", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option("--coupling", default="revffn", show_default=True,
+              help="The coupling to transform with (revffn or revnet).")
+@click.option("--layer", type=int, default=None,
+              help="The decoder layer to show (default: the first convertible one).")
+@click.option("--format", "fmt", type=click.Choice(["text", "html"]), default="text",
+              show_default=True, help="A terminal listing or one self-contained HTML page.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Write to this file instead of stdout.")
+@click.option("--per-pass", is_flag=True, help="One diff per recorded pass, in order.")
+@click.option("--context", type=int, default=3, show_default=True,
+              help="Unchanged nodes shown around each change in text (-1: all).")
+def diff_command(model_dir: str, coupling: str, layer: int | None, fmt: str,
+                 output: str | None, per_pass: bool, context: int) -> None:
+    """Show what the transform changes in MODEL_DIR: the model-level graph and one layer.
+
+    Loads the local model directory, transforms it as ``revffn transform`` would (nothing
+    is written), and prints the before/after diff of the model graph (decoder layers fused
+    into reversible stacks) and of a decoder layer (residual adds replaced by the coupling).
+    Shapes come from running a small example input (1 x 8 tokens).
+
+    \b
+    Examples:
+      revffn diff examples/tiny-mixtral
+      revffn diff examples/tiny-mixtral --format html -o diff.html
+      revffn diff examples/tiny-mixtral --per-pass --layer 1
+    """
+    from revffn_fx.diff import render_html, transform_diffs
+    from revffn_fx.loading import load_model
+    from revffn_fx.model import transform
+
+    rev = transform(load_model(model_dir), coupling=coupling)
+    diffs = transform_diffs(rev, layer, per_pass)
+    if fmt == "html":
+        page = render_html(diffs, f"revffn diff: {model_dir} ({coupling})")
+    else:
+        page = "\n\n".join(d.to_text(None if context < 0 else context) for d in diffs)
+    if output is not None:
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(page if page.endswith("\n") else page + "\n")
+        click.echo(f"wrote {output}", err=True)
+    elif fmt == "text":
+        _print_diff(page)
+    else:
+        click.echo(page, nl=False)
+
+
 @click.group("revffn", cls=Group, context_settings=_CONTEXT, epilog=_EXIT_HELP)
 @click.version_option(__version__, "-V", "--version", prog_name="revffn")
 def main() -> None:
@@ -338,6 +405,7 @@ main.add_command(transform)
 main.add_command(inspect)
 main.add_command(verify)
 main.add_command(diff_command)
+main.add_command(bench_command)
 
 #: ``revffn-transform``: the transform command on its own.
 transform_main = transform

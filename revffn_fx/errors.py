@@ -23,5 +23,9 @@ class ConversionError(RevFFNError):
     """A model or layer cannot be rewritten into reversible couplings."""
 
 
+class FixedPointError(RevFFNError, RuntimeError):
+    """A fixed-point reconstruction (cross-branch attention) did not converge."""
+
+
 class ExportError(RevFFNError):
     """A transformed model could not be written or read back."""

@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 
-from .errors import ExportError, LoadError, RevFFNError
+from .errors import ConversionError, ExportError, LoadError, RevFFNError
 from .loading import _check_config, _check_weights, _quiet, load_model
 from .model import RevModel, parse_layers
 from .registry import facts_for
@@ -317,6 +317,10 @@ def _section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: torch.d
                                "leaf_modules": leaf, "checkpoint_rest": checkpoint_rest}
     if loss_head is not None:
         options["loss_head"] = loss_head
+    if getattr(rev, "attention", "plain") != "plain":
+        options["attention"] = rev.attention
+        options["fixed_point_iters"] = rev.options.fixed_point_iters
+        options["fixed_point_tol"] = rev.options.fixed_point_tol
     return {
         "format_version": FORMAT_VERSION,
         "coupling": rev.coupling,
@@ -522,7 +526,8 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
         raise LoadError(f"{config_path}: invalid config: {e}") from e
     model = load_model(path, config=config, dtype=dtype)
     # options added to transform after format 1 are passed only when recorded
-    kw = {k: options[k] for k in ("checkpoint_rest", "loss_head") if k in options}
+    kw = {k: options[k] for k in ("checkpoint_rest", "loss_head", "attention",
+                                  "fixed_point_iters", "fixed_point_tol") if k in options}
     try:
         rev = RevModel(model, options["coupling"], options["layers"], custom,
                        options.get("leaf_modules", ()), **kw)
@@ -701,7 +706,9 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                   coupling: str = "revffn", layers: str | Sequence[int] | None = None,
                   verify: bool = False, force: bool = False, dry_run: bool = False,
                   max_shard_size: int | str = "2GB",
-                  progress: Progress | None = None) -> TransformSummary:
+                  progress: Progress | None = None, attention: str = "plain",
+                  fixed_point_iters: int | None = None,
+                  fixed_point_tol: float | None = None) -> TransformSummary:
     """Transform the checkpoint in ``model_dir`` into a revffn-fx directory ``out_dir``.
 
     The model is never materialised (meta device; tensors are copied shard by shard), so
@@ -720,7 +727,17 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     model, dtype = _meta_model(src, config_path, model_type,
                                lambda cfg: _checkpoint_dtype(cfg, entries))
     _check_fits(model, entries, weights, dtype)
-    rev = RevModel(model, coupling, layers)
+    # the cross-branch split needs an example forward, which a meta model cannot run: the
+    # structure and adapters do not depend on it, so plan with plain attention here and
+    # record the option; rf.load (and --verify) build the cross-branch attention for real
+    rev = RevModel(model, coupling, layers, fixed_point_iters=fixed_point_iters,
+                   fixed_point_tol=fixed_point_tol)
+    if attention != "plain":
+        if coupling != "revffn":
+            raise ConversionError("cross-branch attention is an option of the revffn coupling")
+        if attention != "cross":
+            raise ConversionError(f"unknown attention {attention!r}; choose plain or cross")
+        rev.attention = attention
     rev.specs(True)  # run every pass now (on meta): a failure must stop us before writing
     n = len(rev.plan.layers)
     wanted = parse_layers(layers, n)

@@ -23,6 +23,7 @@ from .errors import ConversionError, RevFFNError
 from .ir import TracedModel, call_arguments, trace
 from .passes.analyze import analyze, analyze_layer, router_ids
 from .passes.couple import COUPLINGS, couple_layer, make_adapters
+from .passes.cross_branch import attention_calls, cross_attentions
 from .passes.fuse import fuse_stacks
 from .passes.inverse import ReversibleSpec, generate_inverse
 from .passes.loss_head import chunk_loss_head
@@ -90,8 +91,18 @@ class RevModel(nn.Module):
     def __init__(self, model: nn.Module, coupling: str = "revffn",
                  layers: str | Sequence[int] | None = None,
                  passes: Sequence[Pass] | None = None, leaf_modules: Sequence[str] = (),
-                 checkpoint_rest: bool = False, loss_head: str = "chunked") -> None:
+                 checkpoint_rest: bool = False, loss_head: str = "chunked",
+                 attention: str = "plain", fixed_point_iters: int | None = None,
+                 fixed_point_tol: float | None = None) -> None:
         super().__init__()
+        if attention not in ("plain", "cross"):
+            raise RevFFNError(f"unknown attention {attention!r}; choose plain or cross")
+        if attention == "cross" and coupling != "revffn":
+            raise RevFFNError("cross-branch attention is an option of the revffn coupling")
+        self.attention = attention
+        # per converted layer: "cross", or "closed form: <why the attention was not split>"
+        self.cross_status: dict[int, str] = {}
+        self.__dict__["_cross"] = {}  # index -> CrossAttention or reason (not submodules)
         if loss_head not in ("chunked", "original"):
             raise RevFFNError(f"unknown loss head {loss_head!r}; choose chunked or original")
         self.checkpoint_rest = checkpoint_rest
@@ -129,6 +140,14 @@ class RevModel(nn.Module):
         routers, index = find_routers(model)
         tap = RouterTap(routers, index) if routers else None
         self.options = RuntimeOptions(router_tap=tap)
+        # example attention calls for the cross-branch split, taken now: a forward during a
+        # later lazy compile would fire the user's hooks
+        self.__dict__["_cross_calls"] = attention_calls(
+            traced, {i: self.plan.layers[i] for i in chosen}) if attention == "cross" else {}
+        if fixed_point_iters is not None:
+            self.options.fixed_point_iters = fixed_point_iters
+        if fixed_point_tol is not None:
+            self.options.fixed_point_tol = fixed_point_tol
         self.__dict__["_graphs"] = {}
         self.__dict__["_specs"] = {}
         self.pass_records: dict[str, list[PassRecord]] = {}
@@ -145,17 +164,25 @@ class RevModel(nn.Module):
             overrides = facts_for(getattr(self.config, "model_type", None)).kind_overrides
             out: dict[int, ReversibleSpec] = {}
             routers = router_ids(self.model)
+            plans = {}
             for i in self.converted:
-                lg = self.traced.layers[i]
-                plan = analyze_layer(lg, overrides, mode, routers)
+                plan = analyze_layer(self.traced.layers[i], overrides, mode, routers)
                 if not plan.convertible:
                     raise ConversionError(f"layer {i} is not convertible in "
                                           f"{'train' if mode else 'eval'} mode: {plan.reason}")
+                plans[i] = plan
+            cross: dict[int, Any] = {}
+            if self.attention == "cross":
+                cross, status = cross_attentions(self.traced, plans, self._cross, mode,
+                                                 self._cross_calls)
+                self.cross_status.update(status)
+            for i, plan in plans.items():
+                lg = self.traced.layers[i]
                 adapters = self.adapters[str(i)] if self.coupling == "revffn" else None
 
-                def couple(gm: fx.GraphModule, _p: Any = plan,
-                           _a: Any = adapters) -> fx.GraphModule:
-                    return couple_layer(gm, _p, self.coupling, _a)
+                def couple(gm: fx.GraphModule, _p: Any = plan, _a: Any = adapters,
+                           _c: Any = cross.get(i)) -> fx.GraphModule:
+                    return couple_layer(gm, _p, self.coupling, _a, _c)
 
                 couple.__name__ = f"couple_{self.coupling}"
                 pm = PassManager([couple, *self.user_passes])
@@ -332,7 +359,9 @@ class RevModel(nn.Module):
 def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn",
               layers: str | Sequence[int] | None = None, passes: Sequence[Pass] | None = None,
               leaf_modules: Sequence[str] = (), checkpoint_rest: bool = False,
-              loss_head: str = "chunked") -> RevModel:
+              loss_head: str = "chunked", attention: str = "plain",
+              fixed_point_iters: int | None = None,
+              fixed_point_tol: float | None = None) -> RevModel:
     """Rewrite a causal LM (or a local model directory) into a :class:`RevModel`.
 
     ``coupling``: "revffn" (halves + adapters, the paper's block) or "revnet" (two
@@ -341,13 +370,18 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
     after the built-in rewrite. ``leaf_modules``: modules torch.fx should not trace into.
     ``checkpoint_rest``: run the layers left out of the stacks under activation
     checkpointing. ``loss_head``: "chunked" (default: the memory-lean head when labels
-    are given and logits are not asked for) or "original".
+    are given and logits are not asked for) or "original". ``attention``: "plain" or
+    "cross" (revffn only: F's queries from X1, keys/values from X2, the paper's block; X1
+    is then reconstructed by fixed-point iteration, at most ``fixed_point_iters`` steps to
+    a relative residual of ``fixed_point_tol``; layers whose attention cannot be split keep
+    the closed form, see ``rev.cross_status``).
     """
     if isinstance(model, (str, os.PathLike)):
         from .loading import load_model
 
         model = load_model(model)
-    return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head)
+    return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head,
+                    attention, fixed_point_iters, fixed_point_tol)
 
 
 __all__ = ["RevModel", "transform", "TracedModel"]

@@ -244,13 +244,15 @@ def stub_export(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 def test_transform_passes_options(stub_export: dict[str, Any]) -> None:
     res = run("transform", "in", "out", "--coupling", "revnet", "--layers", "0-1", "--verify",
-              "--force", "--dry-run", "--max-shard-size", "10MB")
+              "--force", "--dry-run", "--max-shard-size", "10MB", "--attention", "cross",
+              "--fixed-point-iters", "80", "--fixed-point-tol", "1e-9")
     assert res.exit_code == 0, res.stderr
     assert res.stdout.splitlines() == ["converted 4 of 4 layers", "parameters added: 1,024"]
     progress = stub_export.pop("progress")
     assert callable(progress)
     assert stub_export == dict(model_dir="in", out_dir="out", coupling="revnet", layers="0-1",
-                               verify=True, force=True, dry_run=True, max_shard_size="10MB")
+                               verify=True, force=True, dry_run=True, max_shard_size="10MB",
+                               attention="cross", fixed_point_iters=80, fixed_point_tol=1e-9)
 
 
 def test_transform_defaults_standalone(stub_export: dict[str, Any]) -> None:

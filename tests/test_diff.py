@@ -29,7 +29,6 @@ import revffn_fx as rf
 from revffn_fx.diff import (
     GraphDiff,
     diff,
-    diff_command,
     render_html,
     sample_inputs,
     transform_diffs,
@@ -253,11 +252,11 @@ def test_cli_diff_text_html_and_errors(tmp_path: Path) -> None:
     assert "layer 1 (model.layers.1" in res.output
 
     html_path = tmp_path / "d.html"
-    res = runner.invoke(diff_command, [str(EXAMPLE), "--format", "html", "-o", str(html_path),
+    res = runner.invoke(cli.main, ["diff", str(EXAMPLE), "--format", "html", "-o", str(html_path),
                                        "--per-pass"])
     assert res.exit_code == 0, res.output
     assert html_path.read_text().count("<section>") == 2
 
-    res = runner.invoke(diff_command, [str(EXAMPLE), "--layer", "9"])
+    res = runner.invoke(cli.main, ["diff", str(EXAMPLE), "--layer", "9"])
     assert res.exit_code == 2
     assert "out of range" in res.output and len(res.output.strip().splitlines()) == 1

@@ -10,6 +10,12 @@ split copies h, there are no adapters and the merge is the mean. The residual ad
 the original graph are dropped; every node added is tagged in ``node.meta["revffn"]``
 ("split", "adapter", "coupling", "merge") and every copied branch node keeps its meta and
 records where it came from in ``node.meta["from_node"]``, so diffs can match it.
+
+With ``cross`` (attention target -> cross-attention module, see ``cross_branch``), F's
+attention takes its queries from the X1 stream: the pre-attention path (F_up adapter,
+the same norm) is copied once more from x1 (nodes tagged "cross_query") and the call is
+replaced by ``cross(query, *same args)`` (tagged "cross_attention"). F then reads x1, so
+the inverse generator gives that update a fixed-point inverse.
 """
 
 from __future__ import annotations
@@ -60,8 +66,13 @@ def _tag(node: fx.Node, tag: str) -> fx.Node:
 
 
 def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
-                 adapters: nn.ModuleDict | None = None) -> fx.GraphModule:
-    """Return the coupling graph of one layer (the input graph is not modified)."""
+                 adapters: nn.ModuleDict | None = None,
+                 cross: dict[str, nn.Module] | None = None) -> fx.GraphModule:
+    """Return the coupling graph of one layer (the input graph is not modified).
+
+    ``cross``: attention targets of the first branch to replace by cross-branch attention
+    modules called as ``(query, *args, **kwargs)``.
+    """
     if not plan.convertible:
         raise ConversionError(f"layer {plan.qualname} is not convertible: {plan.reason}")
     if coupling not in COUPLINGS:
@@ -129,7 +140,11 @@ def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
         def arg(n: fx.Node, _r: fx.Node = r, _w: str = which) -> Any:
             return inputs[_w] if n is _r else env[n]
 
-        new = graph.node_copy(node, arg)
+        if which == "F" and cross and node.op == "call_module" and node.target in cross:
+            new = _cross_call(graph, node, cross[node.target], branch, r,
+                              adapter("F_up", streams[0]), arg, root)
+        else:
+            new = graph.node_copy(node, arg)
         new.meta["from_node"] = node.name
         new.meta["revffn_branch"] = which
         env[node] = new
@@ -140,6 +155,39 @@ def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
     out.recompile()
     out.meta["revffn"] = {"coupling": coupling, "layer": plan.qualname, "split": split_kind}
     return out
+
+
+def _cross_call(graph: fx.Graph, node: fx.Node, module: nn.Module,
+                branch: dict[fx.Node, str], r: fx.Node, query_in: fx.Node,
+                arg: Any, root: dict[str, Any]) -> fx.Node:
+    """``cross(query, *args, **kwargs)`` in place of the attention call ``node``, the
+    query computed by a copy of the F-branch path from ``r`` to the attention input with
+    ``r`` replaced by ``query_in`` (the X1 stream through F_up)."""
+    _tag(query_in, "cross_query")
+    on_path = {r}
+    for n in r.graph.nodes:  # graph order: the path from r, up to the attention call
+        if n is node:
+            break
+        if branch.get(n) == "F" and any(i in on_path for i in n.all_input_nodes):
+            on_path.add(n)
+    reads = [a for a in (*node.args, *node.kwargs.values())
+             if isinstance(a, fx.Node) and a in on_path]
+    if len(reads) != 1:
+        raise ConversionError(f"attention {node.target} reads the stream through "
+                              f"{len(reads)} arguments; cross-branch attention needs one")
+    env: dict[fx.Node, Any] = {r: query_in}
+    for n in r.graph.nodes:
+        if n is node:
+            break
+        if n in on_path and n is not r:
+            env[n] = _tag(graph.node_copy(n, lambda a: env[a] if a in env else arg(a)),
+                          "cross_query")
+            env[n].meta["from_node"] = n.name
+    target = f"{node.target}_cross".replace(".", "_")
+    root[target] = module
+    args = tuple(fx.map_arg(node.args, arg))
+    kwargs = dict(fx.map_arg(node.kwargs, arg))
+    return _tag(graph.call_module(target, (env[reads[0]], *args), kwargs), "cross_attention")
 
 
 def node_of_branch_out(add: fx.Node, r: fx.Node) -> fx.Node:

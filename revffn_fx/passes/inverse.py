@@ -18,7 +18,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..errors import ConversionError
+from ..errors import ConversionError, FixedPointError
 from ..runtime.function import fixed_point
 from ..runtime.stack import RevLayer, Update
 from ..runtime.streams import MERGES, SPLITS
@@ -163,8 +163,18 @@ def _inverse_graph(updates: list[Update], n: int) -> fx.GraphModule:
     return fx.GraphModule(root, graph, class_name="Inverse")
 
 
+_FIXED_POINT_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
 def solve_fixed_point(update: Update, streams: tuple[torch.Tensor, ...],
-                      ctx: dict[str, Any], iters: int = 100, tol: float = 1e-10) -> torch.Tensor:
-    """The fixed-point inverse step of an update that reads the stream it writes."""
-    x, _, _ = fixed_point(update, list(streams), ctx, iters, tol)
+                      ctx: dict[str, Any], iters: int = 100,
+                      tol: float | None = None) -> torch.Tensor:
+    """The fixed-point inverse step of an update that reads the stream it writes (the
+    default tolerance follows the dtype; the training backward uses RuntimeOptions)."""
+    if tol is None:
+        tol = _FIXED_POINT_TOL.get(streams[update.target].dtype, 1e-3)
+    x, n, res = fixed_point(update, list(streams), ctx, iters, tol)
+    if not res <= tol:
+        raise FixedPointError(f"fixed-point inverse of stream {update.target} did not "
+                              f"converge: residual {res:.3g} after {n} iterations")
     return x

@@ -12,6 +12,8 @@ its gradients into the recompute.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -19,10 +21,12 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ..errors import FixedPointError
 from . import rng
 from .stack import RevStack, Update
 
 _AMP_DEVICES = ("cpu", "cuda")
+logger = logging.getLogger(__name__)
 
 
 def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
@@ -42,7 +46,8 @@ def fixed_point(u: Update, y: list[torch.Tensor], ctx: dict[str, Any], iters: in
                 tol: float) -> tuple[torch.Tensor, int, float]:
     """Solve ``x = y_t - f(..., x, ...)`` for the stream ``u`` updates (it reads itself).
 
-    Starts at ``x = y_t``; returns (x, iterations, final relative residual).
+    Starts at ``x = y_t``; returns (x, iterations, final relative residual). Stops early
+    when the residual is not finite (diverged): further steps cannot help.
     """
     t = u.target
     x = y[t]
@@ -53,13 +58,9 @@ def fixed_point(u: Update, y: list[torch.Tensor], ctx: dict[str, Any], iters: in
         new = y[t] - u.run(streams, ctx)
         residual = float((new - x).norm() / x.norm().clamp_min(1e-30))
         x = new
-        if residual <= tol:
+        if residual <= tol or not math.isfinite(residual):
             return x, i, residual
     return x, iters, residual
-
-
-class FixedPointError(RuntimeError):
-    """A fixed-point reconstruction did not converge."""
 
 
 def _updates(stack: RevStack) -> list[tuple[str, Update]]:
@@ -131,10 +132,17 @@ class RevFunction(torch.autograd.Function):
                     x_t, iters, res = fixed_point(u, y, ctx, opts.fixed_point_iters,
                                                   opts.fixed_point_tol)
                     stack.stats[name] = (iters, res)  # type: ignore[attr-defined]
-                    if res > opts.fixed_point_tol:
+                    opts.fixed_point_stats[name] = (iters, res)
+                    logger.debug("%s: fixed point, %d iterations, residual %.3g", name,
+                                 iters, res)
+                    if not res <= opts.fixed_point_tol:  # NaN-safe
+                        layer, _, k = name.rpartition(".")
                         raise FixedPointError(
-                            f"{name}: fixed-point reconstruction did not converge "
-                            f"(residual {res:.3g} after {iters} iterations)")
+                            f"layer {layer} (update {k}, stream {t}): the fixed-point "
+                            f"reconstruction did not converge, residual {res:.3g} after "
+                            f"{iters} iterations (tolerance {opts.fixed_point_tol:.1g}); the "
+                            "branch is not a contraction in the stream it updates: use "
+                            "attention='plain' or raise fixed_point_iters/fixed_point_tol")
                     y[t] = x_t
             with torch.enable_grad(), rng.replay(fctx.states[j]), _autocast(fctx.amp):
                 reads = {i: y[i].detach().requires_grad_(True) for i in sorted(set(u.reads))}

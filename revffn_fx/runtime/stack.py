@@ -9,7 +9,7 @@ This module knows nothing of torch.fx: a branch is any callable module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,8 @@ class RuntimeOptions:
     record_router_logits: bool = False
     fixed_point_iters: int = 50
     fixed_point_tol: float = 1e-6
+    # "<layer>.<update>" -> (iterations, final relative residual) of the latest backward
+    fixed_point_stats: dict[str, tuple[int, float]] = field(default_factory=dict)
     num_items_in_batch: Any = None  # the loss normaliser the Trainer passes, per call
     # called with (parameter, complete gradient) from inside the generated backward; the
     # fused optimizer sets it (see revffn_fx.training.fused)

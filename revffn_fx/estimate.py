@@ -1,0 +1,237 @@
+"""Analytic estimate of activation memory from a config alone (no weights are read).
+
+``estimate_saved_bytes(config, batch, seq, method)`` predicts what
+:func:`revffn_fx.memory.saved_tensor_bytes` measures for one training forward (bytes
+autograd keeps for backward, parameters excluded) under ``method``:
+
+- ``checkpoint``: one layer boundary (the layer's input, ``T*d``) per decoder layer, plus
+  the loss head, the token ids and the rotary tables;
+- ``revffn`` / ``revnet``: one stack output (two half-width streams, ``T*d``; two
+  full-width streams for revnet, ``2*T*d``) at any depth, plus the same constants;
+- ``none``: a per-layer activation model (norms, attention q/k/v/output, router, routed
+  experts on ``T*top_k`` token rows, shared experts, dense MLPs) times the depth, plus
+  the constants.
+
+``T = batch * seq`` tokens, ``d`` the hidden size, ``e`` the bytes of the dtype. The loss
+head of Hugging Face models (``original``) keeps the final norm's input and output
+(``3*T*d*e``) and the fp32 log-softmax of the logits (``T*V*4``, the upcast applies in any
+dtype): that is the 8 MiB constant of the reference config. RevModel's chunked head
+(``chunked``, the default where :class:`revffn_fx.RevModel` has one) keeps, instead of the
+logits, the gradients it computed in forward: ``T*d*e`` for the hidden states and ``V*d*e``
+for the head weight.
+
+Accuracy, checked against the probe (tests/test_memory.py, docs/benchmarks.md):
+checkpoint / revffn / revnet within a few percent (the constants dominate and are exact
+tensor sizes); ``none`` within about 5% on Mixtral-like and Qwen2-MoE-like layers, looser
+(about 15-25%) on DeepSeek-V3's MLA attention, whose intermediate tensors are modelled
+coarsely. :func:`estimate` also gives the activation part of a step's peak, a coarser model
+(see :attr:`Estimate.peak_activation_bytes`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+METHODS = ("none", "checkpoint", "revffn", "revnet")
+
+
+def _get(config: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the estimate needs, read from a Hugging Face config."""
+
+    hidden: int
+    vocab: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int
+    top_k: int
+    expert_inter: int
+    shared_inter: int
+    dense_inter: int
+    dense_layers: frozenset[int]
+    rope_dim: int
+    mla: tuple[int, int, int, int, int] | None  # q_lora, kv_lora, nope, rope, v_head_dim
+
+    @classmethod
+    def of(cls, config: Any) -> Dims:
+        d = int(_get(config, "hidden_size", "d_model", "n_embd"))
+        heads = int(_get(config, "num_attention_heads", "n_heads", default=1))
+        kv = int(_get(config, "num_key_value_heads", default=heads))
+        hd = int(_get(config, "head_dim", default=d // heads))
+        n = int(_get(config, "num_hidden_layers", "n_layers"))
+        experts = int(_get(config, "num_local_experts", "num_experts", "n_routed_experts",
+                           default=0))
+        top_k = int(_get(config, "num_experts_per_tok", default=0))
+        dense_inter = int(_get(config, "intermediate_size", default=4 * d))
+        expert_inter = int(_get(config, "moe_intermediate_size", default=dense_inter))
+        shared = int(_get(config, "shared_expert_intermediate_size", default=0))
+        if not shared and _get(config, "n_shared_experts"):
+            shared = int(config.n_shared_experts) * expert_inter
+        dense: set[int] = set(range(int(_get(config, "first_k_dense_replace", default=0))))
+        dense.update(int(i) for i in (_get(config, "mlp_only_layers", default=[]) or []))
+        step = int(_get(config, "decoder_sparse_step", default=1) or 1)
+        dense.update(i for i in range(n) if (i + 1) % step != 0)
+        if not experts:
+            dense = set(range(n))
+        mla = None
+        rope_dim = hd
+        if _get(config, "kv_lora_rank") is not None:
+            nope = int(_get(config, "qk_nope_head_dim", default=hd))
+            rope_dim = int(_get(config, "qk_rope_head_dim", default=0))
+            mla = (int(_get(config, "q_lora_rank", default=0) or 0), int(config.kv_lora_rank),
+                   nope, rope_dim, int(_get(config, "v_head_dim", default=nope)))
+        return cls(d, int(config.vocab_size), n, heads, kv, hd, experts, top_k, expert_inter,
+                   shared, dense_inter, frozenset(dense), rope_dim, mla)
+
+
+@dataclass
+class Estimate:
+    """Bytes by part; ``saved_bytes`` is their sum. ``peak_activation_bytes``: activation
+    memory live at the step's peak, on top of parameters and all gradients (for ``none`` the
+    peak comes at the start of backward, before any gradient exists)."""
+
+    method: str
+    parts: dict[str, int] = field(default_factory=dict)
+    peak_activation_bytes: int = 0
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(self.parts.values())
+
+
+def _dtype_bytes(config: Any, dtype: torch.dtype | str | None) -> int:
+    if dtype is None:
+        dtype = _get(config, "dtype", "torch_dtype", default=torch.float32)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), torch.float32)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float32
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def default_loss_head(method: str) -> str:
+    """``chunked`` for reversible methods when RevModel has the chunked head, else original."""
+    if method in ("none", "checkpoint"):
+        return "original"
+    from revffn_fx.model import RevModel
+
+    param = inspect.signature(RevModel.__init__).parameters.get("loss_head")
+    return str(param.default) if param is not None else "original"
+
+
+def _attention(m: Dims, t: int, b: int, s: int, e: int) -> int:
+    """Saved by one attention sublayer (norm excluded): q/k/v after rotary, output, lse."""
+    if m.mla is None:
+        return t * e * (2 * m.heads + 2 * m.kv_heads) * m.head_dim + b * m.heads * s * 4
+    q_lora, kv_lora, nope, rope, v_dim = m.mla
+    qk = nope + rope
+    total = t * e * (3 * q_lora if q_lora else 0)        # q_a output: its norm's x, normed, out
+    total += t * e * (kv_lora + rope + 2 * kv_lora)      # kv_a output, kv norm normed and out
+    total += t * e * m.heads * (2 * qk + qk)             # q, k (rotary applied) and v padded
+    total += t * e * m.heads * (v_dim + nope + rope)     # output, k_pe/q_pe pieces
+    return total + b * m.heads * s * 4
+
+
+def _ffn(m: Dims, t: int, e: int, dense: bool) -> int:
+    """Saved by one feed-forward sublayer (norm excluded)."""
+    if dense:
+        return 4 * t * m.dense_inter * e                 # gate, up, act(gate), act*up
+    rows = t * m.top_k                                   # routed token rows
+    total = t * m.experts * 4 + t * m.top_k * 12         # router probs (fp32), top-k ids, weights
+    total += rows * e * (4 * m.expert_inter + 2 * m.hidden) + rows * 8
+    if m.shared_inter:
+        total += t * e * (4 * m.shared_inter + m.hidden) + t * e  # shared expert + its gate
+    return total
+
+
+def _layer(m: Dims, i: int, b: int, s: int, e: int) -> int:
+    """All a decoder layer saves under plain autograd."""
+    t = b * s
+    norms = 6 * t * m.hidden * e + 2 * t * 4             # 2 RMSNorms: x, normalized, out; rsqrt
+    return norms + _attention(m, t, b, s, e) + _ffn(m, t, e, i in m.dense_layers)
+
+
+def estimate(config: Any, batch: int, seq: int, method: str,
+             dtype: torch.dtype | str | None = None, loss_head: str | None = None) -> Estimate:
+    """The saved-for-backward bytes of a training forward, by part; see the module doc."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    m = Dims.of(config)
+    e = _dtype_bytes(config, dtype)
+    t = batch * seq
+    td = t * m.hidden * e
+    head = loss_head or default_loss_head(method)
+    est = Estimate(method)
+    p = est.parts
+    p["token ids"] = t * 8
+    p["rotary tables"] = 2 * seq * m.rope_dim * e
+    p["final norm"] = 2 * td + t * 4
+    if head == "chunked":
+        p["head gradients (hidden, weight)"] = td + m.vocab * m.hidden * e
+    else:
+        p["head input + fp32 log-softmax"] = td + t * m.vocab * 4
+        p["labels"] = t * 8
+    layers = [_layer(m, i, batch, seq, e) for i in range(m.layers)]
+    if method == "none":
+        p["layers"] = sum(layers)
+        # at the start of backward, before any gradient: all saved, logits and their gradient
+        est.peak_activation_bytes = sum(p.values()) + 2 * t * m.vocab * 4
+    elif method == "checkpoint":
+        p["layer boundaries"] = m.layers * td
+        # at the end of backward: one layer recomputed
+        est.peak_activation_bytes = max(layers) + td
+    else:
+        p["stack output"] = td * (2 if method == "revnet" else 1)
+        # one branch recomputed (the larger: the feed-forward) and the streams with grads
+        est.peak_activation_bytes = max(_ffn(m, t, e, i in m.dense_layers)
+                                        for i in range(m.layers)) + 3 * td + p["stack output"]
+    return est
+
+
+def estimate_saved_bytes(config: Any, batch: int, seq: int, method: str,
+                         dtype: torch.dtype | str | None = None) -> int:
+    """Bytes saved for backward by one training forward of ``method`` (config only)."""
+    return estimate(config, batch, seq, method, dtype).saved_bytes
+
+
+def estimate_parameter_bytes(config: Any, dtype: torch.dtype | str | None = None,
+                             method: str = "none") -> int:
+    """Parameter bytes, counted on a meta-device model built from ``config`` (no weights);
+    revffn adds its adapters (``2*d*d`` per layer)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    m = Dims.of(config)
+    if method == "revffn":
+        n += 2 * m.hidden * m.hidden * m.layers
+    return n * _dtype_bytes(config, dtype)
+
+
+def estimate_peak_bytes(config: Any, batch: int, seq: int, method: str,
+                        dtype: torch.dtype | str | None = None) -> int:
+    """Peak of a training step with an ordinary optimizer: parameters + gradients +
+    activations at the peak (coarse; for the none method the peak is before gradients)."""
+    params = estimate_parameter_bytes(config, dtype, method)
+    est = estimate(config, batch, seq, method, dtype)
+    if method != "none":
+        return 2 * params + est.peak_activation_bytes
+    # before any gradient (all activations) or at the end of backward (all gradients)
+    m = Dims.of(config)
+    last = _layer(m, 0, batch, seq, _dtype_bytes(config, dtype))
+    return max(params + est.peak_activation_bytes, 2 * params + last)
