@@ -22,38 +22,10 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 import revffn_fx as rf
-from revffn_fx.memory import _LiveTracker
+from revffn_fx.memory import step_breakdown
 from revffn_fx.training import fuse_optimizer
 
 MiB = 2**20
-
-
-class _Breakdown(_LiveTracker):
-    def __init__(self, params: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.params = params
-        self.grads_at_peak = 0
-
-    def track(self, t: torch.Tensor) -> None:
-        before = self.peak
-        super().track(t)
-        if self.peak > before:
-            seen: set[int] = set()
-            total = 0
-            for p in self.params:
-                g = p.grad
-                if g is not None and g.untyped_storage().data_ptr() not in seen:
-                    seen.add(g.untyped_storage().data_ptr())
-                    total += g.untyped_storage().nbytes()
-            self.grads_at_peak = total
-
-
-def _bytes(tensors: Any) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def mixtral_like(depth: int) -> torch.nn.Module:
@@ -87,18 +59,13 @@ def measure(depth: int, method: str, fused: bool, ids: torch.Tensor) -> dict[str
         opt.zero_grad(set_to_none=True)
 
     step()  # creates the optimizer states
-    base = _bytes(params) + _bytes(states())
-    tracker = _Breakdown(params)
     start = time.perf_counter()
-    with tracker:
-        step()
+    b = step_breakdown(step, params, states())
     seconds = time.perf_counter() - start
-    act = tracker.peak - tracker.grads_at_peak
-    return {"depth": depth, "method": method, "fused": fused,
-            "peak_MiB": (base + tracker.peak) / MiB, "params_MiB": _bytes(params) / MiB,
-            "optimizer_MiB": _bytes(states()) / MiB, "grads_at_peak_MiB":
-            tracker.grads_at_peak / MiB, "activations_at_peak_MiB": act / MiB,
-            "step_s": seconds}
+    return {"depth": depth, "method": method, "fused": fused, "peak_MiB": b["peak"] / MiB,
+            "params_MiB": b["parameters"] / MiB, "optimizer_MiB": b["optimizer"] / MiB,
+            "grads_at_peak_MiB": b["gradients"] / MiB,
+            "activations_at_peak_MiB": b["activations"] / MiB, "step_s": seconds}
 
 
 def main() -> None:

@@ -388,6 +388,58 @@ def diff_command(model_dir: str, coupling: str, layer: int | None, fmt: str,
         click.echo(page, nl=False)
 
 
+# ----------------------------------------------------------------------------------------- plan
+
+@click.command("plan", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option("--gpu-mem", default="80GB", show_default=True, metavar="SIZE",
+              help="Memory of the GPU to fit in (80GB, 24GiB, ...).")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "sgd"]), default="adamw",
+              show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Training dtype (default: the config's).")
+def plan(model_dir: str, gpu_mem: str, batch: int, seq: int, optimizer: str,
+         dtype: str | None) -> None:
+    """Estimate the peak memory of full fine-tuning MODEL_DIR, by category and method.
+
+    Reads only config.json (no weights), so it answers for checkpoints of any size. For
+    plain fine-tuning, gradient checkpointing, the reversible stack and the reversible
+    stack with the lean loss head, each with an ordinary optimizer and with the optimizer
+    fused into the backward, it prints parameters, gradients, optimizer states,
+    activations and loss head at the step's peak, and whether it fits in --gpu-mem.
+    Estimates, not measurements: see docs/benchmarks.md for how close they come.
+
+    \b
+    Example:
+      revffn plan examples/tiny-mixtral --gpu-mem 24GiB --batch 4 --seq 2048
+    """
+    from revffn_fx.loading import load_config
+    from revffn_fx.planner import memory_plan, parse_bytes
+
+    try:
+        budget = parse_bytes(gpu_mem)
+    except ValueError as e:
+        raise RevFFNError(str(e)) from None
+    config = load_config(model_dir)
+    rows = memory_plan(config, batch, seq, optimizer, dtype)
+    big = max(r.total for r in rows) >= 2**30
+    unit, scale = ("GiB", 2**30) if big else ("MiB", 2**20)
+    table = Table(title=f"{model_dir}: batch {batch} x seq {seq}, {optimizer}, "
+                        f"{unit} at the step's peak")
+    for col in ("method", "optimizer", "params", "grads", "optim. states", "activations",
+                "loss head", "total", f"fits {gpu_mem}"):
+        table.add_column(col, justify="left" if col in ("method", "optimizer") else "right")
+    for r in rows:
+        table.add_row(r.method, "fused" if r.fused else "ordinary",
+                      *(f"{v / scale:.2f}" for v in (r.parameters, r.gradients, r.optimizer,
+                                                   r.activations, r.loss_head, r.total)),
+                      "yes" if r.total <= budget else "no")
+    _console().print(table)
+
+
+
 @click.group("revffn", cls=Group, context_settings=_CONTEXT, epilog=_EXIT_HELP)
 @click.version_option(__version__, "-V", "--version", prog_name="revffn")
 def main() -> None:
@@ -405,6 +457,7 @@ main.add_command(transform)
 main.add_command(inspect)
 main.add_command(verify)
 main.add_command(diff_command)
+main.add_command(plan)
 main.add_command(bench_command)
 
 #: ``revffn-transform``: the transform command on its own.

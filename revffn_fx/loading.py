@@ -72,6 +72,17 @@ def load_model(model_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | 
     return model.eval()
 
 
+def load_config(model_dir: str | os.PathLike[str]) -> Any:
+    """The config of a local model directory, without touching its weights."""
+    config_path, model_type = _check_config(Path(model_dir))
+    raw = json.loads(config_path.read_text())
+    try:
+        with _quiet():
+            return CONFIG_MAPPING[model_type].from_dict(raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise LoadError(f"{config_path}: invalid config: {e}") from e
+
+
 def _check_config(path: Path) -> tuple[Path, str]:
     """The path of a readable config.json, and its ``model_type`` (known to transformers)."""
     if not path.exists():

@@ -102,3 +102,45 @@ def peak_live_bytes(fn: Callable[[], Any], baseline: list[torch.Tensor] | None =
     with tracker:
         out = fn()
     return base + tracker.peak, out
+
+
+class _Breakdown(_LiveTracker):
+    """Also sums the gradients alive each time a new peak is reached."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.params = params
+        self.grads_at_peak = 0
+
+    def track(self, t: torch.Tensor) -> None:
+        before = self.peak
+        super().track(t)
+        if self.peak > before:
+            self.grads_at_peak = storage_bytes(p.grad for p in self.params)
+
+
+def storage_bytes(tensors: Any) -> int:
+    """Bytes of the unique storages behind ``tensors`` (None entries skipped)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            seen[_storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def step_breakdown(step: Callable[[], Any], params: list[torch.Tensor],
+                   optimizer_states: list[torch.Tensor]) -> dict[str, int]:
+    """Peak of one training ``step`` by category, in bytes.
+
+    Run one step before, so the optimizer states exist. Parameters and optimizer states
+    are counted as they are; of what the step allocates, the gradients alive at the peak
+    are "gradients" and the rest "activations" (saved tensors, recomputation, temporaries).
+    """
+    base_params = storage_bytes(params)
+    base_states = storage_bytes(optimizer_states)
+    tracker = _Breakdown(params)
+    with tracker:
+        step()
+    return {"peak": base_params + base_states + tracker.peak, "parameters": base_params,
+            "optimizer": base_states, "gradients": tracker.grads_at_peak,
+            "activations": tracker.peak - tracker.grads_at_peak}

@@ -1,0 +1,88 @@
+"""`revffn plan`: estimated peaks by category against measured training steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from zoo import tiny_model
+
+import revffn_fx as rf
+from revffn_fx import cli
+from revffn_fx.memory import step_breakdown
+from revffn_fx.planner import memory_plan, parse_bytes
+from revffn_fx.training import fuse_optimizer
+
+LABELS = {"checkpoint": "gradient checkpointing", "revffn": "reversible + lean loss head"}
+
+
+def _measure(name: str, method: str, fused: bool, ids: torch.Tensor, **kw: Any) -> int:
+    model = tiny_model(name, **kw).train()
+    if method == "checkpoint":
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        run: Any = model
+    else:
+        run = rf.transform(model).train()
+    params = [p for p in run.parameters() if p.requires_grad]
+    if fused:
+        opt: Any = fuse_optimizer(run, torch.optim.AdamW, lr=1e-5)
+        states = lambda: [t for o in opt.optimizers.values()  # noqa: E731
+                          for s in o.state.values() for t in s.values()]
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        states = lambda: [t for s in opt.state.values() for t in s.values()]  # noqa: E731
+
+    def step() -> None:
+        run(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    return step_breakdown(step, params, states())["peak"]
+
+
+CONFIGS = [("mixtral", dict(num_hidden_layers=4, vocab_size=512)),
+           ("qwen2_moe", dict(num_hidden_layers=3, vocab_size=512)),
+           ("olmoe", dict(num_hidden_layers=3, vocab_size=512))]
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS)
+def test_plan_within_15_percent_of_measured_peaks(name: str, kw: dict) -> None:
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(name, **kw)
+    rows = {(r.method, r.fused): r.total for r in memory_plan(model.config, 2, 64)}
+    for method in ("checkpoint", "revffn"):
+        for fused in (False, True):
+            measured = _measure(name, method, fused, ids, **kw)
+            estimated = rows[(LABELS[method], fused)]
+            assert abs(estimated - measured) <= 0.15 * measured, (method, fused, estimated,
+                                                                  measured)
+
+
+def test_fused_reversible_has_the_lowest_planned_peak_at_scale(tmp_path: Any) -> None:
+    from transformers import Qwen2MoeConfig
+
+    cfg = Qwen2MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                         num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                         num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                         shared_expert_intermediate_size=5632, decoder_sparse_step=1,
+                         tie_word_embeddings=False, dtype="bfloat16")
+    rows = memory_plan(cfg, 8, 4096)
+    best = min(rows, key=lambda r: r.total)
+    assert best.method == "reversible + lean loss head" and best.fused
+    cfg.save_pretrained(tmp_path)
+    res = CliRunner().invoke(cli.main, ["plan", str(tmp_path), "--gpu-mem", "80GB"])
+    assert res.exit_code == 0, res.output
+    assert "reversible + lean" in res.output and "GiB" in res.output
+
+
+def test_plan_bad_input() -> None:
+    res = CliRunner().invoke(cli.main, ["plan", "/nonexistent/dir"])
+    assert res.exit_code == 2
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny-mixtral"
+    res = CliRunner().invoke(cli.main, ["plan", str(example), "--gpu-mem", "lots"])
+    assert res.exit_code == 2
+    assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("80GB") == 80 * 10**9
