@@ -1,0 +1,50 @@
+"""Held-out loss of the pretrained example model before and after the transform, before
+any fine-tuning, for each coupling and revffn adapter initialisation.
+
+    python benchmarks/initial_loss.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+import revffn_fx as rf
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "tiny-moe-stdlib"
+
+
+def _pretrain_module():  # examples/ is not a package
+    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "examples" /
+                                                  "pretrain_tiny_moe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    pre = _pretrain_module()
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    _, held_out = pre.split_files(pre.stdlib_files())
+    ids = pre.encode(tok, pre.read_texts(held_out, 2_000_000))
+    model = rf.load_model(MODEL, experts_implementation="eager")
+    print(f"original: {pre.eval_loss(model, ids, seq=128):.3f}")
+    for coupling, init in (("revffn", "[I; 0] (default)"), ("revffn", "[I; I]"),
+                           ("revnet", "-")):
+        rev = rf.transform(model, coupling=coupling)
+        if init == "[I; I]":
+            with torch.no_grad():
+                for mods in rev.adapters.values():
+                    for key in ("F_up", "G_up"):
+                        half = mods[key].weight.shape[1]
+                        mods[key].weight[half:].copy_(torch.eye(half))
+        print(f"{coupling}, up-adapters {init}: {pre.eval_loss(rev, ids, seq=128):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Fine-tuning quality: reversible couplings against plain full fine-tuning.
+
+From the same pretrained model (``examples/tiny-moe-stdlib``), on the same task data
+(``examples/data``), with the same steps, batch, seed and learning-rate schedule (cosine,
+5% warm-up), fine-tune
+
+- ``full``:    the original model, plain full fine-tuning;
+- ``revffn2``: the revffn coupling with the two-stage recipe (adapters warm-up, then all);
+- ``revnet``:  the revnet coupling (no new parameters), full fine-tuning;
+
+and variants (``--runs``, see ``RUNS``). Reports eval-loss curves (completion tokens) and
+exact-match accuracy of greedy answers on the eval split:
+
+    python benchmarks/quality.py --out docs/quality.json --plot docs/quality.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from revffn_fx.training.two_stage import TwoStageCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _finetune_module() -> Any:
+    spec = importlib.util.spec_from_file_location("finetune", ROOT / "examples" / "finetune.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["finetune"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ft = _finetune_module()
+
+
+@dataclass
+class Run:
+    """One fine-tuning configuration."""
+
+    coupling: str
+    warmup_steps: int = 0  # two-stage warm-up (0: plain full fine-tuning)
+    warmup_lr: float | None = None  # stage-1 lr (default: the common lr)
+    train_norms: bool = False
+    adapter_init: str = "copy"  # "copy" (up = [I; I]) or "pad" (up = [I; 0], now the default)
+    note: str = ""
+
+
+RUNS: dict[str, Run] = {
+    "full": Run("none", note="original model, plain full fine-tuning"),
+    "revffn2": Run("revffn", warmup_steps=50, warmup_lr=3e-3,
+                   note="revffn, two-stage: 50 adapter-only steps at lr 3e-3, then all"),
+    "revnet": Run("revnet", note="revnet, full fine-tuning"),
+    "revffn": Run("revffn", note="revffn, full fine-tuning from step 0 (no warm-up)"),
+    "revffn2-lr1": Run("revffn", warmup_steps=50, note="revffn, two-stage, warm-up at common lr"),
+    "revffn2-w100": Run("revffn", warmup_steps=100, warmup_lr=3e-3,
+                        note="revffn, two-stage, 100 warm-up steps"),
+    "revffn2-norms": Run("revffn", warmup_steps=50, warmup_lr=3e-3, train_norms=True,
+                         note="revffn, two-stage, norms trained in the warm-up too"),
+    "revffn2-pad": Run("revffn", warmup_steps=50, warmup_lr=3e-3, adapter_init="pad",
+                       note="revffn, two-stage, up-adapters zero-padded instead of copied"),
+    "revffn-pad": Run("revffn", adapter_init="pad",
+                      note="revffn, no warm-up, up-adapters zero-padded instead of copied"),
+}
+
+
+@dataclass
+class Result:
+    name: str
+    run: dict[str, Any]
+    eval_loss: float
+    exact_match: float
+    start_eval_loss: float
+    train_seconds: float
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _reinit_adapters(model: torch.nn.Module, how: str) -> None:
+    """Set the up-adapters explicitly, whatever make_adapters' default is."""
+    if how not in ("copy", "pad"):
+        raise ValueError(f"unknown adapter init {how!r}")
+    with torch.no_grad():
+        for mods in model.adapters.values():
+            for key in ("F_up", "G_up"):
+                w = mods[key].weight  # (d, d/2)
+                half = w.shape[1]
+                w.zero_()
+                w[:half].copy_(torch.eye(half))
+                if how == "copy":
+                    w[half:].copy_(torch.eye(half))
+
+
+def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str]],
+            eval_rows: list[dict[str, str]], steps: int, lr: float, batch: int,
+            eval_steps: int, out_dir: Path) -> Result:
+    """Fine-tune one configuration from the pretrained model; measure it."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = ft.load_for_finetune(model_dir, run.coupling)
+    if run.coupling == "revffn":
+        _reinit_adapters(model, run.adapter_init)
+    args = ft.training_args(out_dir / name, steps, lr, batch, eval_steps, seed=0,
+                            eval_on_start=True, disable_tqdm=True)
+    cb = (TwoStageCallback(warmup_steps=run.warmup_steps, warmup_lr=run.warmup_lr,
+                           train_norms=run.train_norms) if run.warmup_steps else None)
+    t0 = time.time()
+    _, history = ft.finetune(model, tok, train_rows, eval_rows, args, cb)
+    seconds = time.time() - t0
+    curve = [(r["step"], r["eval_loss"]) for r in history.records if "eval_loss" in r]
+    em = ft.exact_match(model, tok, eval_rows)
+    res = Result(name, asdict(run), curve[-1][1], em, curve[0][1], round(seconds, 1), curve)
+    print(f"{name:14s} eval loss {res.eval_loss:.4f} (start {res.start_eval_loss:.3f})  "
+          f"exact match {em:5.1f}%  {seconds:.0f}s", flush=True)
+    return res
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in results:
+        steps, losses = zip(*r.curve)
+        ax.plot(steps, losses, marker=".", label=f"{r.name} (EM {r.exact_match:.1f}%)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("eval loss (answer tokens)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Fine-tuning tiny-moe-stdlib on arithmetic word problems")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ft.DEFAULT_MODEL)
+    parser.add_argument("--data", type=Path, default=ft.DEFAULT_DATA)
+    parser.add_argument("--runs", default="full,revffn2,revnet",
+                        help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--eval-steps", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    parser.add_argument("--plot", type=Path, default=None, help="write the loss plot here")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/revffn-quality"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    train_rows = ft.read_jsonl(args.data / "train.jsonl")
+    eval_rows = ft.read_jsonl(args.data / "eval.jsonl")
+    results = [run_one(n, RUNS[n], args.model, train_rows, eval_rows, args.steps, args.lr,
+                       args.batch, args.eval_steps, args.work_dir)
+               for n in args.runs.split(",")]
+    base = next((r for r in results if r.name == "full"), None)
+    print("\n| run | final eval loss | vs full | exact match | vs full | time |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        dl = f"{100 * (r.eval_loss / base.eval_loss - 1):+.1f}%" if base else "-"
+        dm = f"{r.exact_match - base.exact_match:+.1f}" if base else "-"
+        print(f"| {r.name} | {r.eval_loss:.4f} | {dl} | {r.exact_match:.1f}% | {dm} | "
+              f"{r.train_seconds:.0f}s |")
+    meta = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "threads": args.threads,
+            "eval_problems": len(eval_rows), "train_problems": len(train_rows),
+            "torch": torch.__version__, "command": " ".join(sys.argv)}
+    if args.out:
+        old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        runs = {**old.get("runs", {}), **{r.name: asdict(r) for r in results}}
+        args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
