@@ -140,6 +140,8 @@ class Measurement:
     param_bytes: int | None = None
     step_s: float | None = None
     step_times: list[float] = field(default_factory=list)
+    cpu_s: float | None = None
+    cpu_times: list[float] = field(default_factory=list)
     tokens_per_s: float | None = None
     cuda_max_allocated: int | None = None
     loss: float | None = None
@@ -189,6 +191,7 @@ class BenchResult:
         cells = [str(r.depth), r.method, mib(r.saved_bytes), x("saved"), mib(r.peak_bytes),
                  x("peak"), mib(r.peak_fused_bytes), x("peak_fused"),
                  "-" if r.step_s is None else f"{r.step_s:.3f}", x("time"),
+                 "-" if r.cpu_s is None else f"{r.cpu_s:.3f}", x("cpu"),
                  "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"]
         if self.device.startswith("cuda"):
             cells.append(mib(r.cuda_max_allocated))
@@ -196,7 +199,8 @@ class BenchResult:
 
     def _headers(self) -> list[str]:
         heads = ["layers", "method", "saved MiB", "saved/ckpt", "peak MiB", "peak/ckpt",
-                 "peak, grads freed MiB", "/ckpt", "step s (median)", "time/ckpt", "tokens/s"]
+                 "peak, grads freed MiB", "/ckpt", "step s (median)", "time/ckpt", "CPU s",
+                 "CPU/ckpt", "tokens/s"]
         if self.device.startswith("cuda"):
             heads.append("cuda max alloc MiB")
         return heads
@@ -247,6 +251,8 @@ class BenchResult:
                     ax.plot(*zip(*pts), marker="o", label=m)
             ax.set_xlabel("decoder layers")
             ax.set_ylabel(label)
+            if key == "saved_bytes":
+                ax.set_yscale("log")  # none is 10-100x the others
             ax.set_xscale("log", base=2)
             ax.set_xticks(self.depths, [str(d) for d in self.depths])
             ax.grid(alpha=0.3)
@@ -401,12 +407,16 @@ def run_bench(factory: Callable[[int], nn.Module] | str | os.PathLike[str],
               depths: Sequence[int] = (4, 8, 16, 32), batch: int = 4, seq: int = 256,
               methods: Sequence[str] = METHODS, repeats: int = 5, warmup: int = 1,
               progress: ProgressFn | None = None, device: str = "cpu",
-              dtype: torch.dtype | str | None = None, seed: int = 0) -> BenchResult:
+              dtype: torch.dtype | str | None = None, seed: int = 0,
+              memory: bool = True) -> BenchResult:
     """Measure a training step per (depth, method); see the module docstring.
 
     ``factory``: ``depth -> model`` (e.g. :func:`synthetic_factory`), or a local model
     directory (loaded with :func:`revffn_fx.loading.load_model`; ``depths`` is then the
     model's own layer count). ``progress(done, total, what)`` is called as cells finish.
+    ``memory=False`` skips the memory probes (a timing-only run). Times: ``step_s`` is wall
+    time, ``cpu_s`` the process CPU time of the step (robust to a loaded machine when
+    running on one thread; with several threads it counts every thread).
     A method that fails on a model (e.g. a layer that cannot be converted, out of memory)
     gets a row with ``error`` set instead of figures; RevFFNError when all of them fail.
     """
@@ -466,7 +476,8 @@ def run_bench(factory: Callable[[int], nn.Module] | str | os.PathLike[str],
                     for _ in range(warmup):
                         runner.zero()
                         runner.step(ids)
-                _measure_memory(runner, ids, row, dev)
+                if memory:
+                    _measure_memory(runner, ids, row, dev)
                 status = getattr(runner.module, "loss_head_status", None)
                 if status is not None:
                     row.note = f"loss head: {status}"
@@ -490,20 +501,23 @@ def run_bench(factory: Callable[[int], nn.Module] | str | os.PathLike[str],
                     runner.zero()
                     gc.collect()
                     _sync(dev)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     runner.step(ids)
                     _sync(dev)
                     cells[m].step_times.append(time.perf_counter() - t0)
+                    cells[m].cpu_times.append(time.process_time() - c0)
                 runner.zero()
         for m in runners:
             row = cells[m]
             row.step_s = statistics.median(row.step_times)
+            row.cpu_s = statistics.median(row.cpu_times)
             row.tokens_per_s = batch * seq / row.step_s
         ref = cells.get("checkpoint")
         for row in cells.values():
             row.ratio = {k: _ratio(getattr(row, a), getattr(ref, a) if ref else None)
                          for k, a in (("saved", "saved_bytes"), ("peak", "peak_bytes"),
-                                      ("peak_fused", "peak_fused_bytes"), ("time", "step_s"))}
+                                      ("peak_fused", "peak_fused_bytes"), ("time", "step_s"),
+                                      ("cpu", "cpu_s"))}
         del runners, model
         gc.collect()
     if all(r.error for r in rows):
@@ -569,11 +583,14 @@ def _parse_depths(spec: str) -> list[int]:
 @click.option("--dtype", default="float32", show_default=True,
               help="Synthetic models' dtype (MODEL_DIR keeps its own unless given).")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Run the memory probes (--no-memory: a timing-only run).")
 @click.option("--json", "json_path", type=click.Path(path_type=str), help="Write JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=str), help="Write a PNG here.")
 def bench_command(model_dir: str | None, synthetic: str | None, layers: str, batch: int,
                   seq: int, repeats: int, warmup: int, methods: str, device: str, dtype: str,
-                  threads: int | None, json_path: str | None, plot_path: str | None) -> None:
+                  threads: int | None, memory: bool, json_path: str | None,
+                  plot_path: str | None) -> None:
     """Measure a training step: no checkpointing, activation checkpointing, revffn, revnet.
 
     Give MODEL_DIR (a local Hugging Face model directory) or --synthetic NAME. For each
@@ -610,11 +627,11 @@ def bench_command(model_dir: str | None, synthetic: str | None, layers: str, bat
             result = run_bench(source, depths, batch, seq, wanted, repeats, warmup,
                                lambda d, t, w: bar.update(task, completed=d, total=t,
                                                           description=w),
-                               device=device,
+                               device=device, memory=memory,
                                dtype=dtype if synthetic is None and dtype != "float32" else None)
     else:
         result = run_bench(source, depths, batch, seq, wanted, repeats, warmup, None,
-                           device=device,
+                           device=device, memory=memory,
                            dtype=dtype if synthetic is None and dtype != "float32" else None)
     Console(width=None if sys.stdout.isatty() else 160, highlight=False).print(result.table())
     if json_path:

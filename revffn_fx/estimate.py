@@ -20,12 +20,14 @@ dtype): that is the 8 MiB constant of the reference config. RevModel's chunked h
 logits, the gradients it computed in forward: ``T*d*e`` for the hidden states and ``V*d*e``
 for the head weight.
 
-Accuracy, checked against the probe (tests/test_memory.py, docs/benchmarks.md):
-checkpoint / revffn / revnet within a few percent (the constants dominate and are exact
-tensor sizes); ``none`` within about 5% on Mixtral-like and Qwen2-MoE-like layers, looser
-(about 15-25%) on DeepSeek-V3's MLA attention, whose intermediate tensors are modelled
-coarsely. :func:`estimate` also gives the activation part of a step's peak, a coarser model
-(see :attr:`Estimate.peak_activation_bytes`).
+Accuracy against the probe (tests/test_bench.py, docs/benchmarks.md): checkpoint / revffn /
+revnet within 4% (exact tensor sizes; the error is small int tensors); ``none`` too within
+1% on the Mixtral-like and Qwen2-MoE-like configs (batch 2 x 64 and 4 x 256 tokens) and
+1.4% on the DeepSeek-V3-like one (2 layers, 2 x 64 tokens), whose MLA attention is modelled
+coarsely: expect ``none`` to drift on attention variants not listed here (sliding window,
+linear attention, eager attention's B*h*S*S probabilities). :func:`estimate` also gives the
+activation part of a step's peak (:attr:`Estimate.peak_activation_bytes`), a coarser model:
+within 3% at 4 x 256 tokens, up to 15% high at 2 x 64 where the activations are a small part.
 """
 
 from __future__ import annotations

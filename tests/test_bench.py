@@ -16,7 +16,7 @@ from revffn_fx.bench import METHODS, bench_command, build, synthetic_config
 from revffn_fx.estimate import estimate, estimate_saved_bytes
 from revffn_fx.memory import saved_tensor_bytes
 
-FIELDS = ("saved_bytes", "peak_bytes", "peak_fused_bytes", "param_bytes", "step_s",
+FIELDS = ("saved_bytes", "peak_bytes", "peak_fused_bytes", "param_bytes", "step_s", "cpu_s",
           "tokens_per_s", "ratio")
 
 
@@ -58,7 +58,7 @@ def test_bench_tiny_writes_json_and_png(tmp_path: Path) -> None:
         for f in FIELDS:
             assert row[f] is not None, (f, row)
         assert row["saved_bytes"] > 0 and row["peak_bytes"] > row["param_bytes"]
-        assert set(row["ratio"]) == {"saved", "peak", "peak_fused", "time"}
+        assert set(row["ratio"]) == {"saved", "peak", "peak_fused", "time", "cpu"}
     for d in (1, 2):
         assert cells[(d, "checkpoint")]["ratio"]["saved"] == 1.0
         # the same model, the same inputs: checkpointing changes memory, not the loss
