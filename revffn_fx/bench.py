@@ -5,7 +5,9 @@ training step on it (forward, causal-LM loss, backward; train mode; fixed inputs
 
 - ``none``: plain autograd, every activation kept;
 - ``checkpoint``: transformers' activation checkpointing (non-reentrant);
-- ``revffn`` / ``revnet``: :func:`revffn_fx.transform` with that coupling.
+- ``revffn`` / ``revnet``: :func:`revffn_fx.transform` with that coupling;
+- ``revffn-cross``: revffn with the paper's cross-branch attention (fixed-point inverse);
+  not in the default set, ask for it with ``--methods``.
 
 Per (depth, method) it measures the bytes saved for backward and the peak of live tensor
 bytes during the step (:mod:`revffn_fx.memory`, exact and machine-independent; parameters
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 METHODS: tuple[str, ...] = ("none", "checkpoint", "revffn", "revnet")
+EXTRA_METHODS: tuple[str, ...] = ("revffn-cross",)
 MiB = 2 ** 20
 ProgressFn = Callable[[int, int, str], None]
 
@@ -315,7 +318,10 @@ class _Runner:
         else:
             import revffn_fx as rf
 
-            self.module = rf.transform(model, coupling=method).train()
+            if method == "revffn-cross":
+                self.module = rf.transform(model, coupling="revffn", attention="cross").train()
+            else:
+                self.module = rf.transform(model, coupling=method).train()
         seen: dict[int, Any] = {}
         for p in self.module.parameters():
             seen.setdefault(id(p), p)
@@ -359,17 +365,25 @@ def _sync(device: Any) -> None:
 
 
 @contextmanager
-def _grads_freed_on_arrival(params: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Drop each gradient as soon as it is accumulated (an optimizer fused into backward)."""
+def _grads_freed_on_arrival(params: Sequence[torch.Tensor],
+                            module: Any = None) -> Iterator[None]:
+    """Drop each gradient as soon as it is complete (an optimizer fused into backward):
+    from the accumulate hooks, and from inside reversible stacks through their gradient
+    sink, as :func:`revffn_fx.training.fuse_optimizer` does."""
     def drop(p: torch.Tensor) -> None:
         p.grad = None
 
     handles = [p.register_post_accumulate_grad_hook(drop) for p in params if p.requires_grad]
+    options = getattr(module, "options", None)
+    if options is not None:
+        options.grad_sink = lambda p, g: None
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        if options is not None:
+            options.grad_sink = None
 
 
 def _measure_memory(runner: _Runner, ids: torch.Tensor, row: Measurement,
@@ -389,7 +403,7 @@ def _measure_memory(runner: _Runner, ids: torch.Tensor, row: Measurement,
         gc.collect()
         row.peak_bytes = peak_live_bytes(lambda: runner.step(ids), baseline=runner.params)[0]
         runner.zero()
-        with _grads_freed_on_arrival(runner.params):
+        with _grads_freed_on_arrival(runner.params, runner.module):
             row.peak_fused_bytes = peak_live_bytes(lambda: runner.step(ids),
                                                    baseline=runner.params)[0]
         runner.zero()
@@ -422,9 +436,10 @@ def run_bench(factory: Callable[[int], nn.Module] | str | os.PathLike[str],
     """
     import torch
 
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS + EXTRA_METHODS]
     if unknown:
-        raise RevFFNError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        raise RevFFNError(f"unknown method {unknown[0]!r}; choose from "
+                          f"{', '.join(METHODS + EXTRA_METHODS)}")
     if not methods:
         raise RevFFNError("no method to run")
     if batch < 1 or seq < 2 or repeats < 1 or warmup < 0:

@@ -574,6 +574,19 @@ class RevFFNForCausalLM:
 
 # ------------------------------------------------------------------------------ transform_dir
 
+def _activation_estimate(config: Any, coupling: str, batch: int = 8,
+                         seq: int = 2048) -> tuple[int, int, int, int] | None:
+    """Saved-for-backward bytes without checkpointing and with ``coupling``, or None when
+    the config lacks what the estimator reads."""
+    from .estimate import estimate_saved_bytes
+
+    try:
+        return (batch, seq, estimate_saved_bytes(config, batch, seq, "none"),
+                estimate_saved_bytes(config, batch, seq, coupling))
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+
+
 @dataclass
 class TransformSummary:
     """What :func:`transform_dir` found and did."""
@@ -596,6 +609,8 @@ class TransformSummary:
     dry_run: bool = False
     seconds: float = 0.0
     rev: RevModel | None = field(default=None, repr=False)  # the transformed model, on meta
+    # estimated bytes saved for backward, (batch, seq, before, after), from the config
+    activation_estimate: tuple[int, int, int, int] | None = None
 
     def lines(self) -> list[str]:
         """The human-readable report, one line each."""
@@ -609,6 +624,11 @@ class TransformSummary:
         pct = 100 * self.params_added / max(self.params_before, 1)
         out.append(f"parameters added: {self.params_added:,} ({pct:.2f}%)"
                    + (" (revffn adapters)" if self.params_added else ""))
+        if self.activation_estimate is not None:
+            b, s, before, after = self.activation_estimate
+            out.append(f"activations kept for backward at batch {b} x seq {s} (estimate): "
+                       f"{before / 2**30:,.2f} GiB -> {after / 2**30:,.2f} GiB "
+                       "(see `revffn plan` for the whole step)")
         if self.verify is not None:
             out.append(f"verify: {self.verify.summary()}")
         if self.dry_run:
@@ -758,7 +778,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     summary = TransformSummary(
         str(src), str(out), model_type, rev.coupling, n, list(rev.converted), refused,
         not_selected, params_before, sum(v.numel() for v in adapters.values()),
-        str(next(model.parameters()).dtype).replace("torch.", ""), dry_run=dry_run, rev=rev)
+        str(next(model.parameters()).dtype).replace("torch.", ""), dry_run=dry_run, rev=rev,
+        activation_estimate=_activation_estimate(model.config, rev.coupling))
     if dry_run:
         summary.seconds = time.perf_counter() - start
         return summary
