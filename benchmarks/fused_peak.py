@@ -19,48 +19,23 @@ import time
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig
 
 import revffn_fx as rf
-from revffn_fx.memory import step_breakdown
-from revffn_fx.training import fuse_optimizer
+from revffn_fx.bench import build
+from revffn_fx.memory import adamw_step_peak
 
 MiB = 2**20
 
 
-def mixtral_like(depth: int) -> torch.nn.Module:
-    cfg = MixtralConfig(vocab_size=1024, hidden_size=256, intermediate_size=512,
-                        num_hidden_layers=depth, num_attention_heads=8, num_key_value_heads=4,
-                        head_dim=32, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=512, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).train()
-
-
-def measure(depth: int, method: str, fused: bool, ids: torch.Tensor) -> dict[str, float]:
-    model = mixtral_like(depth)
+def measure(depth: int, method: str, fused: bool, ids: torch.Tensor) -> dict[str, Any]:
+    model = build("mixtral-like", depth)
     if method == "checkpoint":
         model.activation_checkpointing_enable({"use_reentrant": False})
-        run = model
+        run: torch.nn.Module = model
     else:
         run = rf.transform(model, coupling=method).train()
-    params = [p for p in run.parameters() if p.requires_grad]
-    if fused:
-        opt: Any = fuse_optimizer(run, torch.optim.AdamW, lr=1e-5)
-        states = lambda: [t for o in opt.optimizers.values()  # noqa: E731
-                          for s in o.state.values() for t in s.values()]
-    else:
-        opt = torch.optim.AdamW(params, lr=1e-5)
-        states = lambda: [t for s in opt.state.values() for t in s.values()]  # noqa: E731
-
-    def step() -> None:
-        run(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # creates the optimizer states
     start = time.perf_counter()
-    b = step_breakdown(step, params, states())
+    b = adamw_step_peak(run, ids, fused)
     seconds = time.perf_counter() - start
     return {"depth": depth, "method": method, "fused": fused, "peak_MiB": b["peak"] / MiB,
             "params_MiB": b["parameters"] / MiB, "optimizer_MiB": b["optimizer"] / MiB,

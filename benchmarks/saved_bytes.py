@@ -6,21 +6,12 @@ Reproduces the table in docs/architecture.md:  python benchmarks/saved_bytes.py
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig
 
 import revffn_fx as rf
+from revffn_fx.bench import build
 from revffn_fx.memory import saved_tensor_bytes
 
 MiB = 2**20
-
-
-def mixtral_like(depth: int) -> torch.nn.Module:
-    cfg = MixtralConfig(vocab_size=1024, hidden_size=256, intermediate_size=512,
-                        num_hidden_layers=depth, num_attention_heads=8, num_key_value_heads=4,
-                        head_dim=32, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=512, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).train()
 
 
 def main() -> None:
@@ -28,7 +19,7 @@ def main() -> None:
     ids = torch.randint(0, 1024, (4, 256), generator=torch.Generator().manual_seed(0))
     print("depth | none | checkpoint | revffn | revffn+chunked | revnet | revnet+chunked (MiB)")
     for depth in (4, 16):
-        model = mixtral_like(depth)
+        model = build("mixtral-like", depth)
         row = {"none": saved_tensor_bytes(lambda m=model: m(ids, labels=ids).loss)[0]}
         for coupling in ("revffn", "revnet"):
             for head in ("original", "chunked"):

@@ -144,3 +144,31 @@ def step_breakdown(step: Callable[[], Any], params: list[torch.Tensor],
     return {"peak": base_params + base_states + tracker.peak, "parameters": base_params,
             "optimizer": base_states, "gradients": tracker.grads_at_peak,
             "activations": tracker.peak - tracker.grads_at_peak}
+
+
+def adamw_step_peak(model: torch.nn.Module, input_ids: torch.Tensor, fused: bool = False,
+                    lr: float = 1e-5) -> dict[str, int]:
+    """:func:`step_breakdown` of a causal-LM training step with AdamW, ordinary or fused
+    into the backward. A first step creates the optimizer states; the second is measured."""
+    from .training.fused import fuse_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if fused:
+        opt: Any = fuse_optimizer(model, torch.optim.AdamW, lr=lr)
+        opts = list(opt.optimizers.values())
+    else:
+        opt = torch.optim.AdamW(params, lr=lr)
+        opts = [opt]
+
+    def step() -> None:
+        model(input_ids, labels=input_ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        step()
+        states = [t for o in opts for s in o.state.values() for t in s.values()]
+        return step_breakdown(step, params, states)
+    finally:
+        if fused:
+            opt.remove()

@@ -12,9 +12,8 @@ from zoo import tiny_model
 
 import revffn_fx as rf
 from revffn_fx import cli
-from revffn_fx.memory import step_breakdown
+from revffn_fx.memory import adamw_step_peak
 from revffn_fx.planner import memory_plan, parse_bytes
-from revffn_fx.training import fuse_optimizer
 
 LABELS = {"checkpoint": "gradient checkpointing", "revffn": "reversible + lean loss head"}
 
@@ -26,22 +25,7 @@ def _measure(name: str, method: str, fused: bool, ids: torch.Tensor, **kw: Any) 
         run: Any = model
     else:
         run = rf.transform(model).train()
-    params = [p for p in run.parameters() if p.requires_grad]
-    if fused:
-        opt: Any = fuse_optimizer(run, torch.optim.AdamW, lr=1e-5)
-        states = lambda: [t for o in opt.optimizers.values()  # noqa: E731
-                          for s in o.state.values() for t in s.values()]
-    else:
-        opt = torch.optim.AdamW(params, lr=1e-5)
-        states = lambda: [t for s in opt.state.values() for t in s.values()]  # noqa: E731
-
-    def step() -> None:
-        run(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    return step_breakdown(step, params, states())["peak"]
+    return adamw_step_peak(run, ids, fused)["peak"]
 
 
 CONFIGS = [("mixtral", dict(num_hidden_layers=4, vocab_size=512)),

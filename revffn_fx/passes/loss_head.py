@@ -49,23 +49,15 @@ class HeadMatch:
     ignore_index: int
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
+def _closure(node: fx.Node, up: bool) -> set[fx.Node]:
+    """Ancestors (``up``, node included) or descendants (node excluded) of ``node``."""
+    seen, todo = ({node}, [node]) if up else (set(), [node])
     while todo:
-        for u in todo.pop().users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = {node}, [node]
-    while todo:
-        for i in todo.pop().all_input_nodes:
-            if i not in seen:
-                seen.add(i)
-                todo.append(i)
+        n = todo.pop()
+        for m in (n.all_input_nodes if up else n.users):
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
     return seen
 
 
@@ -78,7 +70,7 @@ def find_head(gm: fx.GraphModule, lm_head_target: str) -> HeadMatch | str:
     mod = gm.get_submodule(lm_head_target)
     if not isinstance(getattr(mod, "weight", None), nn.Parameter):
         return f"output embedding {type(mod).__name__} has no weight parameter"
-    below = _descendants(lm)
+    below = _closure(lm, up=False)
     ces = [n for n in below if n.op == "call_function" and n.target is F.cross_entropy]
     if len(ces) != 1:
         return f"expected one cross-entropy fed by {lm_head_target}, found {len(ces)}"
@@ -89,7 +81,7 @@ def find_head(gm: fx.GraphModule, lm_head_target: str) -> HeadMatch | str:
         return "cross-entropy with class weights or label smoothing is not supported"
     if kw.get("reduction", "mean") != "mean":
         return f"cross-entropy reduction {kw.get('reduction')!r} is not supported"
-    between = sorted(below & _ancestors(source), key=lambda n: list(gm.graph.nodes).index(n))
+    between = sorted(below & _closure(source, up=True), key=lambda n: list(gm.graph.nodes).index(n))
     for n in between:
         if any(i is not lm and i not in between for i in n.all_input_nodes):
             return f"the logit transform node {n.name} reads values other than the logits"
