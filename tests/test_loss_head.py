@@ -136,3 +136,30 @@ def test_head_activation_memory_drops_fourfold() -> None:
     logits_bytes = 2 * 256 * 4096 * 4
     assert saved["original"] >= logits_bytes, saved
     assert saved["chunked"] <= 0.25 * saved["original"], saved
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, _, labels = _batch(seq=12)
+        return {"input_ids": ids[i % 2], "labels": labels[i % 2]}
+
+
+def test_trainer_gradient_accumulation_same_curve(tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    curves = {}
+    for head in ("original", "chunked"):
+        torch.manual_seed(0)
+        rev = rf.transform(tiny_model("mixtral"), loss_head=head)
+        args = TrainingArguments(output_dir=str(tmp_path / head), max_steps=4,
+                                 per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                 learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                                 report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+        trainer = Trainer(model=rev, args=args, train_dataset=_Rows())
+        trainer.train()
+        curves[head] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(curves["chunked"]) == 4
+    assert curves["chunked"] == pytest.approx(curves["original"], rel=1e-4)
