@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 import revffn_fx as rf
-from revffn_fx.diff import diff
+from revffn_fx.diffs import diff
 
 MODEL_DIR = Path(__file__).resolve().parent / "tiny-mixtral"
 

@@ -5,28 +5,31 @@ The pipeline, one direction: trace -> analyze -> rewrite -> generate backward ->
     import revffn_fx as rf
     rev = rf.transform("path/to/model_dir")          # RevModel
     report = rf.verify(rev, input_ids)                 # generated backward vs autograd
+
+Names are imported on first use (PEP 562), so ``revffn --help`` does not pay for torch and
+transformers.
 """
 
-from . import passes
-from .diff import GraphDiff, diff
-from .errors import (
-    ConversionError,
-    ExportError,
-    FixedPointError,
-    LoadError,
-    RevFFNError,
-    TraceError,
-)
-from .export import TransformSummary, load, transform_dir
-from .ir import LayerGraph, TracedModel, trace
-from .loading import load_model
-from .model import RevModel, transform
-from .passes.analyze import analyze
-from .passes.manager import PassManager, PassRecord
-from .plan import LayerPlan, Plan, Sublayer
-from .verify import VerifyReport, verify
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "ConversionError": ".errors", "ExportError": ".errors", "FixedPointError": ".errors",
+    "LoadError": ".errors", "RevFFNError": ".errors", "TraceError": ".errors",
+    "GraphDiff": ".diffs", "diff": ".diffs",
+    "TransformSummary": ".export", "load": ".export", "transform_dir": ".export",
+    "LayerGraph": ".ir", "TracedModel": ".ir", "trace": ".ir",
+    "load_model": ".loading",
+    "RevModel": ".model", "transform": ".model",
+    "analyze": ".passes.analyze",
+    "PassManager": ".passes.manager", "PassRecord": ".passes.manager",
+    "LayerPlan": ".plan", "Plan": ".plan", "Sublayer": ".plan",
+    "VerifyReport": ".verification", "verify": ".verification",
+}
 
 __all__ = [
     "ConversionError", "ExportError", "FixedPointError", "GraphDiff", "LayerGraph", "LayerPlan",
@@ -34,3 +37,38 @@ __all__ = [
     "TraceError", "TracedModel", "TransformSummary", "VerifyReport", "analyze", "diff", "load",
     "load_model", "passes", "trace", "transform", "transform_dir", "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "passes":
+        return import_module(".passes", __name__)
+    if name in _WHERE:
+        value = getattr(import_module(_WHERE[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from . import passes
+    from .diffs import GraphDiff, diff
+    from .errors import (
+        ConversionError,
+        ExportError,
+        FixedPointError,
+        LoadError,
+        RevFFNError,
+        TraceError,
+    )
+    from .export import TransformSummary, load, transform_dir
+    from .ir import LayerGraph, TracedModel, trace
+    from .loading import load_model
+    from .model import RevModel, transform
+    from .passes.analyze import analyze
+    from .passes.manager import PassManager, PassRecord
+    from .plan import LayerPlan, Plan, Sublayer
+    from .verification import VerifyReport, verify

@@ -368,7 +368,7 @@ def diff_command(model_dir: str, coupling: str, layer: int | None, fmt: str,
       revffn diff examples/tiny-mixtral --format html -o diff.html
       revffn diff examples/tiny-mixtral --per-pass --layer 1
     """
-    from revffn_fx.diff import render_html, transform_diffs
+    from revffn_fx.diffs import render_html, transform_diffs
     from revffn_fx.loading import load_model
     from revffn_fx.model import transform
 

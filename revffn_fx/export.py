@@ -803,8 +803,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
 
 
 def _verify_dir(path: Path, batch: int = 2, seq: int = 16, seed: int = 0) -> Any:
-    """Load ``path`` for real and run :func:`revffn_fx.verify.verify` on random tokens."""
-    from .verify import verify
+    """Load ``path`` for real and run :func:`revffn_fx.verification.verify` on random tokens."""
+    from .verification import verify
 
     rev = load(path)
     vocab = getattr(rev.config, "vocab_size", None) or 128

@@ -1,4 +1,4 @@
-"""Graph diffs (``revffn_fx.diff``): what the transform and user passes change.
+"""Graph diffs (``revffn_fx.diffs``): what the transform and user passes change.
 
 The layer diff of a Mixtral layer must list exactly the residual additions as removed and
 the split / adapter / coupling / merge nodes as added; the model diff must show the decoder
@@ -26,7 +26,7 @@ from torch.fx import traceback as fx_traceback
 from zoo import tiny_model
 
 import revffn_fx as rf
-from revffn_fx.diff import (
+from revffn_fx.diffs import (
     GraphDiff,
     diff,
     render_html,
