@@ -32,8 +32,6 @@ from revffn_fx.errors import ExportError
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny-mixtral"
 BIN = Path(sys.executable).parent
-HAS_EXPORT = (Path(revffn_fx.__file__).parent / "export.py").exists()
-needs_export = pytest.mark.skipif(not HAS_EXPORT, reason="revffn_fx/export.py not written yet")
 
 
 def run(*args: str) -> Any:
@@ -324,7 +322,6 @@ def test_verify_failure_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ------------------------------------------------------------------------- transform (real export)
 
-@needs_export
 def test_transform_then_verify_end_to_end(tmp_path: Path, zoo_dir: Any) -> None:
     out = tmp_path / "rev"
     res = script("revffn-transform", str(zoo_dir("mixtral")), str(out))
@@ -337,7 +334,6 @@ def test_transform_then_verify_end_to_end(tmp_path: Path, zoo_dir: Any) -> None:
     assert res.stdout.rstrip().splitlines()[-1].startswith("OK:")
 
 
-@needs_export
 def test_transform_dry_run_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "rev"
     res = run("transform", str(EXAMPLE), str(out), "--dry-run", "--layers", "0-1")
@@ -346,7 +342,6 @@ def test_transform_dry_run_writes_nothing(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-@needs_export
 def test_transform_out_inside_model_dir_exit_2(tmp_path: Path) -> None:
     model = tmp_path / "model"
     shutil.copytree(EXAMPLE, model)

@@ -1,0 +1,178 @@
+"""Saving a RevModel as a model directory, loading one back, and the ``auto_map`` entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..errors import ExportError, LoadError, RevFFNError
+from ..loading import _check_config, _quiet, load_model
+from ..model import RevModel
+from .checkpoint import (
+    _blob_entries,
+    _checkpoint_entries,
+    _copy_extras,
+    _staging,
+    _write_safetensors,
+    _write_shards,
+)
+from .layout import ADAPTER_FILE, FORMAT_VERSION, _count_params, _section, _write_meta, parse_size
+
+
+def _adapter_tensors(rev: RevModel) -> dict[str, torch.Tensor]:
+    return {f"adapters.{k}": v for k, v in rev.adapters.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------ save and load
+
+def save(rev: RevModel, out_dir: str | os.PathLike[str], *, max_shard_size: int | str = "2GB",
+         safe_serialization: bool = True, is_main_process: bool = True) -> None:
+    """Write ``rev`` (weights as they are now, e.g. after fine-tuning) to ``out_dir``.
+
+    The base weights go through the model's own ``save_pretrained`` (so Hugging Face's key
+    conversions and tied-weight handling apply), into a staging directory, and are then
+    re-sharded with the adapters beside them. An existing ``out_dir`` is updated in place
+    (earlier weight shards are removed); a new one appears atomically.
+    """
+    if not safe_serialization:
+        raise ExportError("revffn-fx writes safetensors only (safe_serialization=False refused)")
+    if not is_main_process:
+        return
+    limit = parse_size(max_shard_size)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    if not hasattr(rev.model, "save_pretrained"):
+        raise ExportError(f"{type(rev.model).__name__} is not a Hugging Face model: only "
+                          "transformers models can be saved as a model directory")
+    adapters = _adapter_tensors(rev)
+    with _staging(out, replace=False) as tmp:
+        base = tmp / ".base"
+        with _quiet():
+            rev.model.save_pretrained(base, max_shard_size="1000GB")
+        _, entries = _checkpoint_entries(base)
+        _write_shards(tmp, entries, limit)
+        if adapters:
+            _write_safetensors(tmp / ADAPTER_FILE, _blob_entries(adapters))
+        config = json.loads((base / "config.json").read_text())
+        dtype = next(rev.model.parameters()).dtype
+        section = _section(rev, {k: list(v.shape) for k, v in adapters.items()}, dtype,
+                           _count_params(rev.model))
+        _write_meta(tmp, config, section)
+        _copy_extras(base, tmp)
+        shutil.rmtree(base)
+
+
+def _read_section(config_path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    section = raw.get("revffn")
+    if section is None:
+        raise LoadError(f"{config_path}: no 'revffn' section: not a revffn-fx model directory "
+                        "(use rf.load_model for a plain Hugging Face model)")
+    if not isinstance(section, dict):
+        raise LoadError(f"{config_path}: the 'revffn' section is not an object")
+    version = section.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise LoadError(f"{config_path}: revffn format_version {version!r} is not supported by "
+                        f"this revffn-fx (reads up to {FORMAT_VERSION}); upgrade revffn-fx")
+    options = section.get("transform")
+    ok = (isinstance(options, dict) and isinstance(options.get("coupling"), str)
+          and isinstance(options.get("layers"), list)
+          and all(isinstance(i, int) for i in options["layers"])
+          and isinstance(options.get("leaf_modules", []), list))
+    adapters = section.get("adapters")
+    ok = ok and (adapters is None or (isinstance(adapters, dict)
+                                      and isinstance(adapters.get("shapes"), dict)))
+    if not ok:
+        raise LoadError(f"{config_path}: the 'revffn' section is broken: it needs "
+                        "'transform' with 'coupling' and a list of 'layers', and 'adapters'")
+    return section
+
+
+def _custom_passes(section: dict[str, Any], config_path: Path,
+                   passes: Sequence[Any] | None) -> list[Any]:
+    """User passes recorded at save time must be given again: code is never named in config."""
+    wanted = [p["name"] for p in section.get("passes", [])
+              if isinstance(p, dict) and p.get("custom")]
+    given = {getattr(p, "__name__", type(p).__name__): p for p in passes or []}
+    missing = [n for n in wanted if n not in given]
+    if missing:
+        raise LoadError(f"{config_path}: saved with custom pass(es) {missing}; give them again: "
+                        "rf.load(dir, passes=[...])")
+    return [given[n] for n in wanted]
+
+
+def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
+         passes: Sequence[Any] | None = None) -> RevModel:
+    """Load a directory written by :func:`transform_dir` or :func:`save` (eval mode).
+
+    The base model is loaded by ``from_pretrained`` (its own key conversions), the
+    transform is replayed with the recorded options, then the adapters are loaded; the
+    result computes bit for bit what was saved. ``dtype`` overrides the stored dtype.
+    """
+    path = Path(out_dir).expanduser()
+    config_path, model_type = _check_config(path)
+    raw = json.loads(config_path.read_text())
+    section = _read_section(config_path, raw)
+    options = section["transform"]
+    custom = _custom_passes(section, config_path, passes)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    clean = {k: v for k, v in raw.items() if k not in ("revffn", "auto_map")}
+    try:
+        with _quiet():
+            config = CONFIG_MAPPING[model_type].from_dict(clean)
+    except (ValueError, TypeError, KeyError) as e:
+        raise LoadError(f"{config_path}: invalid config: {e}") from e
+    model = load_model(path, config=config, dtype=dtype)
+    # options added to transform after format 1 are passed only when recorded
+    kw = {k: options[k] for k in ("checkpoint_rest", "loss_head", "attention",
+                                  "fixed_point_iters", "fixed_point_tol") if k in options}
+    try:
+        rev = RevModel(model, options["coupling"], options["layers"], custom,
+                       options.get("leaf_modules", ()), **kw)
+    except RevFFNError as e:
+        raise LoadError(f"{config_path}: cannot replay the recorded transform: {e}") from e
+    if rev.converted != sorted(options["layers"]):
+        raise LoadError(f"{config_path}: replaying the transform converted layers "
+                        f"{rev.converted}, the directory records {options['layers']}")
+    expected = _adapter_tensors(rev)
+    if expected:
+        file = path / ADAPTER_FILE
+        if not file.is_file():
+            raise LoadError(f"{file}: missing (the {rev.coupling} adapters)")
+        try:
+            tensors = load_file(file)
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise LoadError(f"{file}: truncated or corrupted safetensors file ({e})") from e
+        if set(tensors) != set(expected):
+            odd = sorted(set(tensors) ^ set(expected))[0]
+            raise LoadError(f"{file}: adapter tensors do not fit the model, e.g. {odd}")
+        for k, t in tensors.items():
+            if t.shape != expected[k].shape:
+                raise LoadError(f"{file}: tensor {k} has shape {list(t.shape)} but the model "
+                                f"needs {list(expected[k].shape)}")
+        with torch.no_grad():
+            rev.adapters.load_state_dict({k[len("adapters."):]: v for k, v in tensors.items()})
+    return rev.eval()
+
+
+class RevFFNForCausalLM:
+    """The ``auto_map`` target: ``AutoModelForCausalLM.from_pretrained(dir,
+    trust_remote_code=True)`` lands here and returns :func:`load`'s RevModel."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoModelForCausalLM") -> None:
+        """Nothing to register: the class is only an entry point."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str],
+                        *args: Any, **kwargs: Any) -> RevModel:
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        return load(pretrained_model_name_or_path, dtype=None if dtype == "auto" else dtype)

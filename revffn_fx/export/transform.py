@@ -1,0 +1,275 @@
+"""transform_dir: transform a checkpoint directory into a revffn-fx directory without
+materialising the model, and its summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConversionError, ExportError, LoadError
+from ..loading import _check_config, _quiet
+from ..model import RevModel, parse_layers
+from ..registry import facts_for
+from .checkpoint import (
+    _DTYPES,
+    Progress,
+    _blob_entries,
+    _check_out_dir,
+    _checkpoint_entries,
+    _copy_extras,
+    _staging,
+    _Tensor,
+    _write_safetensors,
+    _write_shards,
+)
+from .layout import ADAPTER_FILE, _count_params, _layer_span, _section, _write_meta, parse_size
+from .save_load import load
+
+# ------------------------------------------------------------------------------ transform_dir
+
+def _activation_estimate(config: Any, coupling: str, batch: int = 8,
+                         seq: int = 2048) -> tuple[int, int, int, int] | None:
+    """Saved-for-backward bytes without checkpointing and with ``coupling``, or None when
+    the config lacks what the estimator reads."""
+    from ..estimate import estimate_saved_bytes
+
+    try:
+        return (batch, seq, estimate_saved_bytes(config, batch, seq, "none"),
+                estimate_saved_bytes(config, batch, seq, coupling))
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+
+
+@dataclass
+class TransformSummary:
+    """What :func:`transform_dir` found and did."""
+
+    model_dir: str
+    out_dir: str
+    model_type: str
+    coupling: str
+    num_layers: int
+    converted: list[int]
+    refused: list[tuple[int, str]]  # (layer, why it cannot be converted)
+    not_selected: list[int]  # convertible, but left out by ``layers``
+    params_before: int
+    params_added: int
+    dtype: str
+    files: list[str] = field(default_factory=list)  # everything written to OUT_DIR
+    shards: list[str] = field(default_factory=list)  # the weight files among them
+    checkpoint_bytes: int = 0
+    verify: Any = None  # VerifyReport, or None when not asked
+    dry_run: bool = False
+    seconds: float = 0.0
+    rev: RevModel | None = field(default=None, repr=False)  # the transformed model, on meta
+    # estimated bytes saved for backward, (batch, seq, before, after), from the config
+    activation_estimate: tuple[int, int, int, int] | None = None
+
+    def lines(self) -> list[str]:
+        """The human-readable report, one line each."""
+        out = [f"{self.model_dir}: {self.model_type}, {self.num_layers} decoder layers, "
+               f"{self.params_before:,} parameters ({self.dtype})"]
+        out.append(f"converted {len(self.converted)} of {self.num_layers} layers to "
+                   f"{self.coupling} couplings: {_layer_span(self.converted) or '-'}")
+        out += [f"  layer {i} not converted: {why}" for i, why in self.refused]
+        if self.not_selected:
+            out.append(f"  left out by --layers: {_layer_span(self.not_selected)}")
+        pct = 100 * self.params_added / max(self.params_before, 1)
+        out.append(f"parameters added: {self.params_added:,} ({pct:.2f}%)"
+                   + (" (revffn adapters)" if self.params_added else ""))
+        if self.activation_estimate is not None:
+            b, s, before, after = self.activation_estimate
+            out.append(f"activations kept for backward at batch {b} x seq {s} (estimate): "
+                       f"{before / 2**30:,.2f} GiB -> {after / 2**30:,.2f} GiB "
+                       "(see `revffn plan` for the whole step)")
+        if self.verify is not None:
+            out.append(f"verify: {self.verify.summary()}")
+        if self.dry_run:
+            out.append(f"dry run: nothing written (would write {self.out_dir})")
+        else:
+            weights = [s for s in self.shards if s.endswith(".safetensors")]
+            out.append(f"wrote {self.out_dir}: {len(weights)} weight file(s) "
+                       f"({self.checkpoint_bytes / 1e6:,.1f} MB), {len(self.files)} files in "
+                       f"all, in {self.seconds:.1f}s")
+        return out
+
+
+_SD_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _checkpoint_dtype(config: Any, entries: Sequence[_Tensor]) -> torch.dtype:
+    """The dtype ``from_pretrained`` picks by default ("auto"): config's, else the weights'."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    first = next((t for t in entries if t.dtype in _SD_DTYPES), None)
+    return _DTYPES[first.dtype] if first else torch.get_default_dtype()
+
+
+def _check_fits(model: torch.nn.Module, entries: Sequence[_Tensor], weights: Path,
+                dtype: torch.dtype) -> None:
+    """Load the checkpoint's names and shapes into the meta model with HF's own rules.
+
+    Hugging Face's loader (renamings, expert merging, legacy names) runs on meta tensors
+    built from the safetensors headers: it reports missing, unexpected and mismatched
+    tensors exactly as a real load would, without reading any data.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError:  # pragma: no cover - a transformers outside the supported range
+        return
+    state = {t.name: torch.empty(t.shape, dtype=_DTYPES.get(t.dtype, dtype), device="meta")
+             for t in entries}
+    load_config = LoadStateDictConfig(device_map={"": "meta"}, dtype=dtype,
+                                      weight_mapping=get_model_conversion_mapping(model))
+    with _quiet():
+        info, _ = convert_and_load_state_dict_in_model(model, state, load_config)
+        adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+        if adjust is not None:
+            adjust(info)
+    where = f"{weights}: weights do not fit config.json"
+    if info.conversion_errors:
+        name, err = sorted(info.conversion_errors.items())[0]
+        detail = next((ln for ln in reversed(str(err).splitlines()) if ln.strip()), "")
+        raise LoadError(f"{where}: cannot build tensor {name}: {detail.strip()}")
+    if info.mismatched_keys:
+        name, ckpt, want = sorted(info.mismatched_keys, key=lambda m: m[0])[0]
+        raise LoadError(f"{where}: tensor {name} has shape {list(ckpt)} in the checkpoint but "
+                        f"{list(want)} in the model")
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = sorted(set(info.missing_keys) - tied)
+    if missing:
+        raise LoadError(f"{where}: {len(missing)} tensor(s) missing from the checkpoint, "
+                        f"e.g. {missing[0]}")
+    if info.unexpected_keys:
+        names = sorted(info.unexpected_keys)
+        raise LoadError(f"{where}: {len(names)} tensor(s) the model does not have, "
+                        f"e.g. {names[0]}")
+
+
+def _meta_model(model_dir: Path, config_path: Path, model_type: str,
+                dtype_of: Callable[[Any], torch.dtype]) -> tuple[torch.nn.Module, torch.dtype]:
+    """The architecture built from config.json on the meta device, in the load dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(model_dir, local_files_only=True,
+                                                trust_remote_code=False)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"{config_path}: invalid config: {detail}") from e
+    dtype = dtype_of(config)
+    try:
+        with _quiet(), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     **facts_for(model_type).load_kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"{config_path}: cannot build a causal LM for model_type "
+                        f"{model_type!r}: {detail}") from e
+    return model, dtype
+
+
+def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                  coupling: str = "revffn", layers: str | Sequence[int] | None = None,
+                  verify: bool = False, force: bool = False, dry_run: bool = False,
+                  max_shard_size: int | str = "2GB",
+                  progress: Progress | None = None, attention: str = "plain",
+                  fixed_point_iters: int | None = None,
+                  fixed_point_tol: float | None = None) -> TransformSummary:
+    """Transform the checkpoint in ``model_dir`` into a revffn-fx directory ``out_dir``.
+
+    The model is never materialised (meta device; tensors are copied shard by shard), so
+    memory stays far below the checkpoint's size. ``progress(done, total, file)`` is called
+    before and after each weight shard. ``verify`` loads the written directory and checks
+    the generated backward against autograd on a small random batch (needs the memory of
+    the model). Every problem raises a one-line :class:`~revffn_fx.errors.RevFFNError`
+    (LoadError, ConversionError, ExportError) and leaves no ``out_dir`` behind.
+    """
+    start = time.perf_counter()
+    src, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
+    limit = parse_size(max_shard_size)
+    config_path, model_type = _check_config(src)
+    weights, entries = _checkpoint_entries(src)
+    _check_out_dir(out, force, src)
+    model, dtype = _meta_model(src, config_path, model_type,
+                               lambda cfg: _checkpoint_dtype(cfg, entries))
+    _check_fits(model, entries, weights, dtype)
+    # the cross-branch split needs an example forward, which a meta model cannot run: the
+    # structure and adapters do not depend on it, so plan with plain attention here and
+    # record the option; rf.load (and --verify) build the cross-branch attention for real
+    rev = RevModel(model, coupling, layers, fixed_point_iters=fixed_point_iters,
+                   fixed_point_tol=fixed_point_tol)
+    if attention != "plain":
+        if coupling != "revffn":
+            raise ConversionError("cross-branch attention is an option of the revffn coupling")
+        if attention != "cross":
+            raise ConversionError(f"unknown attention {attention!r}; choose plain or cross")
+        rev.attention = attention
+    rev.specs(True)  # run every pass now (on meta): a failure must stop us before writing
+    n = len(rev.plan.layers)
+    wanted = parse_layers(layers, n)
+    refused = [(lp.index, lp.reason or "not convertible") for lp in rev.plan.layers
+               if not lp.convertible]
+    not_selected = [lp.index for lp in rev.plan.layers
+                    if lp.convertible and lp.index not in rev.converted and wanted is not None]
+    # the adapters are created for real, exactly as RevModel initialises them
+    adapters: dict[str, torch.Tensor] = {}
+    if rev.coupling == "revffn":
+        from ..passes.couple import make_adapters
+
+        pdtype = next(model.parameters()).dtype
+        for i in rev.converted:
+            for k, v in make_adapters(rev.hidden_size, pdtype, "cpu").state_dict().items():
+                adapters[f"adapters.{i}.{k}"] = v
+    params_before = _count_params(model)
+    summary = TransformSummary(
+        str(src), str(out), model_type, rev.coupling, n, list(rev.converted), refused,
+        not_selected, params_before, sum(v.numel() for v in adapters.values()),
+        str(next(model.parameters()).dtype).replace("torch.", ""), dry_run=dry_run, rev=rev,
+        activation_estimate=_activation_estimate(model.config, rev.coupling))
+    if dry_run:
+        summary.seconds = time.perf_counter() - start
+        return summary
+    with _staging(out, replace=True) as tmp:
+        shards = _write_shards(tmp, entries, limit, progress)
+        files = list(shards)
+        if adapters:
+            _write_safetensors(tmp / ADAPTER_FILE, _blob_entries(adapters))
+            files.append(ADAPTER_FILE)
+        config = json.loads(config_path.read_text())
+        section = _section(rev, {k: list(v.shape) for k, v in adapters.items()},
+                           next(model.parameters()).dtype, params_before)
+        files += _write_meta(tmp, config, section)
+        files += _copy_extras(src, tmp)
+        if verify:
+            summary.verify = _verify_dir(tmp)
+        summary.files, summary.shards = files, shards
+        summary.checkpoint_bytes = sum(t.nbytes for t in entries)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _verify_dir(path: Path, batch: int = 2, seq: int = 16, seed: int = 0) -> Any:
+    """Load ``path`` for real and run :func:`revffn_fx.verification.verify` on random tokens."""
+    from ..verification import verify
+
+    rev = load(path)
+    vocab = getattr(rev.config, "vocab_size", None) or 128
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    report = verify(rev, ids, seed=seed)
+    if not report.ok:
+        raise ExportError(f"verify failed, nothing written: {report.summary()}")
+    return report
