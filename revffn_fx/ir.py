@@ -220,6 +220,10 @@ class TracedModel(nn.Module):
     def _leaf(self, m: nn.Module, qn: str) -> bool | None:
         if id(m) in self._layer_set or is_norm(m):
             return True
+        # token embeddings stay one node even when subclassed (gemma scales them), so the
+        # graph shows them and hooks on them fire
+        if isinstance(m, nn.Embedding):
+            return True
         # parameter-free helpers (rotary embeddings) compute constants: keep them whole
         if not any(True for _ in m.parameters()) and any(True for _ in m.buffers()):
             return True

@@ -222,3 +222,25 @@ def test_bf16_autocast_step_runs_and_verifies() -> None:
         report = rf.verify(rev, ids)
     assert report.dtype == "bfloat16"
     assert report.max_grad_rel_err < 5e-2, report.summary()
+
+
+@pytest.mark.parametrize("name,kw", [
+    # dense layers, no experts
+    ("llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=96)),
+    # sandwich norms, a scaled (subclassed) embedding, logit soft-capping in the head
+    ("gemma2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=96, head_dim=16)),
+])
+def test_architectures_no_issue_names(name: str, kw: dict) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = CONFIG_MAPPING[name](vocab_size=128, num_hidden_layers=2, max_position_embeddings=64,
+                               tie_word_embeddings=False, **kw)
+    torch.manual_seed(0)
+    rev = rf.transform(AutoModelForCausalLM.from_config(cfg, dtype=torch.float64))
+    assert rev.converted == [0, 1]
+    report = rf.verify(rev, _ids())
+    assert report.ok and report.max_grad_rel_err <= 1e-10, report.summary()
+    assert rev.loss_head_status == "chunked"
