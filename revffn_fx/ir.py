@@ -245,7 +245,8 @@ class TracedModel(nn.Module):
             try:
                 gm = trace_module(_CausalLMEntry(self.model), self._leaf, self.leaf_modules,
                                   what=type(self.model).__name__, concrete_args=concrete or None,
-                                  patch_masks_of=self.model, inner="model")
+                                  patch_masks_of=self.model, inner="model",
+                                  protected=self._layer_set)
             finally:
                 self.model.train(was)
             self._graphs[key] = gm

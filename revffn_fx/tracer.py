@@ -115,6 +115,9 @@ class RevTracer(fx.Tracer):
         self.module_stack_names: list[str] = []
         # (qualified name, module) of the innermost module being traced when tracing failed
         self.failed_in: tuple[str, nn.Module] | None = None
+        # ids of modules that must stay visible (the decoder layers): never advise to hide
+        # a module that holds them
+        self.protected: set[int] = set()
 
     def user_name(self, qualname: str) -> str:
         """The name a user knows a module by: relative to ``inner``, after ``prefix``."""
@@ -206,6 +209,11 @@ def _explain(exc: Exception, tracer: RevTracer, what: str) -> TraceError:
             "data-dependent Python control flow outside submodules: move that code into a "
             "submodule and keep it whole with rf.trace(model, leaf_modules=[<its class name>])")
     name, mod = tracer.user_name(failed[0]), type(failed[1]).__name__
+    if any(id(m) in tracer.protected for m in failed[1].modules()):
+        return TraceError(
+            f"cannot trace {name} ({mod}), which holds the decoder layers ({cls}: {msg}): its "
+            "forward has data-dependent Python control flow torch.fx cannot follow, and keeping "
+            "it whole would hide the layers; this model's forward is not supported yet")
     return TraceError(
         f"cannot trace {name} ({mod}) ({cls}: {msg}); keep it whole (untraced) with "
         f"rf.trace(model, leaf_modules=[{mod!r}]) or leaf_modules=[{name!r}]")
@@ -215,7 +223,8 @@ def trace_module(root: nn.Module, leaf: Callable[[nn.Module, str], bool | None],
                  leaf_modules: Sequence[str], what: str,
                  concrete_args: dict[str, Any] | None = None,
                  patch_masks_of: nn.Module | None = None,
-                 inner: str = "", prefix: str = "") -> fx.GraphModule:
+                 inner: str = "", prefix: str = "",
+                 protected: set[int] | None = None) -> fx.GraphModule:
     """Trace ``root`` into a GraphModule, turning failures into a :class:`TraceError`.
 
     ``root`` is usually a wrapper holding the module of interest as attribute ``inner``;
@@ -223,6 +232,7 @@ def trace_module(root: nn.Module, leaf: Callable[[nn.Module, str], bool | None],
     with ``prefix`` (its own qualified name) in front.
     """
     tracer = RevTracer(leaf, leaf_modules, inner=inner, prefix=prefix)
+    tracer.protected = set(protected or ())
     try:
         if patch_masks_of is not None:
             with patched_mask_creators(patch_masks_of):

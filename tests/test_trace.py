@@ -246,3 +246,14 @@ def test_trace_error_in_layer_own_forward() -> None:
     # the layer cannot be kept whole: it is what is being traced
     with pytest.raises(TraceError):
         trace(model, leaf_modules=["SelfCheckingBlock"])
+
+
+def test_untraceable_stack_owner_is_not_advised_as_a_leaf() -> None:
+    # GPT-2's model forward branches on traced values; hiding it would hide the layers
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=128, n_embd=32, n_layer=2,
+                                                        n_head=2, n_positions=32))
+    with pytest.raises(TraceError, match="holds the decoder layers") as info:
+        trace(model)
+    assert "leaf_modules" not in str(info.value)
