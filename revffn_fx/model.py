@@ -317,6 +317,33 @@ class RevModel(nn.Module):
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits,
                                          router_logits=router_logits)
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20,
+                 eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding, for quick evaluation of a fine-tuned model.
+
+        Without a KV cache: every step reruns the whole sequence (the reversible stacks keep
+        no per-token state), so it is O(length^2); for serving, load the weights into the
+        original architecture. Rows that produced ``eos_token_id`` are padded with it.
+        Returns ``input_ids`` with the new tokens appended.
+        """
+        was = self.training
+        self.eval()
+        try:
+            ids = input_ids
+            done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+            for _ in range(max_new_tokens):
+                nxt = self(ids).logits[:, -1].argmax(-1)
+                if eos_token_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                    done |= nxt == eos_token_id
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                if eos_token_id is not None and bool(done.all()):
+                    break
+            return ids
+        finally:
+            self.train(was)
+
     def _aux_loss(self, router_logits: tuple[torch.Tensor, ...],
                   attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The model's own load-balancing loss function, applied to the captured logits."""

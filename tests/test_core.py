@@ -244,3 +244,18 @@ def test_architectures_no_issue_names(name: str, kw: dict) -> None:
     report = rf.verify(rev, _ids())
     assert report.ok and report.max_grad_rel_err <= 1e-10, report.summary()
     assert rev.loss_head_status == "chunked"
+
+
+def test_greedy_generate_matches_argmax_of_the_model() -> None:
+    rev = rf.transform(tiny_model("mixtral")).train()
+    ids = _ids(batch=2, seq=5)
+    out = rev.generate(ids, max_new_tokens=4)
+    assert out.shape == (2, 9) and torch.equal(out[:, :5], ids) and rev.training
+    with torch.no_grad():
+        step = ids
+        for _ in range(4):
+            step = torch.cat([step, rev.eval()(step).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, step)
+    eos = int(out[0, 5])
+    stopped = rev.generate(ids, max_new_tokens=4, eos_token_id=eos)
+    assert (stopped[0, 5:] == eos).all()
