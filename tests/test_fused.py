@@ -27,6 +27,16 @@ def _pair(rev: bool, tied: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     return make(), make()
 
 
+def _step_both(ref: torch.nn.Module, opt: Any, model: torch.nn.Module, fused: Any,
+               step: int) -> None:
+    """One step of the ordinary optimizer on ``ref`` and of the fused one on ``model``."""
+    ref(_ids(step), labels=_ids(step)).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    model(_ids(step), labels=_ids(step)).loss.backward()
+    fused.step()
+
+
 def _max_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
     with torch.no_grad():
         return max(float((p - q).norm() / q.norm().clamp_min(1e-30))
@@ -47,11 +57,7 @@ def test_three_steps_match_the_ordinary_optimizer(cls: Any, kw: dict, rev: bool,
         sink = model.options.grad_sink
         model.options.grad_sink = lambda p, g: (delivered.append(1), sink(p, g))
     for step in range(3):
-        ref(_ids(step), labels=_ids(step)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        model(_ids(step), labels=_ids(step)).loss.backward()
-        fused.step()
+        _step_both(ref, opt, model, fused, step)
         assert all(p.grad is None for p in model.parameters())  # freed during backward
     assert _max_rel(model, ref) <= 1e-12
     assert all(not torch.equal(p, s) for p, s in zip(model.parameters(), start))
@@ -65,11 +71,7 @@ def test_scheduler_reaches_every_parameter() -> None:
     fused = fuse_optimizer(model, torch.optim.SGD, lr=0.1)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in (opt, fused)]
     for step in range(3):
-        ref(_ids(step), labels=_ids(step)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        model(_ids(step), labels=_ids(step)).loss.backward()
-        fused.step()
+        _step_both(ref, opt, model, fused, step)
         for s in scheds:
             s.step()
     assert {g["lr"] for g in fused.param_groups} == {opt.param_groups[0]["lr"]}
