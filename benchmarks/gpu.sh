@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu.sh              # from anywhere; results in benchmarks/gpu/
 #   PYTHON=/path/to/python OUT=/tmp/x bash benchmarks/gpu.sh
+#   LIMIT_FP32=120 LIMIT_BF16=130 bash benchmarks/gpu.sh   # tighter caps (seconds)
 #
 # Needs a Python with CUDA torch, transformers, click, rich, matplotlib (the repository is put
 # on PYTHONPATH, nothing is installed or downloaded: the models are synthetic). Two runs, each
@@ -59,9 +60,9 @@ run() {  # run NAME TIMEOUT_S ARGS...: one bench, JSON and PNG into $OUT
 }
 
 SECONDS=0
-run mixtral-like-fp32 200 --synthetic mixtral-like --layers 4,8,16,32 --batch 4 --seq 256 \
+run mixtral-like-fp32 "${LIMIT_FP32:-200}" --synthetic mixtral-like --layers 4,8,16,32 --batch 4 --seq 256 \
     --repeats 5 --dtype float32
-run mixtral-like-bf16-b8s2048 220 --synthetic mixtral-like --layers 8,32 --batch 8 --seq 2048 \
+run mixtral-like-bf16-b8s2048 "${LIMIT_BF16:-220}" --synthetic mixtral-like --layers 8,32 --batch 8 --seq 2048 \
     --repeats 5 --dtype bfloat16
 
 # one summary line per (run, depth, method): max_memory_allocated and tokens/s

@@ -52,7 +52,11 @@ class Run:
     warmup_steps: int = 0  # two-stage warm-up (0: plain full fine-tuning)
     warmup_lr: float | None = None  # stage-1 lr (default: the common lr)
     train_norms: bool = False
-    adapter_init: str = "copy"  # "copy" (up = [I; I]) or "pad" (up = [I; 0], now the default)
+    # "copy" (up = [I; I]), "pad" (up = [I; 0] for both branches), "aligned" (each stream
+    # at its own feature positions: make_adapters' default), "calibrated" (least squares on
+    # the first fine-tuning examples, rf.calibrate)
+    adapter_init: str = "copy"
+    stream_dtype: str | None = None  # rf.transform(stream_dtype=...): wide streams
     note: str = ""
 
 
@@ -71,7 +75,20 @@ RUNS: dict[str, Run] = {
                        note="revffn, two-stage, up-adapters zero-padded instead of copied"),
     "revffn-pad": Run("revffn", adapter_init="pad",
                       note="revffn, no warm-up, up-adapters zero-padded instead of copied"),
+    "revffn-aligned": Run("revffn", adapter_init="aligned",
+                          note="revffn, no warm-up, streams at their own feature positions"),
+    "revffn-cal": Run("revffn", adapter_init="calibrated", stream_dtype="float64",
+                      note="revffn, no warm-up, adapters calibrated (least squares) on "
+                           "the first 512 training examples, fp64 streams"),
+    "revffn-cal32": Run("revffn", adapter_init="calibrated",
+                        note="revffn-cal with fp32 streams (reconstruction rounding: up "
+                             "to 0.7% gradient error in the first layer)"),
+    "revffn2-cal": Run("revffn", warmup_steps=50, warmup_lr=3e-3, adapter_init="calibrated",
+                       stream_dtype="float64",
+                       note="revffn, two-stage, adapters calibrated first, fp64 streams"),
 }
+
+CALIBRATION_EXAMPLES = 512
 
 
 @dataclass
@@ -85,9 +102,13 @@ class Result:
     curve: list[tuple[int, float]] = field(default_factory=list)
 
 
-def _reinit_adapters(model: torch.nn.Module, how: str) -> None:
-    """Set the up-adapters explicitly, whatever make_adapters' default is."""
-    if how not in ("copy", "pad"):
+def _reinit_adapters(model: Any, how: str, tok: Any = None,
+                     rows: list[dict[str, str]] | None = None) -> None:
+    """Set the adapters explicitly, whatever make_adapters' default is."""
+    if how == "calibrated":  # (also sets fp64 streams; the run's stream_dtype then wins)
+        print(f"  {ft.calibrate_on_rows(model, tok, rows or [])}", flush=True)
+        return
+    if how not in ("copy", "pad", "aligned"):
         raise ValueError(f"unknown adapter init {how!r}")
     with torch.no_grad():
         for mods in model.adapters.values():
@@ -95,24 +116,30 @@ def _reinit_adapters(model: torch.nn.Module, how: str) -> None:
                 w = mods[key].weight  # (d, d/2)
                 half = w.shape[1]
                 w.zero_()
-                w[:half].copy_(torch.eye(half))
+                # aligned: F reads X2 (second half of H), G reads Y1 (first half)
+                at_second = how == "aligned" and key == "F_up"
+                (w[half:] if at_second else w[:half]).copy_(torch.eye(half))
                 if how == "copy":
                     w[half:].copy_(torch.eye(half))
 
 
 def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str]],
             eval_rows: list[dict[str, str]], steps: int, lr: float, batch: int,
-            eval_steps: int, out_dir: Path) -> Result:
+            eval_steps: int, out_dir: Path, device: str = "cpu") -> Result:
     """Fine-tune one configuration from the pretrained model; measure it."""
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = ft.load_for_finetune(model_dir, run.coupling)
+    model = ft.load_for_finetune(model_dir, run.coupling, device=device)
     if run.coupling == "revffn":
-        _reinit_adapters(model, run.adapter_init)
+        _reinit_adapters(model, run.adapter_init, tok, train_rows[:CALIBRATION_EXAMPLES])
+    if run.coupling != "none":
+        from revffn_fx.model import parse_stream_dtype
+
+        model.options.stream_dtype = parse_stream_dtype(run.stream_dtype)
     args = ft.training_args(out_dir / name, steps, lr, batch, eval_steps, seed=0,
-                            eval_on_start=True, disable_tqdm=True)
+                            eval_on_start=True, disable_tqdm=True, use_cpu=device == "cpu")
     cb = (TwoStageCallback(warmup_steps=run.warmup_steps, warmup_lr=run.warmup_lr,
                            train_norms=run.train_norms) if run.warmup_steps else None)
     t0 = time.time()
@@ -157,6 +184,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval-steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write the loss plot here")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/revffn-quality"))
@@ -165,7 +193,7 @@ def main() -> None:
     train_rows = ft.read_jsonl(args.data / "train.jsonl")
     eval_rows = ft.read_jsonl(args.data / "eval.jsonl")
     results = [run_one(n, RUNS[n], args.model, train_rows, eval_rows, args.steps, args.lr,
-                       args.batch, args.eval_steps, args.work_dir)
+                       args.batch, args.eval_steps, args.work_dir, args.device)
                for n in args.runs.split(",")]
     base = next((r for r in results if r.name == "full"), None)
     print("\n| run | final eval loss | vs full | exact match | vs full | time |")
@@ -176,6 +204,7 @@ def main() -> None:
         print(f"| {r.name} | {r.eval_loss:.4f} | {dl} | {r.exact_match:.1f}% | {dm} | "
               f"{r.train_seconds:.0f}s |")
     meta = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "threads": args.threads,
+            "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
             "eval_problems": len(eval_rows), "train_problems": len(train_rows),
             "torch": torch.__version__, "command": " ".join(sys.argv)}
     if args.out:

@@ -49,24 +49,45 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
 
 
 def load_for_finetune(model_dir: str | Path, coupling: str = "revffn",
-                      experts_implementation: str | None = "eager") -> torch.nn.Module:
+                      experts_implementation: str | None = "eager",
+                      device: str | torch.device = "cpu") -> torch.nn.Module:
     """The model to fine-tune (train mode): a RevModel, or the original when coupling="none".
 
     A directory with a ``revffn`` section in its config is loaded with ``rf.load`` (its
     recorded coupling wins). ``experts_implementation="eager"`` (a loop over experts) is
-    much faster than ``grouped_mm`` on CPU; it applies to plain model directories.
+    much faster than ``grouped_mm`` on CPU; it applies to plain model directories. The
+    model is moved to ``device`` before the transform, so the compiled graphs trace there.
     """
     path = Path(model_dir)
     config = json.loads((path / "config.json").read_text())
     if "revffn" in config:
         from revffn_fx.export import load
 
-        return load(path).train()
+        return load(path).to(device).train()
     kw = {"experts_implementation": experts_implementation} if experts_implementation else {}
-    model = rf.load_model(path, **kw)
+    model = rf.load_model(path, **kw).to(device)
     if coupling == "none":
         return model.train()
     return rf.transform(model, coupling=coupling).train()
+
+
+def calibrate_on_rows(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
+                      rows: list[dict[str, str]], seq: int = 128, batch: int = 8) -> str:
+    """Fit a revffn model's adapters (rf.calibrate) on training examples (prompt +
+    completion, packed into windows of ``seq`` tokens); streams then carried in fp64
+    (fp32 for 16-bit models) so the backward stays exact. Returns the report's summary."""
+    ids: list[int] = []
+    for r in rows:
+        ids += tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"]
+        ids.append(tok.eos_token_id)
+    n = len(ids) // seq
+    windows = torch.tensor(ids[:n * seq]).view(n, seq).to(next(model.parameters()).device)
+    was = model.training
+    report = rf.calibrate(model, list(windows.split(batch)))
+    model.train(was)
+    dtype = next(model.parameters()).dtype
+    model.options.stream_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    return report.summary()
 
 
 def encode(rows: list[dict[str, str]], tok: PreTrainedTokenizerBase,
@@ -110,6 +131,7 @@ def greedy_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts
     """
     was = model.training
     model.eval()
+    device = next(model.parameters()).device
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):
@@ -118,7 +140,7 @@ def greedy_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts
     for idx in by_len.values():
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
-            ids = torch.tensor([encoded[i] for i in chunk])
+            ids = torch.tensor([encoded[i] for i in chunk], device=device)
             start = ids.shape[1]
             for _ in range(max_new_tokens):
                 logits = model(input_ids=ids).logits
@@ -189,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="warm up the new adapters alone, then train everything")
     parser.add_argument("--warmup-steps", type=int, default=50, help="two-stage warm-up length")
     parser.add_argument("--warmup-lr", type=float, default=None, help="two-stage warm-up lr")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="fit the revffn adapters by least squares on the first 512 "
+                             "training examples before training (rf.calibrate)")
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -207,6 +232,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = load_for_finetune(args.model, args.coupling)
     train_rows, eval_rows = read_jsonl(args.train), read_jsonl(args.eval)
+    if args.calibrate:
+        if getattr(model, "coupling", None) != "revffn":
+            parser.error("--calibrate needs the revffn coupling")
+        print(calibrate_on_rows(model, tok, train_rows[:512]))
     if args.eval_limit:
         eval_rows = eval_rows[:args.eval_limit]
     targs = training_args(args.output_dir, args.max_steps, args.lr, args.batch_size,

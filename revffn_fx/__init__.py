@@ -24,6 +24,7 @@ _WHERE = {
     "TransformSummary": ".export", "load": ".export", "transform_dir": ".export",
     "LayerGraph": ".ir", "TracedModel": ".ir", "trace": ".ir",
     "load_model": ".loading",
+    "CalibrationReport": ".calibration", "calibrate": ".calibration",
     "RevModel": ".model", "transform": ".model",
     "analyze": ".passes.analyze",
     "PassManager": ".passes.manager", "PassRecord": ".passes.manager",
@@ -32,10 +33,11 @@ _WHERE = {
 }
 
 __all__ = [
-    "ConversionError", "ExportError", "FixedPointError", "GraphDiff", "LayerGraph", "LayerPlan",
-    "LoadError", "PassManager", "PassRecord", "Plan", "RevFFNError", "RevModel", "Sublayer",
-    "TraceError", "TracedModel", "TransformSummary", "VerifyReport", "analyze", "diff", "load",
-    "load_model", "passes", "trace", "transform", "transform_dir", "verify",
+    "CalibrationReport", "ConversionError", "ExportError", "FixedPointError", "GraphDiff",
+    "LayerGraph", "LayerPlan", "LoadError", "PassManager", "PassRecord", "Plan", "RevFFNError",
+    "RevModel", "Sublayer", "TraceError", "TracedModel", "TransformSummary", "VerifyReport",
+    "analyze", "calibrate", "diff", "load", "load_model", "passes", "trace", "transform",
+    "transform_dir", "verify",
 ]
 
 
@@ -55,6 +57,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from . import passes
+    from .calibration import CalibrationReport, calibrate
     from .diffs import GraphDiff, diff
     from .errors import (
         ConversionError,

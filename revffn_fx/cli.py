@@ -166,10 +166,25 @@ def _progress_bar(console: Console) -> Iterator[Callable[[int, int, str], None]]
                    "default 50).")
 @click.option("--fixed-point-tol", type=float, default=None,
               help="Relative residual at which the fixed point stops (default 1e-6).")
+@click.option("--calibrate", "calibrate", metavar="FILE", default=None,
+              help="Fit the revffn adapters by least squares so each coupled layer "
+                   "reproduces its pretrained layer on this text (.txt, or .jsonl with "
+                   "'text' or 'prompt'/'completion'); use text like your fine-tuning data. "
+                   "Loads the model for real.")
+@click.option("--calibration-tokens", type=click.IntRange(min=2), default=16384,
+              show_default=True, help="Tokens of --calibrate FILE used.")
+@click.option("--stream-dtype", type=click.Choice(["auto", "float64", "float32", "bfloat16",
+                                                   "float16"]), default="auto",
+              show_default=True,
+              help="Dtype of the coupled streams inside the reversible stacks (branches still "
+                   "compute in the model's dtype). auto: one step wider than the weights "
+                   "when --calibrate is given (calibrated adapters have larger gains, and "
+                   "wide streams keep the reconstruction exact), else the model's own.")
 @click.version_option(__version__, "-V", "--version", prog_name="revffn-transform")
 def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, verify: bool,
               force: bool, dry_run: bool, max_shard_size: str, attention: str,
-              fixed_point_iters: int | None, fixed_point_tol: float | None) -> None:
+              fixed_point_iters: int | None, fixed_point_tol: float | None,
+              calibrate: str | None, calibration_tokens: int, stream_dtype: str) -> None:
     """Transform the MoE causal LM in MODEL_DIR into reversible layers, written to OUT_DIR.
 
     MODEL_DIR is a local Hugging Face model directory (config.json and safetensors
@@ -180,8 +195,10 @@ def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, v
     unless --force. Progress per shard is shown on stderr when it is a terminal.
 
     \b
-    Example:
+    Examples:
       revffn-transform examples/tiny-mixtral /tmp/tiny-mixtral-rev --verify
+      revffn-transform examples/tiny-moe-stdlib /tmp/rev \\
+          --calibrate examples/data/train.jsonl --verify
     """
     from revffn_fx.export import transform_dir  # lazy: the heavy part of the package
 
@@ -190,7 +207,9 @@ def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, v
                                 verify=verify, force=force, dry_run=dry_run,
                                 max_shard_size=max_shard_size, progress=progress,
                                 attention=attention, fixed_point_iters=fixed_point_iters,
-                                fixed_point_tol=fixed_point_tol)
+                                fixed_point_tol=fixed_point_tol, calibrate=calibrate,
+                                calibration_tokens=calibration_tokens,
+                                stream_dtype=stream_dtype)
     for line in summary.lines():
         click.echo(line)
 

@@ -93,7 +93,8 @@ class RevModel(nn.Module):
                  passes: Sequence[Pass] | None = None, leaf_modules: Sequence[str] = (),
                  checkpoint_rest: bool = False, loss_head: str = "chunked",
                  attention: str = "plain", fixed_point_iters: int | None = None,
-                 fixed_point_tol: float | None = None) -> None:
+                 fixed_point_tol: float | None = None,
+                 stream_dtype: torch.dtype | str | None = None) -> None:
         super().__init__()
         if attention not in ("plain", "cross"):
             raise RevFFNError(f"unknown attention {attention!r}; choose plain or cross")
@@ -148,6 +149,7 @@ class RevModel(nn.Module):
             self.options.fixed_point_iters = fixed_point_iters
         if fixed_point_tol is not None:
             self.options.fixed_point_tol = fixed_point_tol
+        self.options.stream_dtype = parse_stream_dtype(stream_dtype)
         self.__dict__["_graphs"] = {}
         self.__dict__["_specs"] = {}
         self.pass_records: dict[str, list[PassRecord]] = {}
@@ -388,7 +390,8 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
               leaf_modules: Sequence[str] = (), checkpoint_rest: bool = False,
               loss_head: str = "chunked", attention: str = "plain",
               fixed_point_iters: int | None = None,
-              fixed_point_tol: float | None = None) -> RevModel:
+              fixed_point_tol: float | None = None,
+              stream_dtype: torch.dtype | str | None = None) -> RevModel:
     """Rewrite a causal LM (or a local model directory) into a :class:`RevModel`.
 
     ``coupling``: "revffn" (halves + adapters, the paper's block) or "revnet" (two
@@ -401,14 +404,31 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
     "cross" (revffn only: F's queries from X1, keys/values from X2, the paper's block; X1
     is then reconstructed by fixed-point iteration, at most ``fixed_point_iters`` steps to
     a relative residual of ``fixed_point_tol``; layers whose attention cannot be split keep
-    the closed form, see ``rev.cross_status``).
+    the closed form, see ``rev.cross_status``). ``stream_dtype``: carry the coupled
+    streams in a wider dtype than the model's (e.g. "float64" for an fp32 model, "float32"
+    for bf16) so that the backward reconstructs them without accumulated rounding error;
+    branches still compute in the model's dtype. Worth it when the adapters have large
+    gains (after :func:`revffn_fx.calibrate`); costs one wider copy of the streams.
     """
     if isinstance(model, (str, os.PathLike)):
         from .loading import load_model
 
         model = load_model(model)
     return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head,
-                    attention, fixed_point_iters, fixed_point_tol)
+                    attention, fixed_point_iters, fixed_point_tol, stream_dtype)
+
+
+_STREAM_DTYPES = {"float64": torch.float64, "float32": torch.float32,
+                  "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_stream_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``None``, a floating torch dtype, or its name ("float64", "float32", ...)."""
+    if value is None or isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if isinstance(value, str) and value.replace("torch.", "") in _STREAM_DTYPES:
+        return _STREAM_DTYPES[value.replace("torch.", "")]
+    raise RevFFNError(f"unknown stream dtype {value!r}; choose from {', '.join(_STREAM_DTYPES)}")
 
 
 __all__ = ["RevModel", "transform", "TracedModel"]

@@ -109,7 +109,11 @@ def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, 
     for name, layer in by_layer.items():
         def hook(_m: Any, args: Any, out: Any, _n: str = name) -> None:
             streams, ctx = args
-            seen[_n] = ([s.detach() for s in streams], [o.detach() for o in out], ctx)
+            # with wide streams (stream_dtype) the emitted inverse graph is checked in the
+            # dtype the branches compute in
+            dt = _m.updates[0].compute_dtype if len(_m.updates) else None
+            cast = (lambda t: t.detach().to(dt)) if dt is not None else (lambda t: t.detach())
+            seen[_n] = ([cast(s) for s in streams], [cast(o) for o in out], ctx)
         handles.append(layer.register_forward_hook(hook))
     try:
         with torch.no_grad():

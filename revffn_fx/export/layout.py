@@ -76,6 +76,9 @@ def _section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: torch.d
                                "leaf_modules": leaf, "checkpoint_rest": checkpoint_rest}
     if loss_head is not None:
         options["loss_head"] = loss_head
+    stream_dtype = getattr(getattr(rev, "options", None), "stream_dtype", None)
+    if stream_dtype is not None:
+        options["stream_dtype"] = str(stream_dtype).replace("torch.", "")
     if getattr(rev, "attention", "plain") != "plain":
         options["attention"] = rev.attention
         options["fixed_point_iters"] = rev.options.fixed_point_iters

@@ -66,6 +66,7 @@ class TransformSummary:
     shards: list[str] = field(default_factory=list)  # the weight files among them
     checkpoint_bytes: int = 0
     verify: Any = None  # VerifyReport, or None when not asked
+    calibration: Any = None  # CalibrationReport, or None when not asked
     dry_run: bool = False
     seconds: float = 0.0
     rev: RevModel | None = field(default=None, repr=False)  # the transformed model, on meta
@@ -89,6 +90,12 @@ class TransformSummary:
             out.append(f"activations kept for backward at batch {b} x seq {s} (estimate): "
                        f"{before / 2**30:,.2f} GiB -> {after / 2**30:,.2f} GiB "
                        "(see `revffn plan` for the whole step)")
+        if self.calibration is not None:
+            out.append(f"adapters: {self.calibration.summary()}")
+        wide = getattr(getattr(self.rev, "options", None), "stream_dtype", None)
+        if wide is not None:
+            out.append(f"streams: carried in {str(wide).replace('torch.', '')} inside the "
+                       "reversible stacks")
         if self.verify is not None:
             out.append(f"verify: {self.verify.summary()}")
         if self.dry_run:
@@ -188,14 +195,22 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                   max_shard_size: int | str = "2GB",
                   progress: Progress | None = None, attention: str = "plain",
                   fixed_point_iters: int | None = None,
-                  fixed_point_tol: float | None = None) -> TransformSummary:
+                  fixed_point_tol: float | None = None,
+                  calibrate: str | os.PathLike[str] | None = None,
+                  calibration_tokens: int = 16384,
+                  stream_dtype: str | None = None) -> TransformSummary:
     """Transform the checkpoint in ``model_dir`` into a revffn-fx directory ``out_dir``.
 
     The model is never materialised (meta device; tensors are copied shard by shard), so
     memory stays far below the checkpoint's size. ``progress(done, total, file)`` is called
     before and after each weight shard. ``verify`` loads the written directory and checks
     the generated backward against autograd on a small random batch (needs the memory of
-    the model). Every problem raises a one-line :class:`~revffn_fx.errors.RevFFNError`
+    the model). ``calibrate``: a text file (or JSONL with ``text`` or ``prompt`` and
+    ``completion`` fields) whose first ``calibration_tokens`` tokens fit the revffn adapters
+    by least squares (:func:`revffn_fx.calibration.calibrate`; loads the model for real).
+    ``stream_dtype`` (recorded, see :func:`revffn_fx.transform`): "auto" widens the
+    streams one step (fp32 -> fp64, 16-bit -> fp32) when calibrating, else keeps them.
+    Every problem raises a one-line :class:`~revffn_fx.errors.RevFFNError`
     (LoadError, ConversionError, ExportError) and leaves no ``out_dir`` behind.
     """
     start = time.perf_counter()
@@ -210,8 +225,10 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     # the cross-branch split needs an example forward, which a meta model cannot run: the
     # structure and adapters do not depend on it, so plan with plain attention here and
     # record the option; rf.load (and --verify) build the cross-branch attention for real
+    if stream_dtype == "auto":
+        stream_dtype = _wider(dtype) if calibrate is not None else None
     rev = RevModel(model, coupling, layers, fixed_point_iters=fixed_point_iters,
-                   fixed_point_tol=fixed_point_tol)
+                   fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype)
     if attention != "plain":
         if coupling != "revffn":
             raise ConversionError("cross-branch attention is an option of the revffn coupling")
@@ -234,6 +251,13 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         for i in rev.converted:
             for k, v in make_adapters(rev.hidden_size, pdtype, "cpu").state_dict().items():
                 adapters[f"adapters.{i}.{k}"] = v
+    calibration = None
+    if calibrate is not None:
+        if rev.coupling != "revffn":
+            raise ConversionError("--calibrate fits the revffn adapters; revnet has none")
+        batches = calibration_batches(src, calibrate, calibration_tokens)
+        if not dry_run:
+            adapters, calibration = _calibrated_adapters(src, rev, batches, adapters)
     params_before = _count_params(model)
     summary = TransformSummary(
         str(src), str(out), model_type, rev.coupling, n, list(rev.converted), refused,
@@ -252,6 +276,14 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         config = json.loads(config_path.read_text())
         section = _section(rev, {k: list(v.shape) for k, v in adapters.items()},
                            next(model.parameters()).dtype, params_before)
+        if calibration is not None:
+            section["calibration"] = {
+                "file": Path(calibrate).name, "tokens": calibration.tokens,
+                "ridge": calibration.ridge,
+                "layer_output_rel_err": {str(f.index): [round(f.rel_err_before, 4),
+                                                        round(f.rel_err_after, 4)]
+                                         for f in calibration.layers}}
+            summary.calibration = calibration
         files += _write_meta(tmp, config, section)
         files += _copy_extras(src, tmp)
         if verify:
@@ -260,6 +292,77 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         summary.checkpoint_bytes = sum(t.nbytes for t in entries)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def calibration_batches(model_dir: Path, path: str | os.PathLike[str], tokens: int,
+                        seq: int = 512, batch: int = 8) -> list[torch.Tensor]:
+    """The first ``tokens`` tokens of a text or JSONL file, as ``(batch, seq)`` windows."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise LoadError(f"calibration file {file} does not exist")
+    try:
+        raw = file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"calibration file {file} cannot be read as text: {e}") from None
+    if file.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LoadError(f"{file}:{n}: not JSON ({e.msg})") from None
+            text = row.get("text") if isinstance(row, dict) else None
+            if text is None and isinstance(row, dict) and "prompt" in row:
+                text = str(row["prompt"]) + str(row.get("completion", ""))
+            if not isinstance(text, str):
+                raise LoadError(f"{file}:{n}: needs a 'text' or 'prompt' field")
+            texts.append(text)
+    else:
+        texts = [raw]
+    try:
+        with _quiet():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # noqa: BLE001 -- any tokenizer failure is the same user error
+        raise LoadError(f"--calibrate needs the tokenizer in {model_dir}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    ids: list[int] = []
+    sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    for text in texts:
+        ids += tok(text, add_special_tokens=False)["input_ids"] + sep
+        if len(ids) >= tokens:
+            break
+    ids = ids[:tokens]
+    seq = min(seq, len(ids))
+    if seq < 2:
+        raise LoadError(f"calibration file {file} holds fewer than 2 tokens")
+    n = len(ids) // seq
+    return list(torch.tensor(ids[:n * seq]).view(n, seq).split(batch))
+
+
+def _calibrated_adapters(src: Path, meta_rev: RevModel, batches: list[torch.Tensor],
+                         adapters: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                     Any]:
+    """Load the model for real, fit the adapters on ``batches``; same keys and dtypes."""
+    from ..calibration import calibrate
+    from ..loading import load_model
+
+    model = load_model(src)
+    rev = RevModel(model, meta_rev.coupling, list(meta_rev.converted),
+                   stream_dtype=meta_rev.options.stream_dtype)
+    report = calibrate(rev, batches)
+    fitted = {f"adapters.{k}": v.detach().cpu() for k, v in rev.adapters.state_dict().items()}
+    if set(fitted) != set(adapters):
+        raise ExportError("calibration produced different adapters than the transform")
+    return {k: fitted[k].to(adapters[k].dtype).contiguous() for k in adapters}, report
+
+
+def _wider(dtype: torch.dtype) -> str:
+    """The stream dtype one step wider than the checkpoint's."""
+    return "float64" if dtype == torch.float32 else "float32"
 
 
 def _verify_dir(path: Path, batch: int = 2, seq: int = 16, seed: int = 0) -> Any:

@@ -38,13 +38,14 @@ def make_adapters(hidden: int, dtype: torch.dtype,
                   device: torch.device | str = "cpu") -> nn.ModuleDict:
     """The revffn projection adapters of one layer, initialised to route, not to learn.
 
-    ``up`` (d/2 -> d) places the half-width stream in the first half of the full space and
-    zeros in the second (``[I; 0]``), so the pretrained norm and branch see the stream's
-    own features. ``down`` (d -> d/2) takes the half of the branch output that the
-    original residual would have added to that stream: the first half for F (it updates
-    X1), the second half for G (it updates X2). All four are bias-free Linear layers.
-    Copying the stream into both halves (``[I; I]``) was the first choice; fine-tuning the
-    pretrained example model (docs/quality.md) reached a lower eval loss with ``[I; 0]``.
+    ``up`` (d/2 -> d) places the half-width stream in the first d/2 features of the full
+    space and zeros in the rest (``[I; 0]``). ``down`` (d -> d/2) takes the half of the
+    branch output that the original residual would have added to that stream: the first
+    half for F (it updates X1), the second half for G (it updates X2). All four are
+    bias-free Linear layers. Fine-tuning the pretrained example model (docs/quality.md)
+    reached a lower eval loss from this init than from copying the stream into both halves
+    (``[I; I]``) or from placing X2 at its own (second-half) positions. Data-fitted
+    adapters: :func:`revffn_fx.calibrate`.
     """
     if hidden % 2:
         raise ConversionError(

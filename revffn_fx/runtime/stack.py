@@ -34,6 +34,11 @@ class RuntimeOptions:
     # called with (parameter, complete gradient) from inside the generated backward; the
     # fused optimizer sets it (see revffn_fx.training.fused)
     grad_sink: Any = None
+    # dtype the streams are carried in inside a stack (None: the hidden state's). A wider
+    # dtype makes the additions of the couplings (nearly) exact, so the backward's
+    # reconstruction does not accumulate rounding error through large-gain branches; each
+    # branch still computes in the hidden state's dtype.
+    stream_dtype: torch.dtype | None = None
 
 
 class Update(nn.Module):
@@ -46,6 +51,8 @@ class Update(nn.Module):
         self.target = target
         self.reads = list(reads)
         self.ctx_names = list(ctx_names)
+        # set by RevStack.forward when the streams are wider than the branch computes in
+        self.compute_dtype: torch.dtype | None = None
 
     @property
     def closed_form(self) -> bool:
@@ -53,8 +60,10 @@ class Update(nn.Module):
         return self.target not in self.reads
 
     def run(self, streams: list[torch.Tensor], ctx: dict[str, Any]) -> torch.Tensor:
-        return self.branch(*(streams[i] for i in self.reads),
-                           **{k: ctx[k] for k in self.ctx_names})
+        xs = [streams[i] for i in self.reads]
+        if self.compute_dtype is not None:
+            xs = [x.to(self.compute_dtype) for x in xs]
+        return self.branch(*xs, **{k: ctx[k] for k in self.ctx_names})
 
 
 class RevLayer(nn.Module):
@@ -91,6 +100,13 @@ class RevStack(nn.Module):
 
     def forward(self, hidden: torch.Tensor, **ctx: Any) -> torch.Tensor:
         streams = list(SPLITS[self.split](hidden))
+        wide = self.options.stream_dtype
+        wide = wide if wide is not None and wide != hidden.dtype else None
+        for layer in self.layers:
+            for u in layer.updates:
+                u.compute_dtype = hidden.dtype if wide is not None else None
+        if wide is not None:
+            streams = [s.to(wide) for s in streams]
         params = self._params()
         needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
         # eval mode and no_grad run the layers as plain modules (nothing to save memory for)
@@ -101,7 +117,7 @@ class RevStack(nn.Module):
             from .function import run_reversible
 
             streams = run_reversible(self, streams, ctx, params)
-        return MERGES[self.split](*streams)
+        return MERGES[self.split](*streams).to(hidden.dtype)
 
 
 class Checkpointed(nn.Module):
