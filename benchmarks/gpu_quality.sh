@@ -7,7 +7,8 @@
 #   RUNS=full,revffn-cal STEPS=600,1200 LIMIT=300 bash benchmarks/gpu_quality.sh
 #
 # Writes $OUT/quality-gpu.json (every run: curve, final eval loss, exact match, the
-# command) and $OUT/quality-gpu-logs.tar.gz (one log per run). Each run is capped by
+# command), its plot $OUT/quality-gpu.png and $OUT/quality-gpu-logs.tar.gz (one log per
+# run). Each run is capped by
 # `timeout $LIMIT`; a run that hits it is reported and left out of the JSON.
 set -uo pipefail
 
@@ -62,6 +63,7 @@ for key, r in sorted(merged.items(), key=lambda kv: (int(kv[0].split("@")[1]), k
     print(f"{key:<22} {r['eval_loss']:>9.4f} {dl:>8} {r['exact_match']:>5.1f}% {dm:>8} "
           f"{r['train_seconds']:>5.0f}")
 EOF
+"$PYTHON" benchmarks/plot_quality.py "$OUT/quality-gpu.json" "$OUT/quality-gpu.png" || true
 tar -czf "$OUT/quality-gpu-logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log)
 echo "gpu_quality.sh: done in ${SECONDS}s, results in $OUT"
 exit $status

@@ -1,5 +1,6 @@
 """Held-out loss of the pretrained example model before and after the transform, before
-any fine-tuning, for each coupling and revffn adapter initialisation.
+any fine-tuning, for each coupling and revffn adapter initialisation (calibrated: rf.calibrate
+on 4096 tokens of the training files).
 
     python benchmarks/initial_loss.py
 """
@@ -30,19 +31,26 @@ def main() -> None:
     torch.set_num_threads(1)
     pre = _pretrain_module()
     tok = AutoTokenizer.from_pretrained(MODEL)
-    _, held_out = pre.split_files(pre.stdlib_files())
+    train, held_out = pre.split_files(pre.stdlib_files())
     ids = pre.encode(tok, pre.read_texts(held_out, 2_000_000))
+    # calibration text: training files (never the held-out ones), 32 windows of 128 tokens
+    cal = pre.encode(tok, pre.read_texts(train[::40], 400_000))[:32 * 128].view(32, 128)
     model = rf.load_model(MODEL, experts_implementation="eager")
     print(f"original: {pre.eval_loss(model, ids, seq=128):.3f}")
     for coupling, init in (("revffn", "[I; 0] (default)"), ("revffn", "[I; I]"),
-                           ("revnet", "-")):
+                           ("revffn", "aligned"), ("revffn", "calibrated"), ("revnet", "-")):
         rev = rf.transform(model, coupling=coupling)
-        if init == "[I; I]":
-            with torch.no_grad():
-                for mods in rev.adapters.values():
-                    for key in ("F_up", "G_up"):
-                        half = mods[key].weight.shape[1]
+        with torch.no_grad():
+            for mods in rev.adapters.values():
+                for key in ("F_up", "G_up"):
+                    half = mods[key].weight.shape[1]
+                    if init == "[I; I]":
                         mods[key].weight[half:].copy_(torch.eye(half))
+                    if init == "aligned" and key == "F_up":  # X2 at its own positions
+                        mods[key].weight.zero_()
+                        mods[key].weight[half:].copy_(torch.eye(half))
+        if init == "calibrated":
+            print(f"  {rf.calibrate(rev, cal.split(8)).summary()}")
         print(f"{coupling}, up-adapters {init}: {pre.eval_loss(rev, ids, seq=128):.3f}")
 
 

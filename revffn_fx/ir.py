@@ -78,8 +78,19 @@ class _CausalLMEntry(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> tuple[Any, Any]:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                         use_cache=False)
+        # router logits are captured by the runtime's tap, never by the model's own forward:
+        # a config asking for them (TRL's SFTTrainer sets it) would make the traced forward
+        # compute a load-balancing loss from logits that tracing does not collect
+        config = getattr(self.model, "config", None)
+        asked = bool(getattr(config, "output_router_logits", False))
+        if asked:
+            config.output_router_logits = False
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                             use_cache=False)
+        finally:
+            if asked:
+                config.output_router_logits = True
         return out.logits, out.loss
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .errors import ConversionError, RevFFNError
 from .ir import TracedModel, call_arguments, trace
@@ -195,11 +195,14 @@ class RevModel(nn.Module):
         return self._specs[mode]
 
     def graph(self, training: bool | None = None, has_mask: bool = True,
-              has_labels: bool = True, chunked_head: bool = False) -> fx.GraphModule:
+              has_labels: bool = True, chunked_head: bool = False,
+              hidden_only: bool = False) -> fx.GraphModule:
         """The compiled model-level graph (reversible stacks in place of layer runs; with
-        ``chunked_head``, the memory-lean loss head in place of lm_head + loss)."""
+        ``chunked_head``, the memory-lean loss head in place of lm_head + loss; with
+        ``hidden_only``, cut before lm_head: it returns ``(final hidden states, None)``)."""
         mode = self.training if training is None else training
-        key = (mode, has_mask, has_labels, chunked_head and has_labels)
+        has_labels = has_labels and not hidden_only
+        key = (mode, has_mask, has_labels, chunked_head and has_labels, hidden_only)
         if key not in self._graphs:
             specs = self.specs(mode)
             layers = {}
@@ -230,11 +233,25 @@ class RevModel(nn.Module):
                 self.loss_head_status = why or "chunked"
                 return gm
 
+            def cut_at_head(gm: fx.GraphModule) -> fx.GraphModule:
+                target = self._lm_head_target()
+                head = next((n for n in gm.graph.nodes
+                             if n.op == "call_module" and n.target == target), None)
+                if head is None:
+                    raise RevFFNError(f"no call of the output embeddings {target} in the "
+                                      "model graph: cannot return the final hidden states")
+                out = next(n for n in gm.graph.nodes if n.op == "output")
+                out.args = ((head.args[0], None),)
+                gm.graph.eliminate_dead_code()
+                return gm
+
             passes: list[Pass] = [fuse]
             if self.checkpoint_rest:
                 passes.append(checkpoint_rest)
             if key[3]:
                 passes.append(chunk_head)
+            if hidden_only:
+                passes.append(cut_at_head)
             pm = PassManager(passes)
             gm = pm(snapshot(self.traced.trace(mode, has_mask, has_labels))).graph_module
             self.pass_records["model"] = pm.records
@@ -318,6 +335,88 @@ class RevModel(nn.Module):
             loss = loss + self.aux_loss_coef * aux.to(loss.device)
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits,
                                          router_logits=router_logits)
+
+    def backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 output_router_logits: bool = False, **kwargs: Any) -> MoeModelOutputWithPast:
+        """The decoder without the LM head: ``.last_hidden_state`` (after the final norm,
+        what lm_head reads) and, when asked, ``.router_logits``. The reversible stacks run
+        as in :meth:`forward`. Trainers with their own fused LM-head loss (TRL's
+        SFTTrainer) call this through :attr:`base_model`."""
+        unknown = set(kwargs) - _BENIGN_KWARGS - {"output_hidden_states", "output_attentions"}
+        if unknown:
+            raise RevFFNError(f"unsupported argument(s) {sorted(unknown)}; the backbone takes "
+                              "input_ids, attention_mask, output_router_logits")
+        gm = self.graph(has_mask=attention_mask is not None, has_labels=False,
+                        hidden_only=True)
+        kw = {"attention_mask": attention_mask} if attention_mask is not None else {}
+        tap = self.options.router_tap
+        record = bool(output_router_logits and tap is not None)
+        self.options.record_router_logits = record
+        try:
+            if record:
+                with tap.recording() as rec:  # type: ignore[union-attr]
+                    hidden, _ = gm(input_ids, **kw)
+            else:
+                rec = []
+                hidden, _ = gm(input_ids, **kw)
+        finally:
+            self.options.record_router_logits = False
+        return MoeModelOutputWithPast(last_hidden_state=hidden,
+                                      router_logits=tuple(rec) if record else None)
+
+    @property
+    def base_model(self) -> Any:
+        """A callable giving :meth:`backbone`'s output, where transformers models have their
+        decoder (``model.base_model(...)``)."""
+        return self.backbone
+
+    # -- the parts of the transformers model API that trainers reach for ----------------
+    @property
+    def generation_config(self) -> Any:
+        return getattr(self.model, "generation_config", None)
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        fn = getattr(self.model, "get_input_embeddings", None)
+        return fn() if fn is not None else None
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The LM head (for models without transformers' accessor: the module the loss head
+        pass looks for)."""
+        fn = getattr(self.model, "get_output_embeddings", None)
+        if fn is not None:
+            return fn()
+        target = self._lm_head_target().removeprefix("model.")
+        return dict(self.model.named_modules()).get(target)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Any = None,
+                                        every_n_layers: int | None = None,
+                                        offload: bool = False, **kwargs: Any) -> None:
+        """What ``TrainingArguments(activation_checkpointing=True)`` calls: the reversible
+        stacks keep no activations anyway, so this checkpoints the decoder layers left out
+        of them (``checkpoint_rest``); ``every_n_layers`` is not needed for that."""
+        if offload:
+            raise RevFFNError("activation offloading is not supported on a RevModel; the "
+                              "reversible stacks already keep no per-layer activations")
+        if not self.checkpoint_rest:
+            self.checkpoint_rest = True
+            self._graphs.clear()
+
+    def activation_checkpointing_disable(self) -> None:
+        if self.checkpoint_rest:
+            self.checkpoint_rest = False
+            self._graphs.clear()
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the pre-v5 names
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.checkpoint_rest
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Tags for the model card (forwarded to the wrapped transformers model)."""
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(tags)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20,

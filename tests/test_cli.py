@@ -243,14 +243,17 @@ def stub_export(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def test_transform_passes_options(stub_export: dict[str, Any]) -> None:
     res = run("transform", "in", "out", "--coupling", "revnet", "--layers", "0-1", "--verify",
               "--force", "--dry-run", "--max-shard-size", "10MB", "--attention", "cross",
-              "--fixed-point-iters", "80", "--fixed-point-tol", "1e-9")
+              "--fixed-point-iters", "80", "--fixed-point-tol", "1e-9", "--calibrate", "c.txt",
+              "--calibration-tokens", "512", "--stream-dtype", "float32")
     assert res.exit_code == 0, res.stderr
     assert res.stdout.splitlines() == ["converted 4 of 4 layers", "parameters added: 1,024"]
     progress = stub_export.pop("progress")
     assert callable(progress)
     assert stub_export == dict(model_dir="in", out_dir="out", coupling="revnet", layers="0-1",
                                verify=True, force=True, dry_run=True, max_shard_size="10MB",
-                               attention="cross", fixed_point_iters=80, fixed_point_tol=1e-9)
+                               attention="cross", fixed_point_iters=80, fixed_point_tol=1e-9,
+                               calibrate="c.txt", calibration_tokens=512,
+                               stream_dtype="float32")
 
 
 def test_transform_defaults_standalone(stub_export: dict[str, Any]) -> None:
@@ -259,6 +262,7 @@ def test_transform_defaults_standalone(stub_export: dict[str, Any]) -> None:
     assert stub_export["coupling"] == "revffn" and stub_export["layers"] is None
     assert stub_export["verify"] is False and stub_export["force"] is False
     assert stub_export["dry_run"] is False and stub_export["max_shard_size"] == "2GB"
+    assert stub_export["calibrate"] is None and stub_export["stream_dtype"] == "auto"
 
 
 def test_transform_error_exit_2(stub_export: dict[str, Any]) -> None:

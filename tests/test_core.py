@@ -259,3 +259,46 @@ def test_greedy_generate_matches_argmax_of_the_model() -> None:
     eos = int(out[0, 5])
     stopped = rev.generate(ids, max_new_tokens=4, eos_token_id=eos)
     assert (stopped[0, 5:] == eos).all()
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "granitemoe", "hand"])
+def test_backbone_is_the_forward_without_the_head(name: str) -> None:
+    """rev.backbone (what trainers with their own fused head call as ``base_model``):
+    lm_head of its hidden states gives the forward's logits, its router logits are the
+    forward's, and its gradients through the reversible stacks equal plain autograd."""
+    model = tiny_model(name, dtype=torch.float64)
+    rev = rf.transform(model, coupling="revffn").train()
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    torch.manual_seed(0)
+    out = rev(ids, attention_mask=mask, output_router_logits=True, return_logits=True)
+    torch.manual_seed(0)
+    back = rev.base_model(input_ids=ids, attention_mask=mask, output_router_logits=True,
+                          use_cache=False)
+    head = rev.get_output_embeddings()
+    if name == "granitemoe":  # granite divides the logits by logits_scaling after the head
+        scaled = head(back.last_hidden_state) / model.config.logits_scaling
+        torch.testing.assert_close(scaled, out.logits, rtol=1e-12, atol=1e-12)
+    else:
+        torch.testing.assert_close(head(back.last_hidden_state), out.logits, rtol=1e-12,
+                                   atol=1e-12)
+    if out.router_logits:
+        assert len(back.router_logits) == len(out.router_logits)
+        for a, b in zip(back.router_logits, out.router_logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def grads(plain: bool) -> dict[str, torch.Tensor]:
+        rev.zero_grad()
+        with rev.plain_autograd(plain):
+            torch.manual_seed(0)
+            h = rev.backbone(ids, attention_mask=mask).last_hidden_state
+            (h.sin() * mask[..., None]).sum().backward()
+        return {n: p.grad.clone() for n, p in rev.named_parameters() if p.grad is not None}
+
+    ref, got = grads(True), grads(False)
+    assert ref.keys() == got.keys() and any("adapters" in n for n in got)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12, msg=n)
+    with pytest.raises(rf.RevFFNError, match="unsupported"):
+        rev.backbone(ids, labels=ids)

@@ -154,6 +154,39 @@ def test_two_stage_with_trl_sft_trainer(tmp_path: Path) -> None:
     assert not torch.equal(spy.values[1][layer], spy.values[2][layer])  # trained in step 2
 
 
+def test_rev_model_under_trl_sft_trainer(tmp_path: Path) -> None:
+    """SFTTrainer patches the model's forward with a fused LM head that runs
+    ``model.base_model`` (RevModel.backbone: the reversible stacks, no head). The
+    two-stage callback then freezes all but the adapters for one step, and the router
+    receives the load-balancing loss's gradient."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(PRETRAINED)
+    rev = rf.transform(rf.load_model(PRETRAINED, experts_implementation="eager")).train()
+    rows = [json.loads(line) for line in
+            (EXAMPLES / "data" / "train.jsonl").read_text().splitlines()[:16]]
+    cb = TwoStageCallback(warmup_steps=1)
+    spy = _Spy()
+    # SFTConfig's defaults ask for activation checkpointing: the layers outside the
+    # reversible stacks (none here) get it
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
+                         use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                         disable_tqdm=True, learning_rate=1e-3)
+    trainer = trl.SFTTrainer(model=rev, args=args, processing_class=tok, callbacks=[cb, spy],
+                             train_dataset=datasets.Dataset.from_list(rows))
+    trainer.train()
+    assert rev.is_gradient_checkpointing
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(h["aux_loss"] > 0 for h in logs), logs
+    assert cb.stage == "full" and cb.switched_at == 1
+    q, adapter = "model.model.layers.0.self_attn.q_proj.weight", "adapters.0.F_up.weight"
+    router = "model.model.layers.3.mlp.gate.weight"
+    assert not _changed(spy, 0, 1, q) and _changed(spy, 0, 1, adapter)  # warm-up step
+    assert _changed(spy, 1, 2, q) and _changed(spy, 1, 2, router)
+
+
 def _load_example(name: str) -> Any:
     import importlib.util
 
