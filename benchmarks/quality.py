@@ -57,6 +57,7 @@ class Run:
     # the first fine-tuning examples, rf.calibrate)
     adapter_init: str = "copy"
     stream_dtype: str | None = None  # rf.transform(stream_dtype=...): wide streams
+    adapter_lr_mult: float = 1.0  # adapters' lr relative to the common lr (own param group)
     note: str = ""
 
 
@@ -83,6 +84,9 @@ RUNS: dict[str, Run] = {
     "revffn-cal32": Run("revffn", adapter_init="calibrated",
                         note="revffn-cal with fp32 streams (reconstruction rounding: up "
                              "to 0.7% gradient error in the first layer)"),
+    "revffn-cal-alr3": Run("revffn", adapter_init="calibrated", stream_dtype="float64",
+                           adapter_lr_mult=3.0,
+                           note="revffn-cal with the adapters at 3x the common lr"),
     "revffn2-cal": Run("revffn", warmup_steps=50, warmup_lr=3e-3, adapter_init="calibrated",
                        stream_dtype="float64",
                        note="revffn, two-stage, adapters calibrated first, fp64 streams"),
@@ -125,11 +129,11 @@ def _reinit_adapters(model: Any, how: str, tok: Any = None,
 
 def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str]],
             eval_rows: list[dict[str, str]], steps: int, lr: float, batch: int,
-            eval_steps: int, out_dir: Path, device: str = "cpu") -> Result:
+            eval_steps: int, out_dir: Path, device: str = "cpu", seed: int = 0) -> Result:
     """Fine-tune one configuration from the pretrained model; measure it."""
     from transformers import AutoTokenizer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = ft.load_for_finetune(model_dir, run.coupling, device=device)
     if run.coupling == "revffn":
@@ -138,12 +142,19 @@ def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str
         from revffn_fx.model import parse_stream_dtype
 
         model.options.stream_dtype = parse_stream_dtype(run.stream_dtype)
-    args = ft.training_args(out_dir / name, steps, lr, batch, eval_steps, seed=0,
+    args = ft.training_args(out_dir / name, steps, lr, batch, eval_steps, seed=seed,
                             eval_on_start=True, disable_tqdm=True, use_cpu=device == "cpu")
     cb = (TwoStageCallback(warmup_steps=run.warmup_steps, warmup_lr=run.warmup_lr,
                            train_norms=run.train_norms) if run.warmup_steps else None)
+    optimizer = None
+    if run.adapter_lr_mult != 1.0:
+        new = [p for n, p in model.named_parameters() if n.startswith("adapters.")]
+        old = [p for n, p in model.named_parameters() if not n.startswith("adapters.")]
+        optimizer = torch.optim.AdamW([{"params": old}, {"params": new,
+                                                          "lr": lr * run.adapter_lr_mult}],
+                                      lr=lr, weight_decay=0.0)
     t0 = time.time()
-    _, history = ft.finetune(model, tok, train_rows, eval_rows, args, cb)
+    _, history = ft.finetune(model, tok, train_rows, eval_rows, args, cb, optimizer=optimizer)
     seconds = time.time() - t0
     curve = [(r["step"], r["eval_loss"]) for r in history.records if "eval_loss" in r]
     em = ft.exact_match(model, tok, eval_rows)
@@ -185,6 +196,8 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data order and of any randomness in training")
     parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write the loss plot here")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/revffn-quality"))
@@ -193,7 +206,7 @@ def main() -> None:
     train_rows = ft.read_jsonl(args.data / "train.jsonl")
     eval_rows = ft.read_jsonl(args.data / "eval.jsonl")
     results = [run_one(n, RUNS[n], args.model, train_rows, eval_rows, args.steps, args.lr,
-                       args.batch, args.eval_steps, args.work_dir, args.device)
+                       args.batch, args.eval_steps, args.work_dir, args.device, args.seed)
                for n in args.runs.split(",")]
     base = next((r for r in results if r.name == "full"), None)
     print("\n| run | final eval loss | vs full | exact match | vs full | time |")
@@ -204,6 +217,7 @@ def main() -> None:
         print(f"| {r.name} | {r.eval_loss:.4f} | {dl} | {r.exact_match:.1f}% | {dm} | "
               f"{r.train_seconds:.0f}s |")
     meta = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "threads": args.threads,
+            "seed": args.seed,
             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
             "eval_problems": len(eval_rows), "train_problems": len(train_rows),
             "torch": torch.__version__, "command": " ".join(sys.argv)}

@@ -1,9 +1,13 @@
 """Saved-for-backward bytes of one training forward, per method, at two depths.
 
 Reproduces the table in docs/architecture.md:  python benchmarks/saved_bytes.py
+With the streams carried in fp64 inside the stacks (docs/training.md):
+    python benchmarks/saved_bytes.py --stream-dtype float64
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 
@@ -15,6 +19,9 @@ MiB = 2**20
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stream-dtype", default=None, help="rf.transform(stream_dtype=...)")
+    args = parser.parse_args()
     torch.set_num_threads(2)
     ids = torch.randint(0, 1024, (4, 256), generator=torch.Generator().manual_seed(0))
     print("depth | none | checkpoint | revffn | revffn+chunked | revnet | revnet+chunked (MiB)")
@@ -23,7 +30,8 @@ def main() -> None:
         row = {"none": saved_tensor_bytes(lambda m=model: m(ids, labels=ids).loss)[0]}
         for coupling in ("revffn", "revnet"):
             for head in ("original", "chunked"):
-                rev = rf.transform(model, coupling=coupling, loss_head=head).train()
+                rev = rf.transform(model, coupling=coupling, loss_head=head,
+                                   stream_dtype=args.stream_dtype).train()
                 key = coupling + ("+chunked" if head == "chunked" else "")
                 row[key] = saved_tensor_bytes(lambda r=rev: r(ids, labels=ids).loss)[0]
         model.activation_checkpointing_enable({"use_reentrant": False})

@@ -126,8 +126,8 @@ def greedy_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts
                    max_new_tokens: int = 4, batch_size: int = 64) -> list[str]:
     """Greedy continuation of each prompt, cut at end-of-text or newline.
 
-    RevModel has no ``generate``; this loop calls the forward (which returns logits in eval
-    mode) on prompts grouped by token length, so no padding is needed.
+    A loop over the forward (which returns logits in eval mode) on prompts grouped by token
+    length, so no padding is needed; it works alike for RevModel and the original model.
     """
     was = model.training
     model.eval()
@@ -189,14 +189,15 @@ def training_args(output_dir: str | Path, max_steps: int, lr: float, batch_size:
 def finetune(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
              train_rows: list[dict[str, str]], eval_rows: list[dict[str, str]],
              args: TrainingArguments, two_stage: TwoStageCallback | None = None,
-             eval_limit: int | None = None) -> tuple[Trainer, History]:
+             eval_limit: int | None = None,
+             optimizer: torch.optim.Optimizer | None = None) -> tuple[Trainer, History]:
     """Run the Trainer; return it and the logged history."""
     history = History()
     callbacks: list[TrainerCallback] = [history] + ([two_stage] if two_stage else [])
     evals = eval_rows[:eval_limit] if eval_limit else eval_rows
     trainer = Trainer(model=model, args=args, train_dataset=encode(train_rows, tok),
                       eval_dataset=encode(evals, tok), data_collator=Collator(tok.pad_token_id),
-                      callbacks=callbacks)
+                      callbacks=callbacks, optimizers=(optimizer, None))
     trainer.train()
     return trainer, history
 
