@@ -88,11 +88,13 @@ def encode(tok: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def model_config(tok: PreTrainedTokenizerFast) -> MixtralConfig:
-    """4 layers, hidden 128, 8 experts top-2, tied embeddings (about 3.7 M parameters)."""
+def model_config(tok: PreTrainedTokenizerFast, hidden: int = 128) -> MixtralConfig:
+    """4 layers, hidden 128, 8 experts top-2, tied embeddings (about 3.7 M parameters).
+    ``hidden``: a wider variant (intermediate 2 x hidden, one head per 32 features)."""
     return MixtralConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=8,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=4, num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 64, head_dim=32, num_local_experts=8,
         num_experts_per_tok=2, max_position_embeddings=512, tie_word_embeddings=True,
         router_aux_loss_coef=0.01, output_router_logits=False,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -128,6 +130,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=128,
+                        help="hidden size (128: the shipped model; wider ones for experiments)")
     parser.add_argument("--log", type=Path, default=None, help="also append log lines here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,7 +155,7 @@ def main() -> None:
 
     torch.manual_seed(SEED)
     # "eager" experts (a loop over experts) run about 10x faster on CPU than grouped_mm
-    model = AutoModelForCausalLM.from_config(model_config(tok), dtype=torch.float32,
+    model = AutoModelForCausalLM.from_config(model_config(tok, args.hidden), dtype=torch.float32,
                                              experts_implementation="eager")
     model.train()
     n_params = sum(p.numel() for p in model.parameters())

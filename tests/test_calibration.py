@@ -56,10 +56,14 @@ def test_calibration_is_generic_and_keeps_the_backward_exact(arch: str) -> None:
     model = tiny_model(arch, dtype=torch.float64)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 128
     rev = rf.transform(model, coupling="revffn")
+    init = {k: v.clone() for k, v in rev.adapters.state_dict().items()}
     report = rf.calibrate(rev, _ids(vocab, seed=1).split(2))
     assert [f.index for f in report.layers] == rev.converted
     for f in report.layers:  # least squares from the current init cannot be much worse
         assert f.rel_err_after <= f.rel_err_before + 1e-3, f
+    assert sum(f.rel_err_after for f in report.layers) < sum(
+        f.rel_err_before for f in report.layers) - 0.01, report.layers
+    assert all(not torch.equal(v, init[k]) for k, v in rev.adapters.state_dict().items())
     check = rf.verify(rev, _ids(vocab, batch=2, seq=12, seed=2))
     assert check.ok and check.max_grad_rel_err < 1e-9, check.summary()
 
@@ -75,7 +79,9 @@ def test_calibration_leaves_padding_out() -> None:
     masked = rf.transform(model, coupling="revffn")
     report = rf.calibrate(masked, [{"input_ids": padded, "attention_mask": mask}])
     assert report.tokens == 32
+    default = rf.transform(model, coupling="revffn").adapters.state_dict()
     for k, v in plain.adapters.state_dict().items():
+        assert not torch.allclose(v, default[k])
         torch.testing.assert_close(masked.adapters.state_dict()[k], v, atol=1e-4, rtol=1e-4)
 
 

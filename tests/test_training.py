@@ -211,12 +211,13 @@ def test_finetune_script_runs_on_shipped_data(tmp_path: Path) -> None:
     assert back.coupling == "revffn"
 
 
-def test_finetune_script_calibrates(tmp_path: Path) -> None:
+def test_finetune_script_calibrates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     finetune = _load_example("finetune")
     result = finetune.main(["--max-steps", "2", "--eval-steps", "2", "--eval-limit", "8",
                             "--batch-size", "4", "--calibrate", "--no-save",
                             "--output-dir", str(tmp_path / "ft")])
     assert result["steps"] == 2 and any("eval_loss" in r for r in result["history"])
+    assert "calibrated 4 layers" in capsys.readouterr().out
 
 
 def test_shipped_pretrained_model_beats_random(tmp_path: Path) -> None:
