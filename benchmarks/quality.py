@@ -58,6 +58,7 @@ class Run:
     adapter_init: str = "copy"
     stream_dtype: str | None = None  # rf.transform(stream_dtype=...): wide streams
     adapter_lr_mult: float = 1.0  # adapters' lr relative to the common lr (own param group)
+    random_init: bool = False  # start from random weights of the same shape (a control)
     note: str = ""
 
 
@@ -87,6 +88,10 @@ RUNS: dict[str, Run] = {
     "revffn-cal-alr3": Run("revffn", adapter_init="calibrated", stream_dtype="float64",
                            adapter_lr_mult=3.0,
                            note="revffn-cal with the adapters at 3x the common lr"),
+    "full-random": Run("none", random_init=True,
+                       note="control: the same architecture from random weights, full training"),
+    "revffn-random": Run("revffn", random_init=True,
+                         note="control: revffn coupling of the random-weight model"),
     "revffn2-cal": Run("revffn", warmup_steps=50, warmup_lr=3e-3, adapter_init="calibrated",
                        stream_dtype="float64",
                        note="revffn, two-stage, adapters calibrated first, fp64 streams"),
@@ -135,7 +140,18 @@ def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = ft.load_for_finetune(model_dir, run.coupling, device=device)
+    if run.random_init:
+        from transformers import AutoModelForCausalLM
+
+        import revffn_fx as rf
+
+        base = AutoModelForCausalLM.from_config(
+            rf.load_model(model_dir).config, dtype=torch.float32,
+            experts_implementation="eager").to(device)
+        model = (rf.transform(base, coupling=run.coupling) if run.coupling != "none"
+                 else base).train()
+    else:
+        model = ft.load_for_finetune(model_dir, run.coupling, device=device)
     if run.coupling == "revffn":
         _reinit_adapters(model, run.adapter_init, tok, train_rows[:CALIBRATION_EXAMPLES])
     if run.coupling != "none":
