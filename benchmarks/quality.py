@@ -92,6 +92,8 @@ RUNS: dict[str, Run] = {
                        note="control: the same architecture from random weights, full training"),
     "revffn-random": Run("revffn", random_init=True,
                          note="control: revffn coupling of the random-weight model"),
+    "revnet-random": Run("revnet", random_init=True,
+                         note="control: revnet coupling of the random-weight model"),
     "revffn2-cal": Run("revffn", warmup_steps=50, warmup_lr=3e-3, adapter_init="calibrated",
                        stream_dtype="float64",
                        note="revffn, two-stage, adapters calibrated first, fp64 streams"),
