@@ -159,13 +159,16 @@ def calibrate(rev: RevModel, data: Iterable[Any], ridge: float = 1e-3,
 
     # 2. layer after layer: pretrained values, then the coupled layer's fit
     report = CalibrationReport(tokens=int(sum(float(w.sum()) for w in weights)), ridge=ridge)
-    rev_hidden: list[torch.Tensor] = [c[0][traced.layers[0].call.hidden_name] for c in calls]
+    first = traced.layers[0].call.hidden_name
+    rev_hidden: list[torch.Tensor] = [c[0][first] for c in calls]
+    orig_hidden = list(rev_hidden)  # the pretrained model's state, carried layer to layer
     for lg in traced.layers:
-        args = [c[lg.index] for c in calls]
-        if lg.index not in specs:  # not converted: the original layer on the coupled state
+        name = lg.call.hidden_name
+        args = [{**c[lg.index], name: orig_hidden[k]} for k, c in enumerate(calls)]
+        if lg.index not in specs:  # not converted: the original layer on both states
             for k, a in enumerate(args):
-                out = lg.module(**{**a, lg.call.hidden_name: rev_hidden[k]})
-                rev_hidden[k] = out[0] if isinstance(out, (tuple, list)) else out
+                rev_hidden[k] = _first(lg.module(**{**a, name: rev_hidden[k]}))
+                orig_hidden[k] = _first(lg.module(**a))
             continue
         if progress:
             progress(f"calibrating layer {lg.index}")
@@ -175,9 +178,9 @@ def calibrate(rev: RevModel, data: Iterable[Any], ridge: float = 1e-3,
         want = {n for s in plan.sublayers for n in (s.residual_node, s.add_node)}
         gm = lg.trace(False)
         originals = []
-        for a in args:
+        for k, a in enumerate(args):
             interp = _Values(gm, want)
-            interp.run(*(a.get(n) for n in lg.placeholder_names))
+            orig_hidden[k] = _first(interp.run(*(a.get(n) for n in lg.placeholder_names)))
             originals.append(interp.values)
         last = plan.sublayers[-1].add_node
         streams = [list(SPLITS[spec.split](h)) for h in rev_hidden]
@@ -222,6 +225,8 @@ def _layer_calls(model: torch.nn.Module, layers: list[Any], batch: dict[str, tor
         def hook(_m: Any, args: Any, kwargs: Any) -> None:
             bound = dict(zip(names, args))
             bound.update(kwargs)
+            if index != layers[0].index:  # calibrate carries the hidden state itself:
+                bound.pop(names[0], None)  # keeping every layer's would cost layers x data
             seen.setdefault(index, bound)
         return hook
 
@@ -241,6 +246,11 @@ def _layer_calls(model: torch.nn.Module, layers: list[Any], batch: dict[str, tor
     if missing:
         raise RevFFNError(f"calibration: decoder layer {missing[0]} was not called")
     return [seen[lg.index] for lg in layers]
+
+
+def _first(out: Any) -> torch.Tensor:
+    """A layer's hidden-state output (layers may return tuples)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _inputs_of(module: torch.nn.Module, update: Any, streams: list[torch.Tensor],

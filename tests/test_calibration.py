@@ -149,3 +149,17 @@ def test_transform_cli_calibrates(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 2 and message in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and not bad.exists()
+
+
+def test_calibration_with_layers_left_out() -> None:
+    """Layers outside the stacks run as they are, on both the pretrained and the coupled
+    state; only the converted layers are fitted and reported."""
+    model = tiny_model("qwen2_moe", dtype=torch.float64)
+    n = model.config.num_hidden_layers
+    rev = rf.transform(model, coupling="revffn", layers=[n - 1])
+    assert rev.converted == [n - 1] and n >= 2
+    report = rf.calibrate(rev, [_ids(model.config.vocab_size, seed=5)])
+    assert [f.index for f in report.layers] == [n - 1]
+    assert report.layers[0].rel_err_after < report.layers[0].rel_err_before
+    check = rf.verify(rev, _ids(model.config.vocab_size, batch=2, seq=12, seed=6))
+    assert check.ok, check.summary()
