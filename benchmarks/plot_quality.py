@@ -10,26 +10,33 @@ import sys
 from pathlib import Path
 
 
-def main(src: str, dst: str) -> None:
+def plot_curves(curves: list[tuple[str, list[tuple[int, float]], float]], path: str | Path,
+                title: str) -> None:
+    """One eval-loss curve per (label, [(step, loss), ...], exact match %), log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = json.loads(Path(src).read_text())
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for key, r in sorted(runs.items()):
-        steps, losses = zip(*r["curve"])
-        ax.plot(steps, losses, marker=".", label=f"{key} (EM {r['exact_match']:.1f}%)")
+    for label, curve, em in curves:
+        steps, losses = zip(*curve)
+        ax.plot(steps, losses, marker=".", label=f"{label} (EM {em:.1f}%)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("eval loss (answer tokens)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    device = next(iter(runs.values()))["meta"].get("device", "")
-    ax.set_title(f"Fine-tuning tiny-moe-stdlib ({device})")
+    ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(dst, dpi=120)
+    fig.savefig(path, dpi=120)
+
+
+def main(src: str, dst: str) -> None:
+    runs = json.loads(Path(src).read_text())
+    device = next(iter(runs.values()))["meta"].get("device", "")
+    plot_curves([(key, r["curve"], r["exact_match"]) for key, r in sorted(runs.items())], dst,
+                f"Fine-tuning tiny-moe-stdlib ({device})")
 
 
 if __name__ == "__main__":

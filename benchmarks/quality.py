@@ -183,23 +183,11 @@ def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str
 
 
 def plot(results: list[Result], path: Path) -> None:
-    import matplotlib
+    sys.path.insert(0, str(Path(__file__).parent))
+    from plot_quality import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for r in results:
-        steps, losses = zip(*r.curve)
-        ax.plot(steps, losses, marker=".", label=f"{r.name} (EM {r.exact_match:.1f}%)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("eval loss (answer tokens)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Fine-tuning tiny-moe-stdlib on arithmetic word problems")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_curves([(r.name, r.curve, r.exact_match) for r in results], path,
+                "Fine-tuning tiny-moe-stdlib on arithmetic word problems")
 
 
 def main() -> None:

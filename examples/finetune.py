@@ -76,17 +76,14 @@ def calibrate_on_rows(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
     """Fit a revffn model's adapters (rf.calibrate) on training examples (prompt +
     completion, packed into windows of ``seq`` tokens); streams then carried in fp64
     (fp32 for 16-bit models) so the backward stays exact. Returns the report's summary."""
-    ids: list[int] = []
-    for r in rows:
-        ids += tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"]
-        ids.append(tok.eos_token_id)
-    n = len(ids) // seq
-    windows = torch.tensor(ids[:n * seq]).view(n, seq).to(next(model.parameters()).device)
-    was = model.training
-    report = rf.calibrate(model, list(windows.split(batch)))
-    model.train(was)
-    dtype = next(model.parameters()).dtype
-    model.options.stream_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    from revffn_fx.calibration import token_windows
+    from revffn_fx.model import wider_stream_dtype
+
+    device = next(model.parameters()).device
+    windows = token_windows(tok, [r["prompt"] + r["completion"] for r in rows], seq=seq,
+                            batch=batch)
+    report = rf.calibrate(model, [w.to(device) for w in windows])
+    model.options.stream_dtype = wider_stream_dtype(next(model.parameters()).dtype)
     return report.summary()
 
 

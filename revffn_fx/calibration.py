@@ -248,6 +248,25 @@ def _layer_calls(model: torch.nn.Module, layers: list[Any], batch: dict[str, tor
     return [seen[lg.index] for lg in layers]
 
 
+def token_windows(tok: Any, texts: Iterable[str], max_tokens: int | None = None,
+                  seq: int = 512, batch: int = 8) -> list[torch.Tensor]:
+    """Texts tokenized (end-of-text after each), packed into ``(batch, seq)`` windows of
+    token ids for :func:`calibrate`: at most ``max_tokens`` tokens, ``seq`` shortened to
+    what there is; empty when fewer than 2 tokens."""
+    ids: list[int] = []
+    sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    for text in texts:
+        ids += tok(text, add_special_tokens=False)["input_ids"] + sep
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    seq = min(seq, len(ids))
+    if seq < 2:
+        return []
+    n = len(ids) // seq
+    return list(torch.tensor(ids[:n * seq]).view(n, seq).split(batch))
+
+
 def _first(out: Any) -> torch.Tensor:
     """A layer's hidden-state output (layers may return tuples)."""
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -310,20 +310,12 @@ class RevModel(nn.Module):
                         chunked_head=chunked)
         kw = {k: v for k, v in (("attention_mask", attention_mask), ("labels", graph_labels))
               if v is not None}
-        tap = self.options.router_tap
-        record = bool(output_router_logits and tap is not None)
         self.options.num_items_in_batch = num_items_in_batch
-        self.options.record_router_logits = record
         try:
-            if record:
-                with tap.recording() as rec:  # type: ignore[union-attr]
-                    logits, loss = gm(input_ids, **kw)
-            else:
-                rec = []
-                logits, loss = gm(input_ids, **kw)
+            (logits, loss), rec = self._run(gm, input_ids, kw, output_router_logits)
         finally:
-            self.options.record_router_logits = False
             self.options.num_items_in_batch = None
+        record = rec is not None
         if own_loss:
             loss = self.model.loss_function(logits, labels, logits.shape[-1],
                                             num_items_in_batch=num_items_in_batch)
@@ -349,20 +341,24 @@ class RevModel(nn.Module):
         gm = self.graph(has_mask=attention_mask is not None, has_labels=False,
                         hidden_only=True)
         kw = {"attention_mask": attention_mask} if attention_mask is not None else {}
+        (hidden, _), rec = self._run(gm, input_ids, kw, output_router_logits)
+        return MoeModelOutputWithPast(last_hidden_state=hidden,
+                                      router_logits=tuple(rec) if rec is not None else None)
+
+    def _run(self, gm: fx.GraphModule, input_ids: torch.Tensor, kw: dict[str, Any],
+             router_logits: bool) -> tuple[Any, list[torch.Tensor] | None]:
+        """Call a compiled graph; with ``router_logits`` (and routers to tap), also return
+        the router logits the stacks recorded, else None."""
         tap = self.options.router_tap
-        record = bool(output_router_logits and tap is not None)
-        self.options.record_router_logits = record
+        if not (router_logits and tap is not None):
+            return gm(input_ids, **kw), None
+        self.options.record_router_logits = True
         try:
-            if record:
-                with tap.recording() as rec:  # type: ignore[union-attr]
-                    hidden, _ = gm(input_ids, **kw)
-            else:
-                rec = []
-                hidden, _ = gm(input_ids, **kw)
+            with tap.recording() as rec:
+                out = gm(input_ids, **kw)
         finally:
             self.options.record_router_logits = False
-        return MoeModelOutputWithPast(last_hidden_state=hidden,
-                                      router_logits=tuple(rec) if record else None)
+        return out, rec
 
     @property
     def base_model(self) -> Any:
@@ -515,6 +511,11 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
         model = load_model(model)
     return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head,
                     attention, fixed_point_iters, fixed_point_tol, stream_dtype)
+
+
+def wider_stream_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The stream dtype one step wider than the model's (fp32 -> fp64, 16-bit -> fp32)."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
 
 
 _STREAM_DTYPES = {"float64": torch.float64, "float32": torch.float32,

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConversionError, ExportError, LoadError
 from ..loading import _check_config, _quiet
-from ..model import RevModel, parse_layers
+from ..model import RevModel, parse_layers, wider_stream_dtype
 from ..registry import facts_for
 from .checkpoint import (
     _DTYPES,
@@ -198,7 +198,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                   fixed_point_tol: float | None = None,
                   calibrate: str | os.PathLike[str] | None = None,
                   calibration_tokens: int = 16384,
-                  stream_dtype: str | None = None) -> TransformSummary:
+                  stream_dtype: str | torch.dtype | None = None) -> TransformSummary:
     """Transform the checkpoint in ``model_dir`` into a revffn-fx directory ``out_dir``.
 
     The model is never materialised (meta device; tensors are copied shard by shard), so
@@ -226,7 +226,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     # structure and adapters do not depend on it, so plan with plain attention here and
     # record the option; rf.load (and --verify) build the cross-branch attention for real
     if stream_dtype == "auto":
-        stream_dtype = _wider(dtype) if calibrate is not None else None
+        stream_dtype = wider_stream_dtype(dtype) if calibrate is not None else None
     rev = RevModel(model, coupling, layers, fixed_point_iters=fixed_point_iters,
                    fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype)
     if attention != "plain":
@@ -329,18 +329,12 @@ def calibration_batches(model_dir: Path, path: str | os.PathLike[str], tokens: i
     except Exception as e:  # noqa: BLE001 -- any tokenizer failure is the same user error
         raise LoadError(f"--calibrate needs the tokenizer in {model_dir}: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    ids: list[int] = []
-    sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    for text in texts:
-        ids += tok(text, add_special_tokens=False)["input_ids"] + sep
-        if len(ids) >= tokens:
-            break
-    ids = ids[:tokens]
-    seq = min(seq, len(ids))
-    if seq < 2:
+    from ..calibration import token_windows
+
+    windows = token_windows(tok, texts, tokens, seq, batch)
+    if not windows:
         raise LoadError(f"calibration file {file} holds fewer than 2 tokens")
-    n = len(ids) // seq
-    return list(torch.tensor(ids[:n * seq]).view(n, seq).split(batch))
+    return windows
 
 
 def _calibrated_adapters(src: Path, meta_rev: RevModel, batches: list[torch.Tensor],
@@ -358,11 +352,6 @@ def _calibrated_adapters(src: Path, meta_rev: RevModel, batches: list[torch.Tens
     if set(fitted) != set(adapters):
         raise ExportError("calibration produced different adapters than the transform")
     return {k: fitted[k].to(adapters[k].dtype).contiguous() for k in adapters}, report
-
-
-def _wider(dtype: torch.dtype) -> str:
-    """The stream dtype one step wider than the checkpoint's."""
-    return "float64" if dtype == torch.float32 else "float32"
 
 
 def _verify_dir(path: Path, batch: int = 2, seq: int = 16, seed: int = 0) -> Any:
