@@ -298,8 +298,10 @@ def calibration_batches(model_dir: Path, path: str | os.PathLike[str], tokens: i
                         seq: int = 512, batch: int = 8) -> list[torch.Tensor]:
     """The first ``tokens`` tokens of a text or JSONL file, as ``(batch, seq)`` windows."""
     file = Path(path).expanduser()
-    if not file.is_file():
+    if not file.exists():
         raise LoadError(f"calibration file {file} does not exist")
+    if not file.is_file():
+        raise LoadError(f"calibration file {file} is not a regular file")
     try:
         raw = file.read_text()
     except (OSError, UnicodeDecodeError) as e:
