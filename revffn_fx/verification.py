@@ -5,18 +5,26 @@ Two checks on one batch:
   outputs gives back its inputs (relative error, per layer);
 - gradients: the loss (plus the load-balancing loss when asked) differentiated through
   the generated backward and through plain autograd, from the same RNG seed, gives the
-  same gradient for every parameter and for the input embeddings.
+  same gradient for every parameter and for the input embeddings;
+- fidelity: the branches the rewrite extracted from each layer, recomposed in the original
+  residual form (one residual state, adapters as identities), reproduce the original
+  layer's output. The two checks above compare the coupled model with itself; this one
+  catches a rewrite that dropped or altered a computation of the original layer.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 
+from .ir import logits_and_loss
 from .model import RevModel, input_embeddings
 from .runtime.stack import RevStack
+from .runtime.streams import MERGES
 
 # (gradient, reconstruction) tolerances by dtype, relative
 TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4),
@@ -25,6 +33,8 @@ TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4),
 # as exact as the branch itself, and HF RMSNorms compute in fp32 even for fp64 inputs
 # (measured 4e-9 - 1e-8 on tiny mixtral; 1e-15 with fp64 norms)
 FIXED_POINT_TOLERANCES = {torch.float64: (1e-7, 1e-7)}
+# the recomposed branches run the same operations in the same order as the original layer
+FIDELITY_TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 @dataclass
@@ -32,6 +42,8 @@ class LayerCheck:
     index: int
     qualname: str
     reconstruction_err: float
+    # recomposed branches vs the original layer (relative); None when not checked
+    fidelity_err: float | None = None
 
 
 @dataclass
@@ -50,6 +62,7 @@ class VerifyReport:
     # "<layer>.<update>" -> (iterations, final relative residual) of each fixed-point
     # reconstruction in the checked backward; empty without cross-branch attention
     fixed_point: dict[str, tuple[int, float]] = field(default_factory=dict)
+    fidelity_tol: float = 0.0
 
     def summary(self) -> str:
         rec = max((c.reconstruction_err for c in self.layers), default=0.0)
@@ -59,9 +72,12 @@ class VerifyReport:
             res = max(r for _, r in self.fixed_point.values())
             fp = (f"; fixed point {min(its)}-{max(its)} iterations, max residual {res:.1e} "
                   f"over {len(its)} layers")
+        fids = [c.fidelity_err for c in self.layers if c.fidelity_err is not None]
+        fid = (f", max fidelity error {max(fids):.2e} (tol {self.fidelity_tol:.0e})"
+               if fids else "")
         return (f"{'OK' if self.ok else 'FAILED'}: max gradient relative error "
                 f"{self.max_grad_rel_err:.2e} (tol {self.grad_tol:.0e}, worst {self.worst_param}), "
-                f"max reconstruction error {rec:.2e} (tol {self.recon_tol:.0e}) over "
+                f"max reconstruction error {rec:.2e} (tol {self.recon_tol:.0e}){fid} over "
                 f"{len(self.layers)} reversible layers, dtype {self.dtype}{fp}")
 
 
@@ -85,13 +101,64 @@ def _grads(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, Any], seed: int
         rev.zero_grad(set_to_none=True)
         torch.manual_seed(seed)
         out = rev(input_ids, output_router_logits=router, **kw)
-        loss = out.loss if out.loss is not None else out.logits.float().pow(2).mean()
+        logits, loss = logits_and_loss(out)  # hand-written models return their own structure
+        loss = loss if loss is not None else logits.float().pow(2).mean()
         loss.backward()
     finally:
         handle.remove()
     grads = {n: p.grad.detach().clone() for n, p in rev.named_parameters() if p.grad is not None}
     rev.zero_grad(set_to_none=True)
     return float(loss.detach()), grads, box[0].grad.detach().clone()
+
+
+class _Recomposed(fx.Interpreter):
+    """Run a coupling graph as the original residual layer: both streams read as one
+    residual state, adapters as identities, every stream update ``stream + u`` as the
+    residual add ``state + u`` in graph order, the merge as the final state.
+
+    Relies on the tags the coupling pass puts on the nodes it adds (``node.meta["revffn"]``:
+    split, adapter, coupling, merge); every other node runs as it is, so a branch
+    computation that the rewrite dropped or changed shows as a difference.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.state: torch.Tensor | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        tag = n.meta.get("revffn")
+        if n.op == "call_module" and str(n.target).startswith("adapters."):
+            return self.env[n.args[0]]  # type: ignore[index]
+        if tag == "split" and n.target is not operator.getitem:
+            self.state = self.env[n.args[0]]  # type: ignore[index]
+            return (self.state, self.state)
+        if tag == "coupling":
+            stream, update = (self.env[a] if isinstance(a, fx.Node) else a for a in n.args[:2])
+            del stream  # the original layer has one residual state
+            self.state = self.state + update
+            return self.state
+        if tag == "merge":
+            return self.state
+        return super().run_node(n)
+
+
+def recomposable(gm: fx.GraphModule) -> bool:
+    """Whether a coupling graph's added nodes are all of the kinds :class:`_Recomposed`
+    knows (couplings with other update rules, e.g. scaled streams, are not checked)."""
+    tags = {n.meta.get("revffn") for n in gm.graph.nodes} - {None}
+    return tags <= {"split", "adapter", "coupling", "merge", "cross_query", "cross_attention"}
+
+
+def fidelity_error(original: fx.GraphModule, coupled: fx.GraphModule, hidden: torch.Tensor,
+                   ctx: dict[str, Any]) -> float:
+    """Relative error of the recomposed branches of ``coupled`` against ``original``
+    (the layer's traced graph) on one input."""
+    names = [n.name for n in original.graph.nodes if n.op == "placeholder"]
+    args = [hidden, *(ctx.get(k) for k in names[1:])]
+    want = original(*args)
+    got = _Recomposed(coupled).run(*args)
+    want = want[0] if isinstance(want, tuple) else want
+    return _rel(got, want)
 
 
 def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, Any],
@@ -125,12 +192,17 @@ def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, 
     checks = []
     with torch.no_grad():
         for name, (xs, ys, ctx) in seen.items():
-            spec = specs[names[name]]
+            i = names[name]
+            spec = specs[i]
             inv = spec.inverse
             wanted = [n.name for n in inv.graph.nodes if n.op == "placeholder"][len(ys):]
             rec = inv(*ys, **{k: ctx[k] for k in wanted})
             err = _rel(torch.cat([r.flatten() for r in rec]), torch.cat([x.flatten() for x in xs]))
-            checks.append(LayerCheck(names[name], name, err))
+            fid = None
+            if recomposable(spec.forward):
+                hidden = MERGES[spec.split](*xs)
+                fid = fidelity_error(rev.traced.layers[i].trace(False), spec.forward, hidden, ctx)
+            checks.append(LayerCheck(i, name, err, fid))
     return sorted(checks, key=lambda c: c.index)
 
 
@@ -144,6 +216,8 @@ def verify(rev: RevModel, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     restored to its previous mode afterwards.
     """
     kw: dict[str, Any] = {"labels": input_ids if labels is None else labels}
+    if labels is None and rev.traced.convention.labels is None:
+        kw = {}  # the model computes no loss: the check differentiates its logits
     if attention_mask is not None:
         kw["attention_mask"] = attention_mask
     was = rev.training
@@ -173,8 +247,10 @@ def verify(rev: RevModel, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     gtol, rtol = TOLERANCES.get(dtype, (1e-4, 1e-4))
     if fixed:
         gtol, rtol = FIXED_POINT_TOLERANCES.get(dtype, (gtol, rtol))
+    ftol = FIDELITY_TOLERANCES.get(dtype, 1e-2)
     emb_err = _rel(e_rev, e_ref)
     ok = (err <= gtol and emb_err <= gtol and len(layers) == len(rev.converted)
-          and all(c.reconstruction_err <= rtol for c in layers))
+          and all(c.reconstruction_err <= rtol for c in layers)
+          and all(c.fidelity_err is None or c.fidelity_err <= ftol for c in layers))
     return VerifyReport(ok, err, worst, emb_err, loss, layers, gtol, rtol,
-                        str(dtype).replace("torch.", ""), fixed)
+                        str(dtype).replace("torch.", ""), fixed, ftol)
