@@ -163,3 +163,75 @@ def test_trainer_gradient_accumulation_same_curve(tmp_path) -> None:
         curves[head] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(curves["chunked"]) == 4
     assert curves["chunked"] == pytest.approx(curves["original"], rel=1e-4)
+
+
+# -- byte-budgeted chunks -------------------------------------------------------------------
+
+def test_chunk_tokens_follow_vocab_and_bytes() -> None:
+    from revffn_fx.runtime.loss import bytes_per_logit, head_chunk_tokens
+
+    # Qwen1.5-MoE's head (hidden 2048, vocab 151936), batch 4 x 2048 tokens
+    tokens, d = 8192, 2048
+    for dtype in (torch.float32, torch.bfloat16):
+        e = torch.finfo(dtype).bits // 8
+        sizes = {v: head_chunk_tokens(tokens, d, v, dtype, True, min_chunk=1)
+                 for v in (32000, 64000, 151936)}
+        for v, c in sizes.items():  # one chunk's logits fit in the hidden states' bytes
+            assert c * v * bytes_per_logit(dtype, True) <= tokens * d * e
+            assert 2 * c * v * bytes_per_logit(dtype, True) > tokens * d * e  # largest power
+        assert sizes[64000] * 2 == sizes[32000]  # twice the vocabulary, half the tokens
+    # fp32: Liger-Kernel's tokens * hidden / vocab, rounded down to a power of two
+    assert head_chunk_tokens(tokens, d, 151936, torch.float32, True, 1) == 64
+    assert head_chunk_tokens(tokens, d, 151936, torch.bfloat16, True, 1) == 32
+    assert head_chunk_tokens(tokens, 256, 151936, torch.float32, True) == 32  # the floor
+    assert head_chunk_tokens(10, 2048, 1000, torch.float32, True) == 10  # never above tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_working_set_is_twice_the_hidden_states(dtype: torch.dtype) -> None:
+    from revffn_fx.memory import peak_live_bytes
+
+    tokens, d, vocab = 1024, 64, 4096
+    torch.manual_seed(0)
+    h = torch.randn(tokens, d, dtype=dtype, requires_grad=True)
+    w = (torch.randn(vocab, d) * 0.1).to(dtype).requires_grad_()
+    y = torch.randint(0, vocab, (tokens,))
+
+    def step() -> torch.Tensor:
+        loss = chunked_linear_cross_entropy(h, w, None, y, min_chunk=1)
+        loss.backward()
+        return loss
+
+    peak = peak_live_bytes(step)[0]
+    e = h.element_size()
+    # beyond the weight gradient (a parameter's gradient, there in any method): the hidden
+    # states' gradient and one chunk's logits, each at most the hidden states' bytes
+    assert peak - vocab * d * e <= 2 * tokens * d * e + 4096, peak
+    # the old fixed 1024-token chunk held every logit here: eight times that
+    assert peak - vocab * d * e < tokens * vocab * 4 / 8
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_in_place_path_against_reference(upcast: bool) -> None:
+    torch.manual_seed(1)
+    h = torch.randn(21, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 30, (21,))
+    y[[0, 7]] = -100
+    got = chunked_linear_cross_entropy(h, w, b, y, None, chunk=4, upcast=upcast)
+    z = h @ w.T + b
+    ref = torch.nn.functional.cross_entropy(z.float() if upcast else z, y, reduction="sum")
+    assert got.dtype == ref.dtype
+    tol = 1e-5 if upcast else 1e-12
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    grads = zip(torch.autograd.grad(got * 3, (h, w, b)), torch.autograd.grad(ref * 3, (h, w, b)))
+    for a, c in grads:
+        torch.testing.assert_close(a, c, rtol=tol, atol=tol)
+
+
+def test_cast_only_transform_takes_the_in_place_path() -> None:
+    for name, cast in (("mixtral", True), ("granitemoe", None)):
+        rev = rf.transform(tiny_model(name))
+        head = rev.graph(True, True, True, chunked_head=True).get_submodule("revffn_loss_head")
+        assert head.cast is cast, name

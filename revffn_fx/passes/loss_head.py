@@ -103,14 +103,38 @@ def _logit_fn(gm: fx.GraphModule, match: HeadMatch) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name="LogitTransform")
 
 
+_RESHAPES = {"view", "reshape", "contiguous"}
+
+
+def cast_only(nodes: list[fx.Node]) -> bool | None:
+    """None when the logit transform does more than reshape and cast the logits; else
+    whether it casts them to fp32 (``logits.float()``, the upcast of transformers' loss)."""
+    to_fp32 = False
+    for n in nodes:
+        if n.op == "call_method" and n.target in _RESHAPES:
+            continue
+        if n.op == "call_method" and n.target == "float":
+            to_fp32 = True
+            continue
+        if n.op == "call_method" and n.target == "to" and not n.kwargs \
+                and list(n.args[1:]) == [torch.float32]:
+            to_fp32 = True
+            continue
+        if n.op == "call_function" and (n.target is getattr or n.target is operator.getitem):
+            continue  # reading the shape for a view
+        return None
+    return to_fp32
+
+
 def chunk_loss_head(gm: fx.GraphModule, lm_head_target: str, options: Any,
-                    chunk: int = 1024) -> tuple[fx.GraphModule, str]:
-    """Rewrite ``gm`` in place; returns (gm, "" or the reason it was left unchanged)."""
+                    chunk: int | None = None) -> tuple[fx.GraphModule, str]:
+    """Rewrite ``gm`` in place; returns (gm, "" or the reason it was left unchanged).
+    ``chunk``: tokens per chunk; None sizes chunks by bytes (see ``runtime.loss``)."""
     match = find_head(gm, lm_head_target)
     if isinstance(match, str):
         return gm, match
     head = ChunkedLossHead(gm.get_submodule(lm_head_target), _logit_fn(gm, match), options,
-                           match.ignore_index, chunk)
+                           match.ignore_index, chunk, cast_only(match.logit_nodes))
     gm.add_submodule("revffn_loss_head", head)
     with gm.graph.inserting_before(match.ce):
         new = gm.graph.call_module("revffn_loss_head", (match.lm_head.args[0], match.labels))
