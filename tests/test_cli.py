@@ -45,7 +45,7 @@ def script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     if not exe.exists():
         found = shutil.which(name)
         if found is None:
-            pytest.skip(f"console script {name} not installed")
+            pytest.fail(f"console script {name} not installed (pip install -e .)")
         exe = Path(found)
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
