@@ -52,7 +52,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """Only the public names (not the helpers this module itself imports)."""
+    return sorted(set(__all__) | {"__version__"})
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs

@@ -55,7 +55,7 @@ _IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=
 
 #: name -> (model_type, config keyword arguments without the layer count).
 SYNTHETIC: dict[str, tuple[str, dict[str, Any]]] = {
-    # the reference config of docs/benchmarks.md and /work/shared/notes/method.md
+    # the reference config of docs/benchmarks.md
     "mixtral-like": ("mixtral", dict(
         vocab_size=1024, hidden_size=256, intermediate_size=512, num_attention_heads=8,
         num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, **_IDS)),
@@ -208,23 +208,44 @@ class BenchResult:
             heads.append("cuda max alloc MiB")
         return heads
 
+    #: the columns of the default (80-column) table, by header; ``wide`` shows all
+    NARROW = ("layers", "method", "saved MiB", "peak MiB", "peak, grads freed MiB",
+              "step s (median)", "time/ckpt")
+    _SHORT = {"peak, grads freed MiB": "fused peak MiB", "step s (median)": "step s"}
+
     def title(self) -> str:
         return (f"{self.model}: batch {self.batch} x seq {self.seq}, {self.dtype}, "
                 f"{self.device}, median of {self.repeats} after {self.warmup} warm-up")
 
-    def table(self) -> Table:
-        """A rich table: one row per (depth, method); errors in place of figures."""
+    def table(self, wide: bool = False) -> Table:
+        """A rich table: one row per (depth, method); errors in place of figures.
+
+        By default the columns that fit 80 characters (saved and peak bytes, the peak with
+        gradients freed as they arrive, the median step time and its ratio to
+        checkpointing); ``wide``: every column (all ratios, CPU time, tokens/s, CUDA).
+        """
+        from rich import box
         from rich.table import Table
 
-        table = Table(title=self.title(), title_justify="left")
-        for i, h in enumerate(self._headers()):
-            table.add_column(h, justify="left" if i == 1 else "right")
+        heads = self._headers()
+        keep = [i for i, h in enumerate(heads) if wide or h in self.NARROW]
+        table = Table(title=self.title(), title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False, show_edge=False, collapse_padding=True)
+        for i in keep:
+            h = heads[i] if wide else self._SHORT.get(heads[i], heads[i])
+            table.add_column(h, justify="left" if i == 1 else "right", no_wrap=True)
         for r in self.rows:
-            if r.error:
-                table.add_row(str(r.depth), r.method, f"[red]error: {r.error}[/red]")
+            if r.error:  # the message is printed under the table (errors()), whole
+                table.add_row(str(r.depth), r.method, "[red]error[/red]")
             else:
-                table.add_row(*self._cells(r))
+                cells = self._cells(r)
+                table.add_row(*(cells[i] for i in keep))
         return table
+
+    def errors(self) -> list[str]:
+        """One line per failed (depth, method): ``revnet at 4 layers: error: ...``."""
+        return [f"{r.method} at {r.depth} layers: error: {r.error}" for r in self.rows
+                if r.error]
 
     def to_markdown(self) -> str:
         """The same table in Markdown."""
@@ -270,8 +291,7 @@ class BenchResult:
                 xs, ys = zip(*vals)
                 ax.bar([x + (i - (len(self.methods) - 1) / 2) * width for x in xs], ys, width,
                        label=m)
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.axhline(1.1, color="gray", lw=0.8, ls="--", label="1.1x target")
+        ax.axhline(1.0, color="black", lw=0.8)  # as fast as checkpointing
         ax.set_xticks(range(len(self.depths)), [str(d) for d in self.depths])
         ax.set_xlabel("decoder layers")
         ax.set_ylabel("step time / checkpointing")
@@ -588,30 +608,42 @@ def _parse_depths(spec: str) -> list[int]:
 @click.option("--layers", default="4,8,16,32", show_default=True, metavar="LIST",
               help="Depths to build synthetic models at (ignored with MODEL_DIR, which runs "
                    "at its own layer count).")
-@click.option("--batch", type=int, default=4, show_default=True)
-@click.option("--seq", type=int, default=256, show_default=True)
+@click.option("--batch", type=int, default=4, show_default=True,
+              help="Sequences per training step.")
+@click.option("--seq", type=int, default=256, show_default=True,
+              help="Tokens per sequence.")
 @click.option("--repeats", type=int, default=5, show_default=True,
               help="Timed steps per method (median reported).")
-@click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--methods", default=",".join(METHODS), show_default=True, metavar="LIST")
+@click.option("--warmup", type=int, default=1, show_default=True,
+              help="Untimed steps per method before measuring.")
+@click.option("--methods", default=",".join(METHODS), show_default=True, metavar="LIST",
+              help=f"Methods to compare; also {', '.join(EXTRA_METHODS)}.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", default="float32", show_default=True,
               help="Synthetic models' dtype (MODEL_DIR keeps its own unless given).")
-@click.option("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
+@click.option("--threads", type=int, default=None,
+              help="torch.set_num_threads (CPU)  [default: torch's own]")
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Run the memory probes (--no-memory: a timing-only run).")
-@click.option("--json", "json_path", type=click.Path(path_type=str), help="Write JSON here.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=str), help="Write a PNG here.")
+@click.option("--json", "json_path", type=click.Path(path_type=str),
+              help="Write every measurement as JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=str),
+              help="Write a PNG plot here (needs matplotlib).")
+@click.option("--wide", is_flag=True,
+              help="Every column (all ratios to checkpointing, CPU time, tokens/s, CUDA "
+                   "memory); the default table fits 80 columns.")
 def bench_command(model_dir: str | None, synthetic: str | None, layers: str, batch: int,
                   seq: int, repeats: int, warmup: int, methods: str, device: str, dtype: str,
                   threads: int | None, memory: bool, json_path: str | None,
-                  plot_path: str | None) -> None:
+                  plot_path: str | None, wide: bool) -> None:
     """Measure a training step: no checkpointing, activation checkpointing, revffn, revnet.
 
     Give MODEL_DIR (a local Hugging Face model directory) or --synthetic NAME. For each
     depth and method: bytes saved for backward, peak live tensor bytes of the step
     (parameters included), the same peak with gradients freed as they arrive, median step
     time, tokens/s and on CUDA torch.cuda.max_memory_allocated; ratios to checkpointing.
+    The table shows the main columns (80 characters); --wide, --json or --plot have all.
+    Progress goes to stderr: a bar in a terminal, one line per cell otherwise.
 
     \b
     Example:
@@ -632,23 +664,16 @@ def bench_command(model_dir: str | None, synthetic: str | None, layers: str, bat
         source, depths = model_dir, [0]
     from rich.console import Console
 
-    err = Console(stderr=True)
-    if err.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from revffn_fx.output import progress_reporter
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      console=err, transient=True) as bar:
-            task = bar.add_task("bench", total=None)
-            result = run_bench(source, depths, batch, seq, wanted, repeats, warmup,
-                               lambda d, t, w: bar.update(task, completed=d, total=t,
-                                                          description=w),
-                               device=device, memory=memory,
-                               dtype=dtype if synthetic is None and dtype != "float32" else None)
-    else:
-        result = run_bench(source, depths, batch, seq, wanted, repeats, warmup, None,
+    with progress_reporter("bench") as progress:
+        result = run_bench(source, depths, batch, seq, wanted, repeats, warmup, progress,
                            device=device, memory=memory,
                            dtype=dtype if synthetic is None and dtype != "float32" else None)
-    Console(width=None if sys.stdout.isatty() else 160, highlight=False).print(result.table())
+    width = None if sys.stdout.isatty() else (200 if wide else 80)
+    Console(width=width, highlight=False).print(result.table(wide))
+    for line in result.errors():
+        click.echo(line)
     if json_path:
         result.to_json(json_path)
     if plot_path:

@@ -12,8 +12,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -23,7 +22,8 @@ from rich.text import Text
 
 from revffn_fx import __version__
 from revffn_fx.bench import bench_command
-from revffn_fx.errors import RevFFNError
+from revffn_fx.errors import LoadError, RevFFNError
+from revffn_fx.output import human_bytes, progress_reporter
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
 # click >= 8.2 raises this for a bare ``revffn``; older click printed the help and exited 0
@@ -103,12 +103,41 @@ class Group(_ExitStatus, click.Group):
     """A click group with revffn's exit statuses; its subcommands are plain commands."""
 
 
-def _console(stderr: bool = False) -> Console:
-    """A rich console; a fixed width when not writing to a terminal."""
+def _console(stderr: bool = False, wide: bool = False) -> Console:
+    """A rich console; a fixed width when not writing to a terminal (wider when the user
+    asked for ``--wide`` output, so a pipe gets every column whole)."""
     stream = sys.stderr if stderr else sys.stdout
     tty = stream.isatty()
-    return Console(file=stream, width=None if tty else _WIDTH, highlight=False,
-                   soft_wrap=False)
+    return Console(file=stream, width=None if tty else (2 * _WIDTH if wide else _WIDTH),
+                   highlight=False, soft_wrap=False)
+
+
+def _check_model_dir(path: str) -> None:
+    """The cheap checks of a model directory, before torch and transformers are imported
+    (10 s): a wrong path is answered at once."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LoadError(f"{p}: no such directory (revffn-fx loads local model directories "
+                        "only; it never downloads from the hub)")
+    if not p.is_dir():
+        raise LoadError(f"{p}: not a directory (expected a model directory with config.json "
+                        "and weights)")
+    if not (p / "config.json").is_file():
+        raise LoadError(f"{p}: no config.json (expected a Hugging Face model directory)")
+
+
+def _check_layer_spec(spec: str | None) -> None:
+    """The syntax of a --layers SPEC ('0-3,6'), before the heavy imports; the range is
+    checked against the model later."""
+    if spec is None:
+        return
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    ok = bool(parts) and all(
+        p.isdigit() or (p.count("-") == 1 and all(q.strip().isdigit() for q in p.split("-")))
+        for p in parts)
+    if not ok:
+        raise click.BadParameter(f"bad layer spec {spec!r}: use e.g. '0-3,6'",
+                                 param_hint="'--layers'")
 
 
 def _human(n: int | float) -> str:
@@ -121,31 +150,14 @@ def _human(n: int | float) -> str:
 
 # ------------------------------------------------------------------------------------ transform
 
-@contextmanager
-def _progress_bar(console: Console) -> Iterator[Callable[[int, int, str], None]]:
-    """A ``progress(done, total, what)`` callback drawing a bar on ``console`` (a terminal)."""
-    if not console.is_terminal:
-        yield lambda done, total, what: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("shards", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=str(what))
-
-        yield progress
-
-
 @click.command("transform", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.argument("out_dir", type=click.Path(path_type=str))
-@click.option("--coupling", type=click.Choice(["revffn", "revnet"]), default="revffn",
+@click.option("--coupling", type=click.Choice(["revffn", "revnet", "none"]), default="revffn",
               show_default=True,
               help="revffn: attention and MoE as the two halves of one coupling; "
-                   "revnet: a RevNet-style split of the hidden state.")
+                   "revnet: a RevNet-style split of the hidden state; none: the exact "
+                   "mode (same function, every layer checkpointed, lean loss head).")
 @click.option("--layers", "layers", metavar="SPEC", default=None,
               help="Decoder layers to convert, e.g. '0-11' or '0,2,4' (default: every "
                    "convertible layer).")
@@ -180,11 +192,16 @@ def _progress_bar(console: Console) -> Iterator[Callable[[int, int, str], None]]
                    "compute in the model's dtype). auto: one step wider than the weights "
                    "when --calibrate is given (calibrated adapters have larger gains, and "
                    "wide streams keep the reconstruction exact), else the model's own.")
+@click.option("--estimate-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Batch size the report's activation estimate assumes (nothing else).")
+@click.option("--estimate-seq", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Sequence length the report's activation estimate assumes.")
 @click.version_option(__version__, "-V", "--version", prog_name="revffn-transform")
 def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, verify: bool,
               force: bool, dry_run: bool, max_shard_size: str, attention: str,
               fixed_point_iters: int | None, fixed_point_tol: float | None,
-              calibrate: str | None, calibration_tokens: int, stream_dtype: str) -> None:
+              calibrate: str | None, calibration_tokens: int, stream_dtype: str,
+              estimate_batch: int, estimate_seq: int) -> None:
     """Transform the MoE causal LM in MODEL_DIR into reversible layers, written to OUT_DIR.
 
     MODEL_DIR is a local Hugging Face model directory (config.json and safetensors
@@ -192,7 +209,8 @@ def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, v
     weights (safetensors, sharded above --max-shard-size), a config.json with a "revffn"
     section and an auto_map, the tokenizer files and a model card. OUT_DIR is written in a
     temporary directory beside it and renamed at the end; a non-empty OUT_DIR is refused
-    unless --force. Progress per shard is shown on stderr when it is a terminal.
+    unless --force. Progress per shard goes to stderr: a bar in a terminal, plain lines
+    otherwise.
 
     \b
     Examples:
@@ -202,14 +220,17 @@ def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, v
     """
     from revffn_fx.export import transform_dir  # lazy: the heavy part of the package
 
-    with _progress_bar(_console(stderr=True)) as progress:
+    _check_model_dir(model_dir)
+    _check_layer_spec(layers)
+    with progress_reporter("shards") as progress:
         summary = transform_dir(model_dir, out_dir, coupling=coupling, layers=layers,
                                 verify=verify, force=force, dry_run=dry_run,
                                 max_shard_size=max_shard_size, progress=progress,
                                 attention=attention, fixed_point_iters=fixed_point_iters,
                                 fixed_point_tol=fixed_point_tol, calibrate=calibrate,
                                 calibration_tokens=calibration_tokens,
-                                stream_dtype=stream_dtype)
+                                stream_dtype=stream_dtype, estimate_batch=estimate_batch,
+                                estimate_seq=estimate_seq)
     for line in summary.lines():
         click.echo(line)
 
@@ -269,6 +290,7 @@ def inspect(model_dir: str, as_json: bool) -> None:
       revffn inspect examples/tiny-mixtral
       revffn inspect examples/tiny-mixtral --json | jq .summary
     """
+    _check_model_dir(model_dir)
     from revffn_fx import analyze, load_model, trace
 
     plan = analyze(trace(load_model(model_dir)))
@@ -321,6 +343,7 @@ def verify(out_dir: str, batch: int, seq: int, seed: int, router: bool) -> None:
     Example:
       revffn verify /tmp/tiny-mixtral-rev --batch 2 --seq 32
     """
+    _check_model_dir(out_dir)
     import torch
 
     from revffn_fx import verify as run_verify
@@ -361,9 +384,9 @@ def _print_diff(text: str) -> None:
 
 @click.command("diff", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
 @click.argument("model_dir", type=click.Path(path_type=str))
-@click.option("--coupling", default="revffn", show_default=True,
-              help="The coupling to transform with (revffn or revnet).")
-@click.option("--layer", type=int, default=None,
+@click.option("--coupling", type=click.Choice(["revffn", "revnet"]), default="revffn",
+              show_default=True, help="The coupling to transform with.")
+@click.option("--layer", type=click.IntRange(min=0), default=None,
               help="The decoder layer to show (default: the first convertible one).")
 @click.option("--format", "fmt", type=click.Choice(["text", "html"]), default="text",
               show_default=True, help="A terminal listing or one self-contained HTML page.")
@@ -387,6 +410,10 @@ def diff_command(model_dir: str, coupling: str, layer: int | None, fmt: str,
       revffn diff examples/tiny-mixtral --format html -o diff.html
       revffn diff examples/tiny-mixtral --per-pass --layer 1
     """
+    _check_model_dir(model_dir)
+    if output is not None and not Path(output).expanduser().resolve().parent.is_dir():
+        raise click.BadParameter(f"{output}: its folder does not exist",
+                                 param_hint="'-o' / '--output'")
     from revffn_fx.diffs import render_html, transform_diffs
     from revffn_fx.loading import load_model
     from revffn_fx.model import transform
@@ -409,54 +436,96 @@ def diff_command(model_dir: str, coupling: str, layer: int | None, fmt: str,
 
 # ----------------------------------------------------------------------------------------- plan
 
+_SHORT = {"plain fine-tuning": "plain", "gradient checkpointing": "checkpointing",
+          "reversible (revffn)": "reversible", "reversible + lean loss head":
+          "reversible + lean head"}
+_PLAN_NOTE = ("model state: parameters + gradients + optimizer states; activations\n"
+              "include the loss head; --wide: one column per category")
+
+
+def plan_table(rows: Any, title: str, budget: int, budget_text: str,
+               wide: bool = False) -> Table:
+    """The `revffn plan` table: each figure in its own unit (never 0.00). Narrow (80
+    columns): method, optimizer, model state, activations, total, fits; ``wide``: every
+    category in its own column."""
+    from rich import box
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  show_edge=False, collapse_padding=True)
+    heads = ["method", "optimizer"] + (
+        ["params", "grads", "optim. states", "activations", "loss head"] if wide
+        else ["model state", "activations"]) + ["total", f"fits {budget_text}"]
+    for h in heads:
+        table.add_column(h, justify="left" if h in ("method", "optimizer") else "right",
+                         no_wrap=True)
+    for r in rows:
+        figures = ([r.parameters, r.gradients, r.optimizer, r.activations, r.loss_head] if wide
+                   else [r.parameters + r.gradients + r.optimizer,
+                         r.activations + r.loss_head])
+        table.add_row(r.method if wide else _SHORT.get(r.method, r.method),
+                      "fused" if r.fused else "ordinary",
+                      *(human_bytes(v) for v in figures + [r.total]),
+                      "yes" if r.total <= budget else "no")
+    return table
+
+
 @click.command("plan", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("--gpu-mem", default="80GB", show_default=True, metavar="SIZE",
               help="Memory of the GPU to fit in (80GB, 24GiB, ...).")
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seq", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences per training step.")
+@click.option("--seq", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Tokens per sequence.")
 @click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "sgd"]), default="adamw",
-              show_default=True)
+              show_default=True, help="Optimizer whose states are counted.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
               help="Training dtype (default: the config's).")
+@click.option("--layers", "layers", metavar="SPEC", default=None,
+              help="Decoder layers the reversible methods convert, as in revffn-transform "
+                   "(default: all).")
+@click.option("--wide", is_flag=True,
+              help="One column per category (params, grads, optimizer states, activations, "
+                   "loss head) and the full method names; needs about 120 columns.")
 def plan(model_dir: str, gpu_mem: str, batch: int, seq: int, optimizer: str,
-         dtype: str | None) -> None:
+         dtype: str | None, layers: str | None, wide: bool) -> None:
     """Estimate the peak memory of full fine-tuning MODEL_DIR, by category and method.
 
     Reads only config.json (no weights), so it answers for checkpoints of any size. For
     plain fine-tuning, gradient checkpointing, the reversible stack and the reversible
     stack with the lean loss head, each with an ordinary optimizer and with the optimizer
-    fused into the backward, it prints parameters, gradients, optimizer states,
-    activations and loss head at the step's peak, and whether it fits in --gpu-mem.
-    Estimates, not measurements: see docs/benchmarks.md for how close they come.
+    fused into the backward, it prints the model state (parameters, gradients, optimizer
+    states), the activations (loss head included) at the step's peak, the total, and
+    whether it fits in --gpu-mem; --wide splits every category. Estimates, not
+    measurements: see docs/benchmarks.md for how close they come.
 
     \b
     Example:
       revffn plan examples/tiny-mixtral --gpu-mem 24GiB --batch 4 --seq 2048
     """
-    from revffn_fx.loading import load_config
-    from revffn_fx.planner import memory_plan, parse_bytes
+    from revffn_fx.planner import parse_bytes
 
     try:
         budget = parse_bytes(gpu_mem)
     except ValueError as e:
-        raise RevFFNError(str(e)) from None
-    config = load_config(model_dir)
-    rows = memory_plan(config, batch, seq, optimizer, dtype)
-    big = max(r.total for r in rows) >= 2**30
-    unit, scale = ("GiB", 2**30) if big else ("MiB", 2**20)
-    table = Table(title=f"{model_dir}: batch {batch} x seq {seq}, {optimizer}, "
-                        f"{unit} at the step's peak")
-    for col in ("method", "optimizer", "params", "grads", "optim. states", "activations",
-                "loss head", "total", f"fits {gpu_mem}"):
-        table.add_column(col, justify="left" if col in ("method", "optimizer") else "right")
-    for r in rows:
-        table.add_row(r.method, "fused" if r.fused else "ordinary",
-                      *(f"{v / scale:.2f}" for v in (r.parameters, r.gradients, r.optimizer,
-                                                   r.activations, r.loss_head, r.total)),
-                      "yes" if r.total <= budget else "no")
-    _console().print(table)
+        raise click.BadParameter(str(e), param_hint="'--gpu-mem'") from None
+    _check_model_dir(model_dir)
+    _check_layer_spec(layers)
+    from revffn_fx.loading import load_config
+    from revffn_fx.model import parse_layers
+    from revffn_fx.planner import memory_plan
 
+    config = load_config(model_dir)
+    n = int(getattr(config, "num_hidden_layers", 0) or 0)
+    selected = parse_layers(layers, n) if layers is not None else None
+    rows = memory_plan(config, batch, seq, optimizer, dtype, selected)
+    title = f"{model_dir}: batch {batch} x seq {seq}, {optimizer}, peak of one step"
+    if selected is not None:
+        title += f", layers {layers} reversible"
+    console = _console(wide=wide)
+    console.print(plan_table(rows, title, budget, gpu_mem, wide))
+    if not wide:
+        click.echo(_PLAN_NOTE)
 
 
 @click.group("revffn", cls=Group, context_settings=_CONTEXT, epilog=_EXIT_HELP)

@@ -33,6 +33,7 @@ within 3% at 4 x 256 tokens, up to 15% high at 2 x 64 where the activations are 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,9 @@ class Estimate:
     method: str
     parts: dict[str, int] = field(default_factory=dict)
     peak_activation_bytes: int = 0
+    #: the largest single recomputation in backward (checkpoint, revffn, revnet), on top of
+    #: what is saved; equals ``peak_activation_bytes`` unless layers are left out
+    recompute_bytes: int = 0
 
     @property
     def saved_bytes(self) -> int:
@@ -167,9 +171,21 @@ def _layer(m: Dims, i: int, b: int, s: int, e: int) -> int:
     return norms + _attention(m, t, b, s, e) + _ffn(m, t, e, i in m.dense_layers)
 
 
+def _runs(layers: Sequence[int]) -> int:
+    """Number of contiguous runs in ``layers`` (one reversible stack each)."""
+    ordered = sorted(set(layers))
+    return sum(1 for j, i in enumerate(ordered) if j == 0 or ordered[j - 1] != i - 1)
+
+
 def estimate(config: Any, batch: int, seq: int, method: str,
-             dtype: torch.dtype | str | None = None, loss_head: str | None = None) -> Estimate:
-    """The saved-for-backward bytes of a training forward, by part; see the module doc."""
+             dtype: torch.dtype | str | None = None, loss_head: str | None = None,
+             layers: Sequence[int] | None = None) -> Estimate:
+    """The saved-for-backward bytes of a training forward, by part; see the module doc.
+
+    ``layers``: for ``revffn`` / ``revnet``, the decoder layers that are converted (None:
+    all). The others run under plain autograd and save what a plain layer saves; each run
+    of consecutive converted layers is one reversible stack that keeps its output.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     m = Dims.of(config)
@@ -187,20 +203,37 @@ def estimate(config: Any, batch: int, seq: int, method: str,
     else:
         p["head input + fp32 log-softmax"] = td + t * m.vocab * 4
         p["labels"] = t * 8
-    layers = [_layer(m, i, batch, seq, e) for i in range(m.layers)]
+    per_layer = [_layer(m, i, batch, seq, e) for i in range(m.layers)]
     if method == "none":
-        p["layers"] = sum(layers)
+        p["layers"] = sum(per_layer)
         # at the start of backward, before any gradient: all saved, logits and their gradient
         est.peak_activation_bytes = sum(p.values()) + 2 * t * m.vocab * 4
     elif method == "checkpoint":
         p["layer boundaries"] = m.layers * td
         # at the end of backward: one layer recomputed
-        est.peak_activation_bytes = max(layers) + td
+        est.peak_activation_bytes = est.recompute_bytes = max(per_layer) + td
     else:
-        p["stack output"] = td * (2 if method == "revnet" else 1)
-        # one branch recomputed (the larger: the feed-forward) and the streams with grads
-        est.peak_activation_bytes = max(_ffn(m, t, e, i in m.dense_layers)
-                                        for i in range(m.layers)) + 3 * td + p["stack output"]
+        converted = sorted({i for i in (range(m.layers) if layers is None else layers)
+                            if 0 <= i < m.layers})
+        plain = [i for i in range(m.layers) if i not in converted]
+        stack = td * (2 if method == "revnet" else 1)
+        p["stack output"] = stack * max(_runs(converted), 1 if not plain else 0)
+        if plain:
+            p["layers left out"] = sum(per_layer[i] for i in plain)
+        # backward at layer i: the plain layers below it are still saved; a converted layer
+        # recomputes one branch (the larger: the feed-forward) with the streams and their
+        # grads, a plain layer frees its own saved tensors with one boundary gradient
+        peaks, recomputes = [], []
+        for i in range(m.layers):
+            below = sum(per_layer[j] for j in plain if j < i)
+            if i in converted:
+                here = _ffn(m, t, e, i in m.dense_layers) + 3 * td + stack
+            else:
+                here = per_layer[i] + td
+            peaks.append(below + here)
+            recomputes.append(here)
+        est.peak_activation_bytes = max(peaks)
+        est.recompute_bytes = max(recomputes)
     return est
 
 

@@ -28,7 +28,7 @@ class Sublayer:
     add_node: str = ""
 
 
-@dataclass
+@dataclass(repr=False)
 class LayerPlan:
     """The sublayers of one decoder layer and whether it can become a coupling."""
 
@@ -42,8 +42,18 @@ class LayerPlan:
     def kinds(self) -> list[str]:
         return [s.kind for s in self.sublayers]
 
+    def describe(self) -> str:
+        """One line: ``3 model.layers.3: attention (pre_norm), moe (pre_norm): convertible``."""
+        subs = ", ".join(f"{s.kind} ({s.residual_form})" for s in self.sublayers) \
+            or "no residual branch"
+        verdict = "convertible" if self.convertible else f"not convertible: {self.reason}"
+        return f"{self.index} {self.qualname}: {subs}: {verdict}"
 
-@dataclass
+    def __repr__(self) -> str:
+        return f"LayerPlan({self.describe()})"
+
+
+@dataclass(repr=False)
 class Plan:
     """The analysis of a whole model: one LayerPlan per decoder layer, plus model facts."""
 
@@ -64,6 +74,14 @@ class Plan:
                           if k in counts)
         return (f"{len(self.layers)} layers: {len(self.convertible)} convertible"
                 + (f"; {kinds}" if kinds else ""))
+
+    def __repr__(self) -> str:
+        name = self.model.get("model_type") or self.model.get("class") or "model"
+        return f"Plan({name}, {self.summary()})"
+
+    def __str__(self) -> str:
+        """The summary and one line per layer (``to_dict()`` has everything)."""
+        return "\n".join([repr(self)] + [f"  {lp.describe()}" for lp in self.layers])
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "summary": self.summary(),

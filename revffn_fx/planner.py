@@ -19,12 +19,13 @@ moments in the parameters' dtype, 8-bit AdamW two one-byte moments, SGD one mome
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .estimate import _dtype_bytes, estimate
+from .estimate import Estimate, _dtype_bytes, estimate
 
 OPTIMIZERS = {"adamw": 2.0, "adamw8bit": 2.0, "sgd": 1.0}  # states per parameter
 # (label, estimate method, loss head)
@@ -53,8 +54,10 @@ class PlanRow:
                 + self.loss_head)
 
 
-def _param_stats(config: Any, method: str) -> tuple[int, int]:
-    """(number of parameters, numel of the largest one) of the transformed model."""
+def _param_stats(config: Any, method: str,
+                 layers: Sequence[int] | None = None) -> tuple[int, int]:
+    """(number of parameters, numel of the largest one) of the transformed model; tied
+    embeddings count once (``parameters()`` yields a shared tensor once)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -63,34 +66,55 @@ def _param_stats(config: Any, method: str) -> tuple[int, int]:
     n, biggest = sum(sizes), max(sizes)
     if method == "revffn":
         hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0))
-        n += 2 * hidden * hidden * int(config.num_hidden_layers)  # up + down adapters, twice
+        converted = int(config.num_hidden_layers) if layers is None else len(set(layers))
+        n += 2 * hidden * hidden * converted  # up + down adapters per converted layer
     return n, biggest
 
 
+def _activations(est: Estimate, method: str, fused: bool) -> tuple[int, int]:
+    """(activation bytes at the step's peak, loss-head bytes) for one method."""
+    head_bytes = sum(est.parts.get(k, 0) for k in _HEAD_PARTS)
+    saved_rest = est.saved_bytes - head_bytes
+    if method == "none":  # peak before any gradient: everything saved, and logits
+        act = est.peak_activation_bytes - head_bytes
+    elif fused:  # start of backward: all saved, plus one recomputation
+        act = saved_rest + (est.recompute_bytes or est.peak_activation_bytes)
+    else:  # end of backward: the last recomputation
+        act = est.peak_activation_bytes
+    return max(act, 0), head_bytes
+
+
+def activation_peak(config: Any, batch: int, seq: int, method: str = "revffn",
+                    loss_head: str = "chunked", dtype: torch.dtype | str | None = None,
+                    layers: Sequence[int] | None = None, fused: bool = False) -> int:
+    """Activations + loss head at the step's peak: what ``revffn plan`` adds to the
+    parameters, gradients and optimizer states for ``method`` (``none``, ``checkpoint``,
+    ``revffn``, ``revnet``), with ``layers`` converted (None: all)."""
+    est = estimate(config, batch, seq, method, dtype, loss_head, layers)
+    act, head = _activations(est, method, fused)
+    return act + head
+
+
 def memory_plan(config: Any, batch: int, seq: int, optimizer: str = "adamw",
-                dtype: torch.dtype | str | None = None) -> list[PlanRow]:
-    """Estimated peak memory of one training step for every method, ordinary and fused."""
+                dtype: torch.dtype | str | None = None,
+                layers: Sequence[int] | None = None) -> list[PlanRow]:
+    """Estimated peak memory of one training step for every method, ordinary and fused;
+    ``layers``: the decoder layers the reversible methods convert (None: all)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     e = _dtype_bytes(config, dtype)
     state_bytes = 1 if optimizer == "adamw8bit" else e
-    stats = {m: _param_stats(config, m) for m in ("none", "revffn")}
+    stats = {m: _param_stats(config, m, layers) for m in ("none", "revffn")}
     rows = []
     for label, method, head in METHODS:
         n, biggest = stats["revffn" if method == "revffn" else "none"]
-        est = estimate(config, batch, seq, method, dtype, head)
-        head_bytes = sum(est.parts.get(k, 0) for k in _HEAD_PARTS)
-        saved_rest = est.saved_bytes - head_bytes
+        est = estimate(config, batch, seq, method, dtype, head,
+                       layers if method == "revffn" else None)
         for fused in (False, True):
-            if method == "none":  # peak before any gradient: everything saved, and logits
-                act = est.peak_activation_bytes - head_bytes
-            elif fused:  # start of backward: all saved, plus one recomputation
-                act = saved_rest + est.peak_activation_bytes
-            else:  # end of backward: the last recomputation
-                act = est.peak_activation_bytes
+            act, head_bytes = _activations(est, method, fused)
             grads = biggest * e if fused else n * e
             rows.append(PlanRow(label, fused, n * e, grads,
-                                int(OPTIMIZERS[optimizer] * n * state_bytes), max(act, 0),
+                                int(OPTIMIZERS[optimizer] * n * state_bytes), act,
                                 head_bytes))
     return rows
 

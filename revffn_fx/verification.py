@@ -145,6 +145,8 @@ class _Recomposed(fx.Interpreter):
 def recomposable(gm: fx.GraphModule) -> bool:
     """Whether a coupling graph's added nodes are all of the kinds :class:`_Recomposed`
     knows (couplings with other update rules, e.g. scaled streams, are not checked)."""
+    if gm.meta.get("revffn", {}).get("split") not in ("halves", "copies"):
+        return False
     tags = {n.meta.get("revffn") for n in gm.graph.nodes} - {None}
     return tags <= {"split", "adapter", "coupling", "merge", "cross_query", "cross_attention"}
 
