@@ -7,6 +7,8 @@ by torch.fx), and on which optional inputs are given, so they are traced lazily 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from .errors import TraceError
+from .errors import RevFFNError, TraceError
 from .tracer import (
     find_decoder_layers,
     is_norm,
@@ -50,34 +52,274 @@ def graph_to_nx(gm: fx.GraphModule) -> nx.DiGraph:
     return g
 
 
-class _CausalLMEntry(nn.Module):
-    """The traced root: calls the model by keyword and returns (logits, loss)."""
+# the names a forward may give its labels, in the order they are looked for
+LABEL_NAMES = ("labels", "targets", "target", "label")
+MASK_NAMES = ("attention_mask",)
 
-    def __init__(self, model: nn.Module) -> None:
+
+class _Slot:
+    """A marker for where logits or loss sit in a model's output structure."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+LOGITS, LOSS, HF_OUTPUT = _Slot("logits"), _Slot("loss"), _Slot("transformers output")
+
+
+@dataclass
+class Convention:
+    """How a model is called and what it returns, read off its forward's signature.
+
+    ``ids``/``mask``/``labels``: the forward's parameter names for token ids, attention
+    mask and labels (None when it takes none); ``consts``: keywords always passed
+    (``use_cache=False``); ``template``: per traced graph key, the output structure with
+    :data:`LOGITS`/:data:`LOSS` markers where the graph's (logits, loss) go back in.
+    """
+
+    model_name: str
+    ids: str
+    ids_positional: bool
+    mask: str | None
+    labels: str | None
+    consts: dict[str, Any] = field(default_factory=dict)
+    params: list[str] = field(default_factory=list)
+    templates: dict[Any, Any] = field(default_factory=dict)
+
+    def describe(self, has_mask: bool = True, has_labels: bool = True) -> str:
+        """The call tried, e.g. ``GPT.forward(input_ids, labels=...)``."""
+        args = [self.ids if self.ids_positional else f"{self.ids}=..."]
+        if self.mask and has_mask:
+            args.append(f"{self.mask}=...")
+        if self.labels and has_labels:
+            args.append(f"{self.labels}=...")
+        args += [f"{k}={v!r}" for k, v in self.consts.items()]
+        return f"{self.model_name}.forward({', '.join(args)})"
+
+    def canonical(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  hf_order: Sequence[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Arguments given in the model's own convention (its names, its positional order)
+        as ``(input_ids,), {attention_mask, labels, <other keywords>}``.
+
+        ``hf_order``: the positional order of the wrapper's own forward, used as is when
+        the model's positional parameters follow it (transformers models)."""
+        names = [self.ids, *(p for p in self.params if p != self.ids)]
+        out = dict(kwargs)
+        renames = {self.ids: "input_ids", self.mask: "attention_mask",
+                   self.labels: "labels"}
+        for own, canon in renames.items():
+            if own and own != canon and own in out:
+                if canon in out:
+                    raise RevFFNError(f"{own} and {canon} both given")
+                out[canon] = out.pop(own)
+        pos = names if names[:2] != list(hf_order[:2]) else list(hf_order)
+        if len(args) > len(pos):
+            raise RevFFNError(f"{len(args)} positional arguments; {self.model_name}.forward "
+                              f"takes at most {len(pos)}")
+        for name, value in zip(pos, args):
+            canon = renames.get(name, name)
+            if canon in out:
+                raise RevFFNError(f"got multiple values for argument {name!r}")
+            out[canon] = value
+        if out.get("attention_mask") is not None and self.mask is None:
+            raise RevFFNError(f"{self.model_name}.forward takes no attention mask")
+        if out.get("labels") is not None and self.labels is None:
+            raise RevFFNError(f"{self.model_name}.forward takes no labels (it computes no "
+                              "loss); compute the loss from the returned logits")
+        ids = out.pop("input_ids", None)
+        if ids is None:
+            raise RevFFNError(f"no token ids given ({self.ids})")
+        return (ids,), out
+
+
+def _is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def convention_of(model: nn.Module) -> Convention:
+    """Read the model's calling convention off its forward's signature.
+
+    The first positional parameter takes the token ids; ``attention_mask`` and a labels
+    parameter (:data:`LABEL_NAMES`) are used when the forward has them (or takes
+    ``**kwargs`` and is a transformers model). Any other parameter without a default
+    cannot be supplied: that is a :class:`TraceError` saying so.
+    """
+    name = type(model).__name__
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError) as exc:
+        raise TraceError(f"cannot read the signature of {name}.forward ({exc})") from None
+    params = list(sig.parameters.values())
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    hf = _is_hf(model)
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    positional = [p for p in named if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional:
+        raise TraceError(
+            f"cannot trace {name}.forward{sig}: revffn-fx calls a model's forward with the "
+            "token ids as its first positional argument, and this forward has none")
+    ids = positional[0]
+    names = {p.name for p in named}
+
+    def pick(options: Sequence[str]) -> str | None:
+        found = next((o for o in options if o in names), None)
+        if found is None and var_kw and hf:
+            found = options[0]
+        return found
+
+    mask, labels = pick(MASK_NAMES), pick(LABEL_NAMES)
+    consts: dict[str, Any] = {}
+    if "use_cache" in names or (var_kw and hf):
+        consts["use_cache"] = False
+    supplied = {ids.name, mask, labels, *consts}
+    missing = [p.name for p in named if p.default is p.empty and p.name not in supplied]
+    if missing:
+        raise TraceError(
+            f"cannot trace {name}.forward{sig}: revffn-fx calls it as "
+            f"{name}.forward({ids.name}[, {mask or 'no mask'}][, {labels or 'no labels'}]) "
+            f"and has no value for the required parameter(s) {', '.join(missing)}; give "
+            "them defaults, or wrap the model in a module whose forward takes token ids "
+            "(and optionally attention_mask, labels)")
+    return Convention(name, ids.name, ids.kind is ids.POSITIONAL_ONLY, mask, labels, consts,
+                      [p.name for p in positional])
+
+
+def _depends_on(node: fx.Node, placeholder: str) -> bool:
+    seen, todo = {node}, [node]
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder" and n.target == placeholder:
+            return True
+        for i in n.all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return False
+
+
+def split_output(out: Any, model_name: str) -> tuple[Any, Any, Any]:
+    """A traced model output as ``(template, logits, loss)``.
+
+    transformers outputs give :data:`HF_OUTPUT`; a tensor is the logits; in a tuple or
+    list the value computed from the labels is the loss and the other one the logits; an
+    object or dict has ``logits`` (and maybe ``loss``) fields. Other traced values in the
+    output are refused: revffn-fx runs a model for its logits and loss.
+    """
+    try:
+        from transformers.utils import ModelOutput
+    except ImportError:  # pragma: no cover
+        ModelOutput = ()  # type: ignore[assignment]
+    if isinstance(out, ModelOutput):
+        return HF_OUTPUT, out.logits, getattr(out, "loss", None)
+    if isinstance(out, fx.Proxy):
+        return LOGITS, out, None
+    what = f"{model_name}.forward returns"
+    if isinstance(out, (tuple, list)):
+        items, logits, loss = list(out), None, None
+        for k, v in enumerate(items):
+            if not isinstance(v, fx.Proxy):
+                continue
+            is_loss = _depends_on(v.node, "labels")
+            if (loss if is_loss else logits) is not None:
+                raise TraceError(
+                    f"{what} a {type(out).__name__} of {len(items)} with more than one "
+                    f"{'loss' if is_loss else 'value not computed from the labels'}; "
+                    "revffn-fx needs the outputs to be logits and (with labels) the loss")
+            if is_loss:
+                loss, items[k] = v, LOSS
+            else:
+                logits, items[k] = v, LOGITS
+        if logits is None:
+            raise TraceError(f"{what} no logits (no traced tensor in its {type(out).__name__})")
+        template = type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+        return template, logits, loss
+    fields = (dict(out) if isinstance(out, dict) else
+              {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+              if dataclasses.is_dataclass(out) else
+              dict(vars(out)) if hasattr(out, "__dict__") else None)
+    if fields is None or not isinstance(fields.get("logits"), fx.Proxy):
+        raise TraceError(f"{what} a {type(out).__name__}: expected logits as a tensor, a "
+                         "tuple (logits, loss), or an object or dict with a logits field")
+    extra = [k for k, v in fields.items()
+             if isinstance(v, fx.Proxy) and k not in ("logits", "loss")]
+    if extra:
+        raise TraceError(f"{what} traced value(s) {extra} besides logits and loss; "
+                         "revffn-fx needs the outputs to be logits and the loss")
+    logits, loss = fields["logits"], fields.get("loss")
+    marks = {"logits": LOGITS, **({"loss": LOSS} if "loss" in fields else {})}
+    if isinstance(out, dict):
+        template = type(out)({**fields, **marks})
+    elif dataclasses.is_dataclass(out):
+        template = dataclasses.replace(out, **marks)
+    else:
+        template = copy.copy(out)
+        template.__dict__.update(marks)
+    return template, logits, loss
+
+
+def rebuild_output(template: Any, logits: Any, loss: Any) -> Any:
+    """The model's own output structure with the graph's logits and loss put back."""
+    if template is HF_OUTPUT:
+        return MoeCausalLMOutputWithPast(logits=logits, loss=loss)
+    if template is LOGITS:
+        return logits
+
+    def put(v: Any) -> Any:
+        return logits if v is LOGITS else loss if v is LOSS else v
+
+    if isinstance(template, (tuple, list)):
+        items = [put(v) for v in template]
+        return type(template)(*items) if hasattr(template, "_fields") else type(template)(items)
+    if isinstance(template, dict):
+        return type(template)({k: put(v) for k, v in template.items()})
+    if dataclasses.is_dataclass(template):
+        return dataclasses.replace(template, **{f.name: put(getattr(template, f.name))
+                                                for f in dataclasses.fields(template)
+                                                if getattr(template, f.name) in (LOGITS, LOSS)})
+    out = copy.copy(template)
+    out.__dict__.update({k: put(v) for k, v in vars(template).items()})
+    return out
+
+
+def logits_and_loss(out: Any) -> tuple[Any, Any]:
+    """``(logits, loss)`` of whatever a (traced or reversible) model returned."""
+    if isinstance(out, torch.Tensor):
+        return out, None
+    if isinstance(out, dict) or hasattr(out, "logits"):
+        get = out.get if isinstance(out, dict) else (lambda k, d=None: getattr(out, k, d))
+        return get("logits"), get("loss", None)
+    if isinstance(out, (tuple, list)):
+        tensors = [v for v in out if isinstance(v, torch.Tensor)]
+        loss = next((v for v in tensors if v.dim() == 0), None)
+        logits = next((v for v in tensors if v is not loss), None)
+        return logits, loss
+    raise TypeError(f"cannot find logits in a {type(out).__name__}")
+
+
+class _CausalLMEntry(nn.Module):
+    """The traced root: calls the model in its own convention, returns (logits, loss)."""
+
+    def __init__(self, model: nn.Module, convention: Convention) -> None:
         super().__init__()
         self.model = model
-
-    @contextmanager
-    def layer_graphs(self) -> Iterator[None]:
-        """Within the block, decoder layers run their traced graphs instead of their own
-        forward (wherever the model is called): a check that the layer graphs are faithful."""
-        for layer in self.layers:  # trace both modes now: tracing calls the layer's forward
-            layer.trace(True)
-            layer.trace(False)
-        saved = [(layer.module, layer.module.__dict__.get("forward")) for layer in self.layers]
-        try:
-            for layer in self.layers:
-                layer.module.forward = layer.run
-            yield
-        finally:
-            for mod, fwd in saved:
-                if fwd is None:
-                    del mod.forward
-                else:
-                    mod.forward = fwd
+        self.convention = convention
+        self.template: Any = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> tuple[Any, Any]:
+        conv = self.convention
+        kw = dict(conv.consts)
+        if conv.mask is not None and attention_mask is not None:
+            kw[conv.mask] = attention_mask
+        if conv.labels is not None and labels is not None:
+            kw[conv.labels] = labels
         # router logits are captured by the runtime's tap, never by the model's own forward:
         # a config asking for them (TRL's SFTTrainer sets it) would make the traced forward
         # compute a load-balancing loss from logits that tracing does not collect
@@ -86,12 +328,15 @@ class _CausalLMEntry(nn.Module):
         if asked:
             config.output_router_logits = False
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                             use_cache=False)
+            if conv.ids_positional:
+                out = self.model(input_ids, **kw)
+            else:
+                out = self.model(**{conv.ids: input_ids}, **kw)
         finally:
             if asked:
                 config.output_router_logits = True
-        return out.logits, out.loss
+        self.template, logits, loss = split_output(out, conv.model_name)
+        return logits, loss
 
 
 @dataclass
@@ -211,6 +456,7 @@ class TracedModel(nn.Module):
                 "of identical parameterised blocks")
         self.layer_names = [q for q, _ in found]
         self._layer_set = {id(m) for _, m in found}
+        self.convention = convention_of(model)
         self._graphs: dict[tuple[bool, bool, bool], fx.GraphModule] = {}
         gm = self.trace()
         nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
@@ -244,6 +490,9 @@ class TracedModel(nn.Module):
               has_labels: bool = True) -> fx.GraphModule:
         """The model-level graph for one mode and set of optional inputs."""
         mode = self.model.training if training is None else training
+        # inputs the model's forward does not take are never graph inputs
+        has_mask = has_mask and self.convention.mask is not None
+        has_labels = has_labels and self.convention.labels is not None
         key = (mode, has_mask, has_labels)
         if key not in self._graphs:
             concrete: dict[str, Any] = {}
@@ -253,14 +502,17 @@ class TracedModel(nn.Module):
                 concrete["labels"] = None
             was = self.model.training
             self.model.train(mode)
+            entry = _CausalLMEntry(self.model, self.convention)
             try:
-                gm = trace_module(_CausalLMEntry(self.model), self._leaf, self.leaf_modules,
+                gm = trace_module(entry, self._leaf, self.leaf_modules,
                                   what=type(self.model).__name__, concrete_args=concrete or None,
                                   patch_masks_of=self.model, inner="model",
-                                  protected=self._layer_set)
+                                  protected=self._layer_set,
+                                  tried=self.convention.describe(has_mask, has_labels))
             finally:
                 self.model.train(was)
             self._graphs[key] = gm
+            self.convention.templates[key] = entry.template
         return self._graphs[key]
 
     @property
@@ -289,13 +541,35 @@ class TracedModel(nn.Module):
                 else:
                     mod.forward = fwd
 
+    def template(self, training: bool | None = None, has_mask: bool = True,
+                 has_labels: bool = True) -> Any:
+        """The model's output structure for one graph key (see :func:`rebuild_output`)."""
+        mode = self.model.training if training is None else training
+        self.trace(mode, has_mask, has_labels)
+        key = (mode, has_mask and self.convention.mask is not None,
+               has_labels and self.convention.labels is not None)
+        return self.convention.templates[key]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # arguments in the model's own convention (its names, its positional order)
+        args, kwargs = self.convention.canonical(args, kwargs, ("input_ids", "attention_mask",
+                                                                "labels"))
+        return super().__call__(*args, **kwargs)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> MoeCausalLMOutputWithPast:
-        gm = self.trace(has_mask=attention_mask is not None, has_labels=labels is not None)
+                labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Run the traced graph; returns what the model returns (for transformers models a
+        ``MoeCausalLMOutputWithPast`` with ``.logits`` and ``.loss``)."""
+        kwargs.pop("use_cache", None)
+        if kwargs:
+            raise RevFFNError(f"unsupported argument(s) {sorted(kwargs)}; a traced model takes "
+                              "token ids, attention mask and labels")
+        has_mask, has_labels = attention_mask is not None, labels is not None
+        gm = self.trace(has_mask=has_mask, has_labels=has_labels)
         kw = {k: v for k, v in (("attention_mask", attention_mask), ("labels", labels))
               if v is not None}
         logits, loss = gm(input_ids, **kw)
-        return MoeCausalLMOutputWithPast(logits=logits, loss=loss)
+        return rebuild_output(self.template(None, has_mask, has_labels), logits, loss)
 
 
 def trace(model: nn.Module, leaf_modules: Sequence[str] = ()) -> TracedModel:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .errors import ConversionError, RevFFNError
-from .ir import TracedModel, call_arguments, trace
+from .ir import HF_OUTPUT, TracedModel, call_arguments, rebuild_output, trace
 from .passes.analyze import analyze, analyze_layer, router_ids
 from .passes.couple import COUPLINGS, couple_layer, make_adapters
 from .passes.cross_branch import attention_calls, cross_attentions
@@ -287,14 +287,24 @@ class RevModel(nn.Module):
         finally:
             self.options.plain_autograd = was
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # the model's own calling convention (its argument names and positional order)
+        # becomes input_ids / attention_mask / labels
+        args, kwargs = self.traced.convention.canonical(
+            args, kwargs, ("input_ids", "attention_mask", "labels"))
+        return super().__call__(*args, **kwargs)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, output_router_logits: bool = False,
                 return_logits: bool = False, num_items_in_batch: Any = None,
-                **kwargs: Any) -> MoeCausalLMOutputWithPast:
-        """Run the model. With labels, gradients enabled and ``loss_head="chunked"``, the
-        loss comes from the memory-lean head and ``.logits`` is None unless
-        ``return_logits=True``. ``num_items_in_batch`` (passed by the Trainer under
-        gradient accumulation) makes the loss a sum divided by it, as in transformers."""
+                **kwargs: Any) -> Any:
+        """Run the model; returns what the original model returns (transformers models: a
+        ``MoeCausalLMOutputWithPast``; a hand-written model: its tensor, tuple or object),
+        and takes its arguments by the original's names too. With labels, gradients
+        enabled and ``loss_head="chunked"``, the loss comes from the memory-lean head and
+        the logits are None unless ``return_logits=True``. ``num_items_in_batch`` (passed
+        by the Trainer under gradient accumulation) makes the loss a sum divided by it, as
+        in transformers."""
         unknown = set(kwargs) - _BENIGN_KWARGS
         if unknown:
             raise RevFFNError(f"unsupported argument(s) {sorted(unknown)}; RevModel takes "
@@ -304,7 +314,8 @@ class RevModel(nn.Module):
                    and torch.is_grad_enabled())
         # the original head bakes a mean into the graph: with num_items_in_batch, take the
         # logits and apply the model's own loss function instead
-        own_loss = labels is not None and num_items_in_batch is not None and not chunked
+        own_loss = (labels is not None and num_items_in_batch is not None and not chunked
+                     and hasattr(self.model, "loss_function"))
         graph_labels = labels if not own_loss else None
         gm = self.graph(has_mask=attention_mask is not None, has_labels=graph_labels is not None,
                         chunked_head=chunked)
@@ -319,6 +330,17 @@ class RevModel(nn.Module):
         if own_loss:
             loss = self.model.loss_function(logits, labels, logits.shape[-1],
                                             num_items_in_batch=num_items_in_batch)
+        template = self.traced.template(None, attention_mask is not None,
+                                        graph_labels is not None)
+        if template is not HF_OUTPUT:  # a hand-written model: return what it returns
+            out = rebuild_output(template, logits, loss)
+            if (output_router_logits and hasattr(out, "__dict__")
+                    and not isinstance(out, torch.Tensor)):
+                try:  # an object output also carries the router logits it was asked for
+                    out.router_logits = tuple(rec) if record else None
+                except (AttributeError, TypeError):
+                    pass
+            return out
         if not record:
             return MoeCausalLMOutputWithPast(loss=loss, logits=logits)
         router_logits = tuple(rec)

@@ -2,7 +2,8 @@
 
 Two levels are traced:
 - the model: ``(input_ids, attention_mask, labels) -> (logits, loss)`` with each decoder
-  layer a single ``call_module`` node;
+  layer a single ``call_module`` node (the model itself is called in its own convention,
+  see ``ir.convention_of``);
 - each decoder layer: ``(hidden_states, <the keyword arguments the model passes>)`` with
   attention, MoE/MLP and norm modules as leaves, so the residual structure is plain.
 
@@ -199,15 +200,24 @@ def patched_mask_creators(model: nn.Module) -> Iterator[None]:
             setattr(mod, name, obj)
 
 
-def _explain(exc: Exception, tracer: RevTracer, what: str) -> TraceError:
+# what torch.fx says when Python code branches on, iterates or converts a traced value
+_CONTROL_FLOW = ("control flow", "cannot be iterated", "symbolically traced", "Proxy")
+
+
+def _explain(exc: Exception, tracer: RevTracer, what: str, tried: str = "") -> TraceError:
     cls = type(exc).__name__
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else cls
     failed = tracer.failed_in
+    call = f"tried {tried}: " if tried else ""
     if failed is None or failed[0] == tracer.inner:
+        if not any(s in msg for s in _CONTROL_FLOW):
+            return TraceError(
+                f"cannot trace the forward of {what} itself: {call}it raised {cls}: {msg}")
         return TraceError(
-            f"cannot trace the forward of {what} itself ({cls}: {msg}); torch.fx cannot follow "
-            "data-dependent Python control flow outside submodules: move that code into a "
-            "submodule and keep it whole with rf.trace(model, leaf_modules=[<its class name>])")
+            f"cannot trace the forward of {what} itself ({call}{cls}: {msg}); torch.fx cannot "
+            "follow data-dependent Python control flow outside submodules: move that code "
+            "into a submodule and keep it whole with rf.trace(model, leaf_modules=[<its "
+            "class name>])")
     name, mod = tracer.user_name(failed[0]), type(failed[1]).__name__
     if any(id(m) in tracer.protected for m in failed[1].modules()):
         return TraceError(
@@ -224,7 +234,7 @@ def trace_module(root: nn.Module, leaf: Callable[[nn.Module, str], bool | None],
                  concrete_args: dict[str, Any] | None = None,
                  patch_masks_of: nn.Module | None = None,
                  inner: str = "", prefix: str = "",
-                 protected: set[int] | None = None) -> fx.GraphModule:
+                 protected: set[int] | None = None, tried: str = "") -> fx.GraphModule:
     """Trace ``root`` into a GraphModule, turning failures into a :class:`TraceError`.
 
     ``root`` is usually a wrapper holding the module of interest as attribute ``inner``;
@@ -242,7 +252,7 @@ def trace_module(root: nn.Module, leaf: Callable[[nn.Module, str], bool | None],
     except TraceError:
         raise
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear line
-        raise _explain(exc, tracer, what) from exc
+        raise _explain(exc, tracer, what, tried) from exc
     return fx.GraphModule(tracer.root, graph, class_name=type(root).__name__ + "Graph")
 
 

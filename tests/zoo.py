@@ -1,4 +1,4 @@
-"""Tiny models for tests: every supported Hugging Face MoE architecture, plus a hand-written one.
+"""Tiny models for tests: every supported Hugging Face MoE architecture, plus hand-written ones.
 
 Models are built from config objects (never downloaded). ``tiny_model(name)`` builds one with
 fixed-seed random weights; ``save_and_load`` round-trips an HF model through a directory.
@@ -111,6 +111,8 @@ def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     torch.manual_seed(seed)
     if name == "hand":
         return HandMoE(**overrides).to(dtype)
+    if name in HAND_LMS:
+        return HAND_LMS[name](**overrides).to(dtype)
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(name, **overrides)
@@ -234,3 +236,100 @@ class HandMoE(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return SimpleNamespace(logits=logits, loss=loss)
+
+
+# --------------------------------------------------------------------------------------
+# Hand-written MoE LMs with their own calling conventions and residual forms
+# (``tiny_model("gpt" | "tokens" | "parallel" | "three")``).
+
+
+class ParallelBlock(nn.Module):
+    """GPT-J style parallel residual: ``x + attn(n(x)) + moe(n(x))``, one shared norm."""
+
+    def __init__(self, hidden: int, heads: int, inner: int, n_experts: int,
+                 top_k: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.attn = HandAttention(hidden, heads)
+        self.moe = HandMoEBlock(hidden, inner, n_experts, top_k)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.attn(h, mask) + self.moe(h)
+
+
+class ThreeBlock(nn.Module):
+    """Three residual sublayers: two attention sublayers, then a MoE."""
+
+    def __init__(self, hidden: int, heads: int, inner: int, n_experts: int,
+                 top_k: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(hidden) for _ in range(3))
+        self.attn1 = HandAttention(hidden, heads)
+        self.attn2 = HandAttention(hidden, heads)
+        self.moe = HandMoEBlock(hidden, inner, n_experts, top_k)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), mask)
+        x = x + self.attn2(self.norm2(x), mask)
+        return x + self.moe(self.norm3(x))
+
+
+class GPTMoE(nn.Module):
+    """A GPT-style MoE LM: ``forward(input_ids, labels=None) -> (logits, loss)``; learned
+    positions, a causal mask from a buffer, loss computed by the model itself."""
+
+    block_class: type[nn.Module] = HandBlock
+
+    def __init__(self, vocab: int = 128, hidden: int = 64, layers: int = 2, heads: int = 4,
+                 inner: int = 96, n_experts: int = 4, top_k: int = 2,
+                 max_len: int = 64) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, hidden)
+        self.wpe = nn.Embedding(max_len, hidden)
+        self.h = nn.ModuleList(self.block_class(hidden, heads, inner, n_experts, top_k)
+                               for _ in range(layers))
+        self.ln_f = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.register_buffer("bias", torch.full((max_len, max_len), -1e9).triu(1),
+                             persistent=False)
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        x = self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))
+        mask = self.bias[:t, :t].to(x.dtype)
+        for block in self.h:
+            x = block(x, mask)
+        return self.lm_head(self.ln_f(x))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.hidden(input_ids)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1))
+        return logits, loss
+
+
+class TokensMoE(GPTMoE):
+    """``forward(tokens) -> logits``: no labels, no loss."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.hidden(tokens)
+
+
+class ParallelMoE(GPTMoE):
+    """GPT-style LM of parallel-residual MoE blocks (:class:`ParallelBlock`)."""
+
+    block_class = ParallelBlock
+
+
+class ThreeMoE(GPTMoE):
+    """GPT-style LM whose layers have three residual sublayers (:class:`ThreeBlock`)."""
+
+    block_class = ThreeBlock
+
+
+HAND_LMS: dict[str, type[nn.Module]] = {"gpt": GPTMoE, "tokens": TokensMoE,
+                                        "parallel": ParallelMoE, "three": ThreeMoE}
