@@ -16,6 +16,7 @@ import torch
 from ..errors import ConversionError, ExportError, LoadError
 from ..loading import _check_config, _quiet
 from ..model import RevModel, parse_layers, wider_stream_dtype
+from ..output import human_bytes
 from ..registry import facts_for
 from .checkpoint import (
     _DTYPES,
@@ -34,15 +35,19 @@ from .save_load import load
 
 # ------------------------------------------------------------------------------ transform_dir
 
-def _activation_estimate(config: Any, coupling: str, batch: int = 8,
+def _activation_estimate(config: Any, rev: RevModel, batch: int = 8,
                          seq: int = 2048) -> tuple[int, int, int, int] | None:
-    """Saved-for-backward bytes without checkpointing and with ``coupling``, or None when
-    the config lacks what the estimator reads."""
-    from ..estimate import estimate_saved_bytes
+    """Activations + loss head at a step's peak, plain fine-tuning and ``rev`` (its coupling,
+    loss head and converted layers), as ``revffn plan`` counts them (ordinary optimizer);
+    None when the config lacks what the estimator reads."""
+    from ..planner import activation_peak
 
     try:
-        return (batch, seq, estimate_saved_bytes(config, batch, seq, "none"),
-                estimate_saved_bytes(config, batch, seq, coupling))
+        return (batch, seq,
+                activation_peak(config, batch, seq, "none", "original"),
+                activation_peak(config, batch, seq, rev.coupling,
+                                getattr(rev, "loss_head", None) or "original",
+                                layers=list(rev.converted)))
     except (AttributeError, TypeError, ValueError, KeyError):
         return None
 
@@ -87,9 +92,10 @@ class TransformSummary:
                    + (" (revffn adapters)" if self.params_added else ""))
         if self.activation_estimate is not None:
             b, s, before, after = self.activation_estimate
-            out.append(f"activations kept for backward at batch {b} x seq {s} (estimate): "
-                       f"{before / 2**30:,.2f} GiB -> {after / 2**30:,.2f} GiB "
-                       "(see `revffn plan` for the whole step)")
+            out.append(f"activations at the step's peak (as `revffn plan`): "
+                       f"{human_bytes(before)} plain -> {human_bytes(after)}")
+            out.append(f"  assuming batch {b} x seq {s} (set with --estimate-batch, "
+                       "--estimate-seq)")
         if self.calibration is not None:
             out.append(f"adapters: {self.calibration.summary()}")
         wide = getattr(getattr(self.rev, "options", None), "stream_dtype", None)
@@ -155,6 +161,8 @@ def _check_fits(model: torch.nn.Module, entries: Sequence[_Tensor], weights: Pat
         raise LoadError(f"{where}: tensor {name} has shape {list(ckpt)} in the checkpoint but "
                         f"{list(want)} in the model")
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()  # loading replaced the tied tensors; tie again, as a real load does
     missing = sorted(set(info.missing_keys) - tied)
     if missing:
         raise LoadError(f"{where}: {len(missing)} tensor(s) missing from the checkpoint, "
@@ -198,7 +206,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                   fixed_point_tol: float | None = None,
                   calibrate: str | os.PathLike[str] | None = None,
                   calibration_tokens: int = 16384,
-                  stream_dtype: str | torch.dtype | None = None) -> TransformSummary:
+                  stream_dtype: str | torch.dtype | None = None,
+                  estimate_batch: int = 8, estimate_seq: int = 2048) -> TransformSummary:
     """Transform the checkpoint in ``model_dir`` into a revffn-fx directory ``out_dir``.
 
     The model is never materialised (meta device; tensors are copied shard by shard), so
@@ -210,6 +219,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     by least squares (:func:`revffn_fx.calibration.calibrate`; loads the model for real).
     ``stream_dtype`` (recorded, see :func:`revffn_fx.transform`): "auto" widens the
     streams one step (fp32 -> fp64, 16-bit -> fp32) when calibrating, else keeps them.
+    ``estimate_batch`` x ``estimate_seq``: the batch the summary's activation estimate
+    assumes (nothing else uses them).
     Every problem raises a one-line :class:`~revffn_fx.errors.RevFFNError`
     (LoadError, ConversionError, ExportError) and leaves no ``out_dir`` behind.
     """
@@ -263,7 +274,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         str(src), str(out), model_type, rev.coupling, n, list(rev.converted), refused,
         not_selected, params_before, sum(v.numel() for v in adapters.values()),
         str(next(model.parameters()).dtype).replace("torch.", ""), dry_run=dry_run, rev=rev,
-        activation_estimate=_activation_estimate(model.config, rev.coupling))
+        activation_estimate=_activation_estimate(model.config, rev, estimate_batch,
+                                                 estimate_seq))
     if dry_run:
         summary.seconds = time.perf_counter() - start
         return summary
