@@ -23,6 +23,7 @@ from .errors import ConversionError, RevFFNError
 from .ir import HF_OUTPUT, TracedModel, call_arguments, rebuild_output, trace
 from .passes.analyze import analyze, analyze_layer, router_ids
 from .passes.couple import COUPLINGS, couple_layer, make_adapters
+from .passes.couple_momentum import DEFAULT_MOMENTUM, SCALED_COUPLINGS, check_momentum
 from .passes.cross_branch import attention_calls, cross_attentions
 from .passes.fuse import fuse_stacks
 from .passes.inverse import ReversibleSpec, generate_inverse
@@ -94,7 +95,8 @@ class RevModel(nn.Module):
                  checkpoint_rest: bool = False, loss_head: str = "chunked",
                  attention: str = "plain", fixed_point_iters: int | None = None,
                  fixed_point_tol: float | None = None,
-                 stream_dtype: torch.dtype | str | None = None) -> None:
+                 stream_dtype: torch.dtype | str | None = None,
+                 momentum: float | None = None) -> None:
         super().__init__()
         if attention not in ("plain", "cross"):
             raise RevFFNError(f"unknown attention {attention!r}; choose plain or cross")
@@ -113,6 +115,13 @@ class RevModel(nn.Module):
             raise RevFFNError(f"unknown coupling {coupling!r}; choose from {', '.join(COUPLINGS)}")
         self.model = model
         self.coupling = coupling
+        # the fraction of the overwritten stream kept by the momentum and meft couplings
+        self.momentum: float | None = None
+        if coupling in SCALED_COUPLINGS:
+            self.momentum = check_momentum(DEFAULT_MOMENTUM if momentum is None else momentum)
+        elif momentum is not None:
+            raise RevFFNError(f"momentum is an option of the {' and '.join(SCALED_COUPLINGS)} "
+                              f"couplings, not of {coupling!r}")
         self.user_passes = list(passes or [])
         traced = trace(model, leaf_modules)
         self.__dict__["traced"] = traced  # not a submodule: it shares self.model
@@ -184,7 +193,7 @@ class RevModel(nn.Module):
 
                 def couple(gm: fx.GraphModule, _p: Any = plan, _a: Any = adapters,
                            _c: Any = cross.get(i)) -> fx.GraphModule:
-                    return couple_layer(gm, _p, self.coupling, _a, _c)
+                    return couple_layer(gm, _p, self.coupling, _a, _c, self.momentum)
 
                 couple.__name__ = f"couple_{self.coupling}"
                 pm = PassManager([couple, *self.user_passes])
@@ -508,11 +517,15 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
               loss_head: str = "chunked", attention: str = "plain",
               fixed_point_iters: int | None = None,
               fixed_point_tol: float | None = None,
-              stream_dtype: torch.dtype | str | None = None) -> RevModel:
+              stream_dtype: torch.dtype | str | None = None,
+              momentum: float | None = None) -> RevModel:
     """Rewrite a causal LM (or a local model directory) into a :class:`RevModel`.
 
-    ``coupling``: "revffn" (halves + adapters, the paper's block) or "revnet" (two
-    full-width copies, no new parameters). ``layers``: indices or a spec like "0-3,6"
+    ``coupling``: "revffn" (halves + adapters, the paper's block), "revnet" (two
+    full-width copies, no new parameters), or "momentum" / "meft" (no new parameters;
+    they keep the pretrained function to within ``momentum``, the fraction g of the
+    overwritten stream each update keeps, default 1/8; their inverse divides by g, so pair
+    them with ``stream_dtype``; docs/quality.md). ``layers``: indices or a spec like "0-3,6"
     (default: every convertible layer). ``passes``: extra passes run on each coupling graph
     after the built-in rewrite. ``leaf_modules``: modules torch.fx should not trace into.
     ``checkpoint_rest``: run the layers left out of the stacks under activation
@@ -532,7 +545,7 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
 
         model = load_model(model)
     return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head,
-                    attention, fixed_point_iters, fixed_point_tol, stream_dtype)
+                    attention, fixed_point_iters, fixed_point_tol, stream_dtype, momentum)
 
 
 def wider_stream_dtype(dtype: torch.dtype) -> torch.dtype:

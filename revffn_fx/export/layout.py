@@ -79,6 +79,8 @@ def _section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: torch.d
     stream_dtype = getattr(getattr(rev, "options", None), "stream_dtype", None)
     if stream_dtype is not None:
         options["stream_dtype"] = str(stream_dtype).replace("torch.", "")
+    if getattr(rev, "momentum", None) is not None:  # momentum / meft couplings
+        options["momentum"] = rev.momentum
     if getattr(rev, "attention", "plain") != "plain":
         options["attention"] = rev.attention
         options["fixed_point_iters"] = rev.options.fixed_point_iters

@@ -133,7 +133,8 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
     model = load_model(path, config=config, dtype=dtype)
     # options added to transform after format 1 are passed only when recorded
     kw = {k: options[k] for k in ("checkpoint_rest", "loss_head", "attention",
-                                  "fixed_point_iters", "fixed_point_tol", "stream_dtype")
+                                  "fixed_point_iters", "fixed_point_tol", "stream_dtype",
+                                  "momentum")
           if k in options}
     try:
         rev = RevModel(model, options["coupling"], options["layers"], custom,

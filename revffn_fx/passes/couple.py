@@ -30,8 +30,9 @@ from torch import nn
 from ..errors import ConversionError
 from ..plan import LayerPlan
 from ..runtime.streams import MERGES, SPLITS
+from .couple_momentum import DEFAULT_MOMENTUM, SCALED_COUPLINGS, couple_scaled_layer
 
-COUPLINGS = {"revffn": "halves", "revnet": "copies"}
+COUPLINGS = {"revffn": "halves", "revnet": "copies", **SCALED_COUPLINGS}
 
 
 def make_adapters(hidden: int, dtype: torch.dtype,
@@ -70,16 +71,24 @@ def _tag(node: fx.Node, tag: str) -> fx.Node:
 
 def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
                  adapters: nn.ModuleDict | None = None,
-                 cross: dict[str, nn.Module] | None = None) -> fx.GraphModule:
+                 cross: dict[str, nn.Module] | None = None,
+                 momentum: float | None = None) -> fx.GraphModule:
     """Return the coupling graph of one layer (the input graph is not modified).
 
     ``cross``: attention targets of the first branch to replace by cross-branch attention
-    modules called as ``(query, *args, **kwargs)``.
+    modules called as ``(query, *args, **kwargs)``. ``momentum``: the fraction ``g`` of
+    the overwritten stream the ``momentum`` and ``meft`` couplings keep (couple_momentum).
     """
     if not plan.convertible:
         raise ConversionError(f"layer {plan.qualname} is not convertible: {plan.reason}")
     if coupling not in COUPLINGS:
         raise ConversionError(f"unknown coupling {coupling!r}; choose from {sorted(COUPLINGS)}")
+    if coupling in SCALED_COUPLINGS:  # momentum, meft: keep the pretrained function
+        if adapters is not None or cross:
+            raise ConversionError(f"the {coupling} coupling has no adapters and no "
+                                  "cross-branch attention")
+        return couple_scaled_layer(gm, plan, coupling,
+                                   DEFAULT_MOMENTUM if momentum is None else momentum)
     if (coupling == "revffn") != (adapters is not None):
         raise ConversionError("revffn needs adapters; revnet has none")
     split_kind = COUPLINGS[coupling]

@@ -5,6 +5,8 @@ is the current value of a stream is an update ``stream[t] += u``, and the nodes 
 ``u`` form its branch. Which streams the branch reads decides the inverse:
 - it does not read stream t: ``x_t = y_t - branch(...)`` (closed form);
 - it reads stream t: ``x_t`` solves ``x = y_t - branch(..., x, ...)`` (fixed point).
+An update may keep a fraction of the stream, ``stream[t] = c * stream[t] + u`` (the
+coupling pass tags the ``* c`` node "coupling_scale"); its inverse divides by ``c``.
 The result is the list of runtime updates plus an fx GraphModule of the inverse.
 """
 
@@ -97,6 +99,15 @@ def _ancestors_until(node: fx.Node, stops: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def _scaled(node: Any, current: list[fx.Node]) -> bool:
+    """``node`` is ``stream * c`` for a current stream and a number ``c`` that a coupling
+    pass tagged "coupling_scale": the kept part of a scaled update (momentum, meft)."""
+    return (isinstance(node, fx.Node) and node.meta.get("revffn") == "coupling_scale"
+            and node.op == "call_function" and node.target is operator.mul
+            and node.args[0] in current and isinstance(node.args[1], (int, float))
+            and node.args[1] != 0)
+
+
 def generate_inverse(coupling: fx.GraphModule) -> ReversibleSpec:
     """Analyse a coupling graph into updates and emit its inverse GraphModule."""
     graph = coupling.graph
@@ -115,10 +126,13 @@ def generate_inverse(coupling: fx.GraphModule) -> ReversibleSpec:
         if not (node.op == "call_function" and node.target is operator.add):
             continue
         a, b = node.args[:2]
+        scale = 1.0
         if a in current:
             t, u = current.index(a), b
         elif b in current:
             t, u = current.index(b), a
+        elif _scaled(a, current):
+            t, u, scale = current.index(a.args[0]), b, float(a.args[1])
         else:
             continue
         anc = _ancestors_until(u, set(current))
@@ -129,7 +143,7 @@ def generate_inverse(coupling: fx.GraphModule) -> ReversibleSpec:
         reads = [i for i, v in enumerate(current) if v in anc]
         branch, ctx_names = extract(coupling, [current[i] for i in reads], u, g,
                                     f"Branch_{node.name}")
-        updates.append(Update(branch, t, reads, ctx_names))
+        updates.append(Update(branch, t, reads, ctx_names, scale))
         current[t] = node
         versions.add(node)
     merge = next((n for n in graph.nodes if n.op == "call_function"
@@ -155,6 +169,9 @@ def _inverse_graph(updates: list[Update], n: int) -> fx.GraphModule:
             root[f"{name}.branch"] = u.branch
             f = graph.call_module(f"{name}.branch", tuple(cur[i] for i in u.reads), kw)
             cur[u.target] = graph.call_function(operator.sub, (cur[u.target], f))
+            if u.scale != 1.0:
+                cur[u.target] = graph.call_function(operator.truediv,
+                                                    (cur[u.target], u.scale))
         else:
             root[name] = u
             mod = graph.get_attr(name)

@@ -44,7 +44,8 @@ def _autocast(state: list[tuple[str, bool, torch.dtype]]) -> Iterator[None]:
 
 def fixed_point(u: Update, y: list[torch.Tensor], ctx: dict[str, Any], iters: int,
                 tol: float) -> tuple[torch.Tensor, int, float]:
-    """Solve ``x = y_t - f(..., x, ...)`` for the stream ``u`` updates (it reads itself).
+    """Solve ``x = (y_t - f(..., x, ...)) / scale`` for the stream ``u`` updates (it reads
+    itself).
 
     Starts at ``x = y_t``; returns (x, iterations, final relative residual). Stops early
     when the residual is not finite (diverged): further steps cannot help.
@@ -55,7 +56,7 @@ def fixed_point(u: Update, y: list[torch.Tensor], ctx: dict[str, Any], iters: in
     for i in range(1, iters + 1):
         streams = list(y)
         streams[t] = x
-        new = y[t] - u.run(streams, ctx)
+        new = u.invert(y[t], u.run(streams, ctx))
         residual = float((new - x).norm() / x.norm().clamp_min(1e-30))
         x = new
         if residual <= tol or not math.isfinite(residual):
@@ -89,7 +90,7 @@ class RevFunction(torch.autograd.Function):
             else:
                 counts.append(0)
                 out = u.run(streams, ctx)
-            streams[u.target] = streams[u.target] + out
+            streams[u.target] = u.combine(streams, out)
         fctx.save_for_backward(*streams, *ctx_t)
         fctx.stack, fctx.n, fctx.n_ctx = stack, n, n_ctx
         fctx.ctx_meta = (ctx_leaves, ctx_spec, tensor_pos)
@@ -153,7 +154,7 @@ class RevFunction(torch.autograd.Function):
                 else:
                     rec, out = [], u.run(streams, ctx)
             if u.closed_form:
-                y[t] = (y[t] - out).detach()
+                y[t] = u.invert(y[t], out).detach()
             outs, gouts = [out], [gy[t]]
             lo = ends[j] - fctx.counts[j]
             for k, logit in enumerate(rec):
@@ -164,6 +165,8 @@ class RevFunction(torch.autograd.Function):
             mine = list({id(p): p for p in u.branch.parameters() if id(p) in where}.values())
             inputs = [reads[i] for i in sorted(reads)] + mine + [ctx_in[i] for i in ctx_req]
             got = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
+            if u.scale != 1.0:  # the old target value reached the new one times scale
+                gy[t] = gy[t] * u.scale
             k = 0
             for i in sorted(reads):
                 if got[k] is not None:

@@ -42,15 +42,20 @@ class RuntimeOptions:
 
 
 class Update(nn.Module):
-    """``stream[target] = stream[target] + branch(*stream[reads], **ctx[ctx_names])``."""
+    """``stream[target] = scale * stream[target] + branch(*stream[reads], **ctx[ctx_names])``.
+
+    ``scale`` (default 1: the additive update) is how much of the overwritten stream is
+    kept; the momentum and meft couplings keep a fraction, so their inverse divides by it.
+    """
 
     def __init__(self, branch: nn.Module, target: int, reads: list[int],
-                 ctx_names: list[str]) -> None:
+                 ctx_names: list[str], scale: float = 1.0) -> None:
         super().__init__()
         self.branch = branch
         self.target = target
         self.reads = list(reads)
         self.ctx_names = list(ctx_names)
+        self.scale = float(scale)
         # set by RevStack.forward when the streams are wider than the branch computes in
         self.compute_dtype: torch.dtype | None = None
 
@@ -65,6 +70,16 @@ class Update(nn.Module):
             xs = [x.to(self.compute_dtype) for x in xs]
         return self.branch(*xs, **{k: ctx[k] for k in self.ctx_names})
 
+    def combine(self, streams: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """The new value of the target stream, given the branch output ``out``."""
+        old = streams[self.target]
+        return (old if self.scale == 1.0 else old * self.scale) + out
+
+    def invert(self, new: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The old value of the target stream from its new value and the branch output."""
+        old = new - out
+        return old if self.scale == 1.0 else old / self.scale
+
 
 class RevLayer(nn.Module):
     """One reversible coupling: its updates, in forward order."""
@@ -77,7 +92,7 @@ class RevLayer(nn.Module):
     def forward(self, streams: list[torch.Tensor], ctx: dict[str, Any]) -> list[torch.Tensor]:
         streams = list(streams)
         for u in self.updates:
-            streams[u.target] = streams[u.target] + u.run(streams, ctx)
+            streams[u.target] = u.combine(streams, u.run(streams, ctx))
         return streams
 
 

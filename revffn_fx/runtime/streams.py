@@ -31,5 +31,34 @@ def merge_mean(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
     return (y1 + y2) * 0.5
 
 
-SPLITS = {"halves": split_halves, "copies": split_copies}
-MERGES = {"halves": merge_halves, "copies": merge_mean}
+@fx.wrap
+def split_momentum(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """momentum: the position stream X = H and a velocity stream V that starts at zero."""
+    return h, torch.zeros_like(h)
+
+
+@fx.wrap
+def merge_first(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """momentum: the position stream is the hidden state (the velocity is dropped)."""
+    del v
+    return x
+
+
+@fx.wrap
+def split_copies_last(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """meft: two full-width copies of H (its own function: the inverse generator tells
+    the split kinds apart by the function)."""
+    return h, h
+
+
+@fx.wrap
+def merge_last(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """meft: the stream written last (the second) is the hidden state."""
+    del y1
+    return y2
+
+
+SPLITS = {"halves": split_halves, "copies": split_copies, "momentum": split_momentum,
+          "copies_last": split_copies_last}
+MERGES = {"halves": merge_halves, "copies": merge_mean, "momentum": merge_first,
+          "copies_last": merge_last}
