@@ -35,6 +35,9 @@ from .runtime.router import RouterTap, find_routers
 from .runtime.stack import Checkpointed, RevStack, RuntimeOptions
 
 _BENIGN_KWARGS = {"use_cache", "return_dict"}
+#: the coupling name of the exact mode: no coupling, every decoder layer as it is under
+#: activation checkpointing, with the lean loss head (the strongest non-reversible stack)
+EXACT = "none"
 
 
 def parse_layers(spec: str | Sequence[int] | None, n: int) -> list[int] | None:
@@ -108,11 +111,12 @@ class RevModel(nn.Module):
         self.__dict__["_cross"] = {}  # index -> CrossAttention or reason (not submodules)
         if loss_head not in ("chunked", "original"):
             raise RevFFNError(f"unknown loss head {loss_head!r}; choose chunked or original")
-        self.checkpoint_rest = checkpoint_rest
+        self.checkpoint_rest = checkpoint_rest or coupling == EXACT
         self.loss_head = loss_head
         self.loss_head_status = "not compiled yet"
-        if coupling not in COUPLINGS:
-            raise RevFFNError(f"unknown coupling {coupling!r}; choose from {', '.join(COUPLINGS)}")
+        if coupling not in COUPLINGS and coupling != EXACT:
+            raise RevFFNError(f"unknown coupling {coupling!r}; choose from "
+                              f"{', '.join([*COUPLINGS, EXACT])}")
         self.model = model
         self.coupling = coupling
         # the fraction of the overwritten stream kept by the momentum and meft couplings
@@ -128,15 +132,18 @@ class RevModel(nn.Module):
         self.plan: Plan = analyze(traced)
         n = len(traced.layers)
         wanted = parse_layers(layers, n)
-        chosen = [lp.index for lp in self.plan.layers
-                  if lp.convertible and (wanted is None or lp.index in wanted)]
+        if coupling == EXACT and wanted:
+            raise RevFFNError("the exact mode (coupling 'none') converts no layer: leave "
+                              "out layers")
+        chosen = [lp.index for lp in self.plan.layers if coupling != EXACT
+                  and lp.convertible and (wanted is None or lp.index in wanted)]
         if wanted is not None:
             refused = [lp for lp in self.plan.layers if lp.index in wanted and not lp.convertible]
             if refused:
                 lp = refused[0]
                 raise ConversionError(
                     f"layer {lp.index} ({lp.qualname}) cannot be converted: {lp.reason}")
-        if not chosen:
+        if not chosen and coupling != EXACT:
             reasons = {lp.reason for lp in self.plan.layers if not lp.convertible}
             raise ConversionError("no convertible decoder layer"
                                   + (f": {sorted(reasons)[0]}" if reasons else ""))
@@ -218,7 +225,7 @@ class RevModel(nn.Module):
             for i, spec in specs.items():
                 lg = self.traced.layers[i]
                 layers["model." + lg.qualname] = (spec.layer(lg.qualname), lg.call.inputs)
-            split = COUPLINGS[self.coupling]
+            split = COUPLINGS.get(self.coupling, "copies")  # exact mode: no stack
             by_target = {"model." + lg.qualname: lg.module for lg in self.traced.layers}
 
             def bind(node: fx.Node) -> tuple[Any, dict[str, Any]]:
@@ -528,6 +535,10 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
     them with ``stream_dtype``; docs/quality.md). ``layers``: indices or a spec like "0-3,6"
     (default: every convertible layer). ``passes``: extra passes run on each coupling graph
     after the built-in rewrite. ``leaf_modules``: modules torch.fx should not trace into.
+    ``coupling="none"`` is the exact mode: no layer is rewritten, the model computes what it
+    computed before, every decoder layer runs under activation checkpointing (turn it off
+    with ``rev.activation_checkpointing_disable()``) with the lean loss head; the fused
+    optimizer works as with the couplings.
     ``checkpoint_rest``: run the layers left out of the stacks under activation
     checkpointing. ``loss_head``: "chunked" (default: the memory-lean head when labels
     are given and logits are not asked for) or "original". ``attention``: "plain" or

@@ -45,7 +45,8 @@ def _activation_estimate(config: Any, rev: RevModel, batch: int = 8,
     try:
         return (batch, seq,
                 activation_peak(config, batch, seq, "none", "original"),
-                activation_peak(config, batch, seq, rev.coupling,
+                activation_peak(config, batch, seq,
+                                "checkpoint" if rev.coupling == "none" else rev.coupling,
                                 getattr(rev, "loss_head", None) or "original",
                                 layers=list(rev.converted)))
     except (AttributeError, TypeError, ValueError, KeyError):
@@ -82,8 +83,12 @@ class TransformSummary:
         """The human-readable report, one line each."""
         out = [f"{self.model_dir}: {self.model_type}, {self.num_layers} decoder layers, "
                f"{self.params_before:,} parameters ({self.dtype})"]
-        out.append(f"converted {len(self.converted)} of {self.num_layers} layers to "
-                   f"{self.coupling} couplings: {_layer_span(self.converted) or '-'}")
+        if self.coupling == "none":  # the exact mode
+            out.append(f"exact mode: no layer converted; all {self.num_layers} layers run "
+                       "under activation checkpointing, with the lean loss head")
+        else:
+            out.append(f"converted {len(self.converted)} of {self.num_layers} layers to "
+                       f"{self.coupling} couplings: {_layer_span(self.converted) or '-'}")
         out += [f"  layer {i} not converted: {why}" for i, why in self.refused]
         if self.not_selected:
             out.append(f"  left out by --layers: {_layer_span(self.not_selected)}")
