@@ -25,9 +25,19 @@ from transformers.utils import logging as hf_logging
 from revffn_fx.errors import LoadError
 from revffn_fx.registry import SUPPORTED_TRANSFORMERS, facts_for
 
-# The weight files from_pretrained looks for, in its order of preference.
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
-                "pytorch_model.bin.index.json", "pytorch_model.bin")
+# The weight files read, in from_pretrained's order of preference. Pickled checkpoints
+# (pytorch_model.bin) are refused everywhere: unpickling runs code.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
+_PICKLED = ("pytorch_model.bin.index.json", "pytorch_model.bin")
+# config.json fields that must be positive integers / numbers when present
+_POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "intermediate_size", "moe_intermediate_size",
+                  "vocab_size", "num_local_experts", "num_experts", "n_routed_experts",
+                  "num_experts_per_tok", "head_dim", "max_position_embeddings")
+_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "initializer_range",
+            "router_aux_loss_coef")
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "auto")
 _MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss",
               "granitemoe", "phimoe", "dbrx", "jetmoe", "minimax", "flex_olmo")
 _VERSIONS = f"transformers {transformers.__version__}; revffn-fx supports " + ",".join(
@@ -48,7 +58,7 @@ def load_model(model_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | 
     options: dict[str, Any] = {**facts_for(model_type).load_kwargs, **kwargs}
     if dtype is not None:
         options["dtype"] = dtype
-    options.update(local_files_only=True, trust_remote_code=False,
+    options.update(local_files_only=True, trust_remote_code=False, use_safetensors=True,
                    ignore_mismatched_sizes=True, output_loading_info=True)
     try:
         with _quiet():
@@ -84,7 +94,11 @@ def load_config(model_dir: str | os.PathLike[str]) -> Any:
 
 
 def _check_config(path: Path) -> tuple[Path, str]:
-    """The path of a readable config.json, and its ``model_type`` (known to transformers)."""
+    """The path of a readable config.json, and its ``model_type`` (known to transformers).
+
+    Also checks the config's shape (types and ranges of the common fields) and that the
+    files Hugging Face reads beside it do not lead outside ``path``.
+    """
     if not path.exists():
         raise LoadError(f"{path}: no such directory (revffn-fx loads local model directories "
                         "only; it never downloads from the hub)")
@@ -94,40 +108,114 @@ def _check_config(path: Path) -> tuple[Path, str]:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise LoadError(f"{config_path}: missing (not a Hugging Face model directory?)")
+    inside(config_path, path)
+    if (path / "generation_config.json").exists():
+        inside(path / "generation_config.json", path)
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise LoadError(f"{config_path}: not valid JSON: line {e.lineno} column {e.colno}: "
                         f"{e.msg}") from e
+    except RecursionError:
+        raise LoadError(f"{config_path}: JSON nested too deeply") from None
     except (OSError, UnicodeDecodeError) as e:
         raise LoadError(f"{config_path}: cannot read: {e}") from e
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(config, dict):
+        raise LoadError(f"{config_path}: not a JSON object (got a {type(config).__name__})")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         known = ", ".join(t for t in _MOE_TYPES if t in CONFIG_MAPPING)
         raise LoadError(f"{config_path}: unknown model_type {model_type!r} ({_VERSIONS}; "
                         f"known MoE types include {known})")
+    _check_fields(config_path, config)
     return config_path, model_type
+
+
+def _check_fields(config_path: Path, config: dict[str, Any]) -> None:
+    """Types and ranges of the fields every architecture reads, and the expert top-k."""
+    for key in _POSITIVE_INTS:
+        v = config.get(key)
+        if v is not None and (type(v) is not int or v <= 0):
+            raise LoadError(f"{config_path}: {key} must be a positive integer, not {v!r}")
+    for key in _NUMBERS:
+        v = config.get(key)
+        if v is not None and (type(v) not in (int, float) or v != v):
+            raise LoadError(f"{config_path}: {key} must be a number, not {v!r}")
+    for key in ("dtype", "torch_dtype"):
+        v = config.get(key)
+        if v is not None and v not in _DTYPE_NAMES:
+            raise LoadError(f"{config_path}: {key} {v!r} is not a dtype revffn-fx knows "
+                            f"({', '.join(_DTYPE_NAMES)})")
+    k = config.get("num_experts_per_tok")
+    experts = next((config[key] for key in _EXPERT_COUNTS if isinstance(config.get(key), int)),
+                   None)
+    if isinstance(k, int) and experts is not None and k > experts:
+        raise LoadError(f"{config_path}: num_experts_per_tok {k} is larger than the number of "
+                        f"experts ({experts})")
+
+
+def inside(file: Path, model_dir: Path) -> Path:
+    """``file`` resolved, if it stays inside ``model_dir``; else a LoadError naming it.
+
+    A symlink to another file of ``model_dir`` is fine; so is a Hugging Face hub cache
+    snapshot (``.../snapshots/<rev>/x`` linking to ``.../blobs/<hash>`` of the same repo).
+    """
+    root = model_dir.resolve()
+    target = file.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(target == a or a in target.parents for a in allowed):
+        raise LoadError(f"{file}: leads outside the model directory (to {target}); revffn-fx "
+                        "reads only files inside MODEL_DIR")
+    if target.exists() and not target.is_file():
+        raise LoadError(f"{file}: not a regular file")
+    return target
 
 
 def _check_weights(path: Path) -> Path:
     """The main weights file; every safetensors file it names has a readable header."""
     found = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
     if found is None:
-        raise LoadError(f"{path}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+        pickled = next((path / f for f in _PICKLED if (path / f).exists()), None)
+        if pickled is not None:
+            raise LoadError(f"{pickled}: only safetensors checkpoints are read (revffn-fx never "
+                            "unpickles .bin files); convert it to model.safetensors first")
+        raise LoadError(f"{path}: no weights (expected one of {', '.join(WEIGHT_FILES)}; "
+                        f"{_PICKLED[1]} is not read)")
+    inside(found, path)
     shards = [found]
     if found.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(found.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise LoadError(f"{found}: not a valid weights index ({e})") from e
-        shards = [path / s for s in sorted(set(weight_map.values()))]
+        shards = [path / s for s in _index_shards(found)]
         for shard in shards:
+            if not os.path.lexists(shard):
+                raise LoadError(f"{found}: lists shard {shard.name}, which is missing")
+            inside(shard, path)
             if not shard.is_file():
                 raise LoadError(f"{found}: lists shard {shard.name}, which is missing")
     for shard in shards:
-        if shard.suffix == ".safetensors":
-            _check_safetensors(shard)
+        _check_safetensors(shard)
     return found
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names of a ``model.safetensors.index.json``, checked."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError, RecursionError) as e:
+        raise LoadError(f"{index}: not a valid weights index ({type(e).__name__})") from None
+    if (not isinstance(weight_map, dict) or not weight_map
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+        raise LoadError(f"{index}: not a valid weights index: 'weight_map' must map tensor "
+                        "names to shard file names")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if Path(name).name != name or name in (".", ".."):
+            raise LoadError(f"{index}: shard name {name!r} is not a file name in the model "
+                            "directory")
+        if not name.endswith(".safetensors"):
+            raise LoadError(f"{index}: shard {name!r} is not a .safetensors file")
+    return names
 
 
 def _check_safetensors(file: Path) -> None:

@@ -1,5 +1,5 @@
-"""Checkpoint files: reading and writing safetensors shards, the staging directory with its
-atomic rename, and copying the tokenizer and other extras."""
+"""Checkpoint files: reading and writing safetensors shards, copying the tokenizer and other
+extras (OUT_DIR itself is handled by :mod:`revffn_fx.outdir`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import json
 import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +15,10 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from ..errors import ExportError, LoadError
-from ..loading import _check_weights
-from .layout import ADAPTER_FILE, EXTRA_FILES, INDEX_NAME, TOKENIZER_FILES, WEIGHTS_NAME
+from ..errors import LoadError
+from ..loading import _check_weights, _index_shards, inside
+from ..outdir import pause
+from .layout import EXTRA_FILES, INDEX_NAME, TOKENIZER_FILES, WEIGHTS_NAME
 
 _CHUNK = 16 << 20  # bytes per read when copying tensors: bounds the memory of a copy
 
@@ -50,8 +49,12 @@ def _read_header(file: Path) -> tuple[dict[str, Any], int]:
     try:
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(os.fstat(f.fileno()).st_size - 8, 100 << 20):  # never trust n blindly
+                raise ValueError(f"header size {n} does not fit the file")
             header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, struct.error, ValueError, RecursionError) as e:
         raise LoadError(f"{file}: truncated or corrupted safetensors file ({e})") from e
     return header, 8 + n
 
@@ -74,8 +77,7 @@ def _checkpoint_entries(model_dir: Path) -> tuple[Path, list[_Tensor]]:
         raise LoadError(f"{weights}: only safetensors checkpoints can be transformed "
                         "(revffn-fx never unpickles .bin files)")
     if weights.name == INDEX_NAME:
-        files = sorted({model_dir / s for s in json.loads(weights.read_text())["weight_map"]
-                        .values()})
+        files = [model_dir / s for s in _index_shards(weights)]
     else:
         files = [weights]
     entries: list[_Tensor] = []
@@ -151,6 +153,7 @@ def _write_shards(out: Path, entries: Sequence[_Tensor], max_shard_size: int,
         if progress:
             progress(i, n, name)
         _write_safetensors(out / name, shard)
+        pause("shard")
     if progress:
         progress(n, n, names[-1])
     if n > 1:
@@ -162,69 +165,19 @@ def _write_shards(out: Path, entries: Sequence[_Tensor], max_shard_size: int,
     return names
 
 
-# ------------------------------------------------------------------------------ OUT_DIR safety
+def _extras(src: Path) -> list[str]:
+    """The tokenizer and extra files of ``src``; each must be a regular file inside it."""
+    found = []
+    for name in (*TOKENIZER_FILES, *EXTRA_FILES):
+        if os.path.lexists(src / name):
+            inside(src / name, src)  # refuses links out of MODEL_DIR, FIFOs, devices
+            if (src / name).is_file():
+                found.append(name)
+    return found
 
-def _check_out_dir(out: Path, force: bool, model_dir: Path | None = None) -> None:
-    """Refuse an OUT_DIR that would clobber something, before any work is done."""
-    if model_dir is not None:
-        src, dst = model_dir.resolve(), out.resolve()
-        if dst == src or src in dst.parents:
-            raise ExportError(f"{out}: OUT_DIR must not be MODEL_DIR or inside it ({model_dir})")
-        if dst in src.parents:  # --force would delete MODEL_DIR with the old OUT_DIR
-            raise ExportError(f"{out}: OUT_DIR must not contain MODEL_DIR ({model_dir})")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out}: not empty (use --force / force=True to replace it)")
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"{out}: not writable ({parent} is not a writable directory)")
-
-
-@contextmanager
-def _staging(out: Path, replace: bool) -> Iterator[Path]:
-    """A temporary directory beside ``out``, renamed to ``out`` only if the body succeeds.
-
-    ``replace``: an existing ``out`` is replaced as a whole; otherwise (save_pretrained
-    into an existing directory) the staged files are moved into it, one by one.
-    """
-    created: list[Path] = []
-    parent = out.resolve().parent
-    for p in [parent, *parent.parents]:
-        if p.exists():
-            break
-        created.append(p)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.revffn-tmp-", dir=parent))
-    except OSError as e:
-        for p in created:
-            shutil.rmtree(p, ignore_errors=True)
-        raise ExportError(f"{out}: not writable: {e.strerror or e}") from e
-    try:
-        yield tmp
-        if out.is_dir() and any(out.iterdir()) and not replace:
-            for stale in [*out.glob("model*.safetensors"), out / INDEX_NAME, out / ADAPTER_FILE]:
-                stale.unlink(missing_ok=True)  # shards of an earlier save must not linger
-            for f in tmp.iterdir():
-                os.replace(f, out / f.name)
-            tmp.rmdir()
-        else:
-            if out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in created:
-            shutil.rmtree(p, ignore_errors=True)
-        raise
 
 def _copy_extras(src: Path, out: Path) -> list[str]:
-    copied = []
-    for name in (*TOKENIZER_FILES, *EXTRA_FILES):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
-            copied.append(name)
+    copied = _extras(src)
+    for name in copied:
+        shutil.copyfile(src / name, out / name)
     return copied

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from ..errors import ExportError, LoadError, RevFFNError
 from ..loading import _check_config, _quiet, load_model
 from ..model import RevModel
+from ..outdir import writing
 from .checkpoint import (
     _blob_entries,
     _checkpoint_entries,
     _copy_extras,
-    _staging,
     _write_safetensors,
     _write_shards,
 )
@@ -38,8 +38,9 @@ def save(rev: RevModel, out_dir: str | os.PathLike[str], *, max_shard_size: int 
 
     The base weights go through the model's own ``save_pretrained`` (so Hugging Face's key
     conversions and tied-weight handling apply), into a staging directory, and are then
-    re-sharded with the adapters beside them. An existing ``out_dir`` is updated in place
-    (earlier weight shards are removed); a new one appears atomically.
+    re-sharded with the adapters beside them. An existing ``out_dir`` keeps its other files
+    (earlier weight shards are dropped) and is replaced in one step, like a new one
+    (:func:`revffn_fx.outdir.writing`).
     """
     if not safe_serialization:
         raise ExportError("revffn-fx writes safetensors only (safe_serialization=False refused)")
@@ -47,13 +48,11 @@ def save(rev: RevModel, out_dir: str | os.PathLike[str], *, max_shard_size: int 
         return
     limit = parse_size(max_shard_size)
     out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a directory")
     if not hasattr(rev.model, "save_pretrained"):
         raise ExportError(f"{type(rev.model).__name__} is not a Hugging Face model: only "
                           "transformers models can be saved as a model directory")
     adapters = _adapter_tensors(rev)
-    with _staging(out, replace=False) as tmp:
+    with writing(out, force=False, merge=True) as tmp:
         base = tmp / ".base"
         with _quiet():
             rev.model.save_pretrained(base, max_shard_size="1000GB")

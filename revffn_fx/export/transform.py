@@ -16,16 +16,16 @@ import torch
 from ..errors import ConversionError, ExportError, LoadError
 from ..loading import _check_config, _quiet
 from ..model import RevModel, parse_layers, wider_stream_dtype
+from ..outdir import check_out_dir, writing
 from ..output import human_bytes
 from ..registry import facts_for
 from .checkpoint import (
     _DTYPES,
     Progress,
     _blob_entries,
-    _check_out_dir,
     _checkpoint_entries,
     _copy_extras,
-    _staging,
+    _extras,
     _Tensor,
     _write_safetensors,
     _write_shards,
@@ -234,7 +234,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     limit = parse_size(max_shard_size)
     config_path, model_type = _check_config(src)
     weights, entries = _checkpoint_entries(src)
-    _check_out_dir(out, force, src)
+    _extras(src)  # a tokenizer file linking out of MODEL_DIR stops us before any work
+    check_out_dir(out, force, src)
     model, dtype = _meta_model(src, config_path, model_type,
                                lambda cfg: _checkpoint_dtype(cfg, entries))
     _check_fits(model, entries, weights, dtype)
@@ -284,7 +285,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     if dry_run:
         summary.seconds = time.perf_counter() - start
         return summary
-    with _staging(out, replace=True) as tmp:
+    with writing(out, force=force, model_dir=src) as tmp:
         shards = _write_shards(tmp, entries, limit, progress)
         files = list(shards)
         if adapters:
