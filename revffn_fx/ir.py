@@ -66,8 +66,22 @@ class _Slot:
     def __repr__(self) -> str:
         return f"<{self.name}>"
 
+    # markers are compared by identity: copies (deepcopy, pickle) are the marker itself
+    def __copy__(self) -> _Slot:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Slot:
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return _slot_named, (self.name,)
+
 
 LOGITS, LOSS, HF_OUTPUT = _Slot("logits"), _Slot("loss"), _Slot("transformers output")
+
+
+def _slot_named(name: str) -> _Slot:
+    return next(s for s in (LOGITS, LOSS, HF_OUTPUT) if s.name == name)
 
 
 @dataclass
@@ -455,7 +469,9 @@ class TracedModel(nn.Module):
                 f"no decoder layers found in {type(model).__name__}: expected an nn.ModuleList "
                 "of identical parameterised blocks")
         self.layer_names = [q for q, _ in found]
-        self._layer_set = {id(m) for _, m in found}
+        # a plain list, not ids: a deepcopy then holds the copied layers (ids would name
+        # the original's, and a copy's first trace would go into its layers)
+        self.__dict__["_layer_modules"] = [m for _, m in found]
         self.convention = convention_of(model)
         self._graphs: dict[tuple[bool, bool, bool], fx.GraphModule] = {}
         gm = self.trace()
@@ -473,6 +489,10 @@ class TracedModel(nn.Module):
     @property
     def config(self) -> Any:
         return getattr(self.model, "config", None)
+
+    @property
+    def _layer_set(self) -> set[int]:
+        return {id(m) for m in self._layer_modules}
 
     def _leaf(self, m: nn.Module, qn: str) -> bool | None:
         if id(m) in self._layer_set or is_norm(m):

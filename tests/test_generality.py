@@ -108,3 +108,68 @@ def test_untraceable_signature_says_what_was_tried() -> None:
     msg = str(err.value)
     assert "tried Keyed.forward(input_ids=..., labels=...)" in msg and "TypeError" in msg
     assert "control flow" not in msg
+
+
+# ------------------------------------------------------------------------------- copies
+
+
+def _step(rev: Any, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and parameter gradients of one training step through the generated backward."""
+    rev.train()
+    rev.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    out = rev(ids, labels=ids, return_logits=True)
+    logits, loss = logits_and_loss(out)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in rev.named_parameters() if p.grad is not None}
+    rev.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+def _same(a: tuple[torch.Tensor, dict[str, torch.Tensor]],
+          b: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 0
+    for n in a[1]:
+        torch.testing.assert_close(a[1][n], b[1][n], rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt"])
+def test_copies_give_the_same_outputs_and_gradients(name: str, tmp_path: Any) -> None:
+    import copy
+
+    ids = _ids()
+    rev = rf.transform(tiny_model(name))
+    with torch.no_grad():  # make the adapters differ from their init, so copying matters
+        for p in rev.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    before = copy.deepcopy(rev)  # never run: its graphs are traced on first use
+    ref = _step(rev, ids)
+    _same(_step(before, ids), ref)
+    after = copy.deepcopy(rev)  # compiled graphs are copied too, onto the copied weights
+    _same(_step(after, ids), ref)
+    with torch.no_grad():
+        next(after.model.parameters()).add_(1.0)  # the copy owns its weights
+    _same(_step(rev, ids), ref)
+
+    fresh = rf.transform(tiny_model(name, seed=7))
+    fresh.load_state_dict(rev.state_dict())
+    _same(_step(fresh, ids), ref)
+    torch.save(rev.state_dict(), tmp_path / "rev.pt")
+    loaded = rf.transform(tiny_model(name, seed=8))
+    loaded.load_state_dict(torch.load(tmp_path / "rev.pt"))
+    _same(_step(loaded, ids), ref)
+
+
+def test_trl_reference_model() -> None:
+    utils = pytest.importorskip("trl.experimental.utils")
+    rev = rf.transform(tiny_model("mixtral"))
+    ids = _ids()
+    ref_model = utils.create_reference_model(rev)  # a deepcopy, frozen, in eval mode
+    assert not any(p.requires_grad for p in ref_model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(ref_model(ids).logits, rev.eval()(ids).logits,
+                                   rtol=0, atol=0)
+    rev.train()
+    _, grads = _step(rev, ids)  # the policy still trains through its own stacks
+    assert any("adapters" in n for n in grads)
