@@ -651,6 +651,21 @@ def bench_command(model_dir: str | None, synthetic: str | None, layers: str, bat
     """
     if (model_dir is None) == (synthetic is None):
         raise RevFFNError("give either MODEL_DIR or --synthetic NAME (exactly one)")
+    from revffn_fx.output import check_model_dir
+
+    # the cheap checks before torch and transformers are imported (seconds)
+    if synthetic is not None and synthetic not in SYNTHETIC:
+        raise RevFFNError(f"unknown synthetic model {synthetic!r}; choose from "
+                          f"{', '.join(SYNTHETIC)}")
+    if model_dir is not None:
+        check_model_dir(model_dir)
+    unknown = [m.strip() for m in methods.split(",")
+               if m.strip() and m.strip() not in METHODS + EXTRA_METHODS]
+    if unknown:
+        raise RevFFNError(f"unknown method {unknown[0]!r}; choose from "
+                          f"{', '.join(METHODS + EXTRA_METHODS)}")
+    if synthetic is not None:
+        _parse_depths(layers)
     import torch
 
     if threads:

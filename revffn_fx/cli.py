@@ -22,8 +22,9 @@ from rich.text import Text
 
 from revffn_fx import __version__
 from revffn_fx.bench import bench_command
-from revffn_fx.errors import LoadError, RevFFNError
-from revffn_fx.output import human_bytes, progress_reporter
+from revffn_fx.errors import RevFFNError
+from revffn_fx.output import check_model_dir as _check_model_dir
+from revffn_fx.output import human_bytes, parse_bytes, progress_reporter
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
 # click >= 8.2 raises this for a bare ``revffn``; older click printed the help and exited 0
@@ -110,20 +111,6 @@ def _console(stderr: bool = False, wide: bool = False) -> Console:
     tty = stream.isatty()
     return Console(file=stream, width=None if tty else (2 * _WIDTH if wide else _WIDTH),
                    highlight=False, soft_wrap=False)
-
-
-def _check_model_dir(path: str) -> None:
-    """The cheap checks of a model directory, before torch and transformers are imported
-    (10 s): a wrong path is answered at once."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise LoadError(f"{p}: no such directory (revffn-fx loads local model directories "
-                        "only; it never downloads from the hub)")
-    if not p.is_dir():
-        raise LoadError(f"{p}: not a directory (expected a model directory with config.json "
-                        "and weights)")
-    if not (p / "config.json").is_file():
-        raise LoadError(f"{p}: no config.json (expected a Hugging Face model directory)")
 
 
 def _check_layer_spec(spec: str | None) -> None:
@@ -218,10 +205,10 @@ def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, v
       revffn-transform examples/tiny-moe-stdlib /tmp/rev \\
           --calibrate examples/data/train.jsonl --verify
     """
+    _check_model_dir(model_dir)  # before the heavy imports: bad input is answered at once
+    _check_layer_spec(layers)
     from revffn_fx.export import transform_dir  # lazy: the heavy part of the package
 
-    _check_model_dir(model_dir)
-    _check_layer_spec(layers)
     with progress_reporter("shards") as progress:
         summary = transform_dir(model_dir, out_dir, coupling=coupling, layers=layers,
                                 verify=verify, force=force, dry_run=dry_run,
@@ -503,8 +490,6 @@ def plan(model_dir: str, gpu_mem: str, batch: int, seq: int, optimizer: str,
     Example:
       revffn plan examples/tiny-mixtral --gpu-mem 24GiB --batch 4 --seq 2048
     """
-    from revffn_fx.planner import parse_bytes
-
     try:
         budget = parse_bytes(gpu_mem)
     except ValueError as e:

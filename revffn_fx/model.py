@@ -502,6 +502,22 @@ class RevModel(nn.Module):
     def extra_repr(self) -> str:
         return f"coupling={self.coupling!r}, converted={self.converted}"
 
+    def __repr__(self) -> str:
+        """One line (``rev.model`` prints the module tree): the model type, the coupling,
+        the converted layers, the parameter count (tied weights once) and the loss head."""
+        kind = getattr(self.config, "model_type", None) or type(self.model).__name__
+        n = sum(p.numel() for p in self.parameters())
+        runs: list[list[int]] = []
+        for i in sorted(self.converted):  # [0, 1, 2, 5] -> "0-2,5"
+            if runs and runs[-1][1] == i - 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        span = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "-"
+        return (f"RevModel({kind}, {self.coupling}: layers {span}"
+                f" of {len(self.plan.layers)} reversible, {n:,} parameters, loss head "
+                f"{self.loss_head})")
+
     # -- saving and loading (revffn_fx.export; imported lazily: it imports this module) --
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         """Write a model directory that :meth:`from_pretrained` / ``rf.load`` reads back

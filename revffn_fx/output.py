@@ -1,7 +1,9 @@
-"""Small output helpers shared by the command line and the library's reports: byte sizes in
-a readable unit, and progress that shows in a terminal and in a pipe or a log alike.
+"""Light helpers of the command line and the library's reports: byte sizes read and
+written in a readable unit, progress that shows in a terminal and in a pipe or a log
+alike, and the cheap checks of a model directory made before the heavy imports.
 
-Light on purpose (no torch, no rich at import): ``revffn --help`` imports it.
+Light on purpose (no torch, no transformers, no rich at import): ``revffn --help`` and
+every bad-input answer import only this.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TextIO
+
+from revffn_fx.errors import LoadError
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -71,3 +76,33 @@ def progress_reporter(what: str, stream: TextIO | None = None,
         stream.flush()
 
     yield line
+
+
+def parse_bytes(text: str) -> int:
+    """``"80GB"``, ``"512MiB"``, ``"1e9"`` -> bytes (GB = 10^9, GiB = 2^30)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("kmgtib")
+    unit = s[len(num):]
+    if unit not in units:
+        raise ValueError(f"bad size {text!r}: use e.g. 80GB or 24GiB")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise ValueError(f"bad size {text!r}: use e.g. 80GB or 24GiB") from None
+
+
+def check_model_dir(path: str) -> None:
+    """Raise LoadError unless ``path`` is a directory holding a config.json: the cheap
+    checks, made before torch and transformers are imported (about 10 s), so a wrong path
+    is answered at once. The config itself is checked when the model is loaded."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LoadError(f"{p}: no such directory (revffn-fx loads local model directories "
+                        "only; it never downloads from the hub)")
+    if not p.is_dir():
+        raise LoadError(f"{p}: not a directory (expected a model directory with config.json "
+                        "and weights)")
+    if not (p / "config.json").is_file():
+        raise LoadError(f"{p}: no config.json (expected a Hugging Face model directory)")

@@ -26,6 +26,9 @@ from typing import Any
 import torch
 
 from .estimate import Estimate, _dtype_bytes, estimate
+from .output import parse_bytes
+
+__all__ = ["PlanRow", "activation_peak", "memory_plan", "parse_bytes"]
 
 OPTIMIZERS = {"adamw": 2.0, "adamw8bit": 2.0, "sgd": 1.0}  # states per parameter
 # (label, estimate method, loss head)
@@ -117,18 +120,3 @@ def memory_plan(config: Any, batch: int, seq: int, optimizer: str = "adamw",
                                 int(OPTIMIZERS[optimizer] * n * state_bytes), act,
                                 head_bytes))
     return rows
-
-
-def parse_bytes(text: str) -> int:
-    """``"80GB"``, ``"512MiB"``, ``"1e9"`` -> bytes (GB = 10^9, GiB = 2^30)."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    s = text.strip().lower().replace(" ", "")
-    num = s.rstrip("kmgtib")
-    unit = s[len(num):]
-    if unit not in units:
-        raise ValueError(f"bad size {text!r}: use e.g. 80GB or 24GiB")
-    try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise ValueError(f"bad size {text!r}: use e.g. 80GB or 24GiB") from None

@@ -46,7 +46,7 @@ class LayerCheck:
     fidelity_err: float | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class VerifyReport:
     """The outcome of :func:`verify`; ``ok`` when every error is within tolerance."""
 
@@ -63,6 +63,16 @@ class VerifyReport:
     # reconstruction in the checked backward; empty without cross-branch attention
     fixed_point: dict[str, tuple[int, float]] = field(default_factory=dict)
     fidelity_tol: float = 0.0
+
+    def __repr__(self) -> str:
+        return f"VerifyReport({self.summary()})"
+
+    def __str__(self) -> str:
+        """The summary and one line per reversible layer."""
+        lines = [self.summary()] + [
+            f"  layer {c.index} ({c.qualname}): reconstruction error "
+            f"{c.reconstruction_err:.2e}" for c in self.layers]
+        return "\n".join(lines)
 
     def summary(self) -> str:
         rec = max((c.reconstruction_err for c in self.layers), default=0.0)

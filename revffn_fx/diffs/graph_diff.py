@@ -20,7 +20,7 @@ class Pair(NamedTuple):
     after: fx.Node
 
 
-@dataclass
+@dataclass(repr=False)
 class GraphDiff:
     """The difference between two fx graphs; nodes are those of the graphs compared.
 
@@ -52,6 +52,13 @@ class GraphDiff:
     @property
     def empty(self) -> bool:
         return not (self.added or self.removed or self.dead or self.rewired or self.changed)
+
+    def __repr__(self) -> str:
+        return f"GraphDiff({self.titles[0]} -> {self.titles[1]}: {self.summary()})"
+
+    def __str__(self) -> str:
+        """The text listing (:meth:`to_text`)."""
+        return self.to_text()
 
     def summary(self) -> str:
         parts = [f"{len(self.added)} added", f"{len(self.removed)} removed",
