@@ -260,3 +260,27 @@ def test_cli_diff_text_html_and_errors(tmp_path: Path) -> None:
     res = runner.invoke(cli.main, ["diff", str(EXAMPLE), "--layer", "9"])
     assert res.exit_code == 2
     assert "out of range" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_diff_takes_what_the_user_holds() -> None:
+    """rf.diff(traced, rev): model level by default, one layer with layer=N, on the shipped
+    example; a TypeError for anything that is not a model or a graph."""
+    model = rf.load_model(EXAMPLE)
+    traced = rf.trace(model)
+    rev = rf.transform(model)
+    d = rf.diff(traced, rev)
+    text = d.to_text()
+    assert "+ revffn_stack_0" in text and "RevStack" in text
+    assert len(d.removed) == len(traced.layers)  # every decoder layer went into the stack
+    assert "[1, 8, 64]" in text  # a sample input labelled the shapes
+    page = d.to_html()
+    assert page.startswith("<!DOCTYPE html>") and "revffn_stack_0" in page
+    layer = rf.diff(traced, rev, layer=1)
+    assert "split_halves" in layer.to_text() and "layer 1" in layer.titles[1]
+    assert {n.name for n in layer.removed} == {"add", "add_1"}  # the residual additions
+    # either side may be a GraphModule
+    assert len(rf.diff(traced.graph_module, rev).added) == len(d.added)
+    with pytest.raises(TypeError, match="TracedModel, a RevModel"):
+        rf.diff(traced, model)
+    with pytest.raises(ValueError, match="out of range"):
+        rf.diff(traced, rev, layer=9)

@@ -274,14 +274,62 @@ def _match(before: fx.Graph, after: fx.Graph
     return match, replaces
 
 
-def diff(before: Graphish, after: Graphish, example_inputs: Any = None, *,
-         titles: tuple[str, str] | None = None) -> GraphDiff:
-    """Compare two fx graphs (GraphModules or Graphs) into a :class:`GraphDiff`.
+def _model_graph(obj: Any, layer: int | None) -> tuple[Graphish, str, Any] | None:
+    """A TracedModel's or RevModel's graph: (graph, title, the TracedModel), else None."""
+    from ..ir import TracedModel
+    from ..model import RevModel
 
+    if isinstance(obj, TracedModel):
+        traced, name = obj, f"traced {type(obj.model).__name__}"
+    elif isinstance(obj, RevModel):
+        traced, name = obj.traced, f"{type(obj.model).__name__} ({obj.coupling})"
+    else:
+        return None
+    if layer is None:
+        return obj.graph_module, name, traced
+    n = len(traced.layers)
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} out of range: the model has {n} layers (0-{n - 1})")
+    lg = traced.layers[layer]
+    title = f"{name}, layer {layer} ({lg.qualname})"
+    if isinstance(obj, RevModel) and layer in obj.converted:
+        return obj.specs()[layer].forward, title, traced
+    return lg.graph_module, title + (", not converted" if isinstance(obj, RevModel) else ""), \
+        traced
+
+
+def diff(before: Graphish | Any, after: Graphish | Any, example_inputs: Any = None, *,
+         titles: tuple[str, str] | None = None, layer: int | None = None) -> GraphDiff:
+    """Compare two graphs into a :class:`GraphDiff`.
+
+    Either side is a torch.fx GraphModule or Graph, a :class:`~revffn_fx.TracedModel` or a
+    :class:`~revffn_fx.RevModel`: for models, the model-level graph, or with ``layer=N``
+    that decoder layer's graph (a RevModel's converted layer: its coupling graph), e.g.
+    ``rf.diff(rf.trace(model), rf.transform(model))``.
     ``example_inputs``: a small input (a tuple of positional values, or a mapping from
     placeholder name to value) run through both GraphModules to label nodes with tensor
-    shapes; without it, shapes already in ``node.meta`` (``tensor_meta``, ``val``) are used.
+    shapes; without it, shapes already in ``node.meta`` (``tensor_meta``, ``val``) are used
+    (for models, a sample input is made up).
     """
+    sides, traced = [], None
+    for obj, which in ((before, "before"), (after, "after")):
+        got = _model_graph(obj, layer)
+        if got is not None:
+            sides.append((got[0], got[1]))
+            traced = traced or got[2]
+        elif isinstance(obj, (fx.GraphModule, fx.Graph)):
+            sides.append((obj, _title(obj, which)))
+        else:
+            raise TypeError(f"rf.diff compares a TracedModel, a RevModel, a torch.fx "
+                            f"GraphModule or Graph; {which} is of type {type(obj).__name__}")
+    if traced is not None:
+        if example_inputs is None:
+            from .transform import sample_inputs
+
+            model_in, layer_in = sample_inputs(_Holder(traced))
+            example_inputs = model_in if layer is None else layer_in.get(layer)
+        before, after = sides[0][0], sides[1][0]
+        titles = titles or (sides[0][1], sides[1][1])
     gb, ga = _graph(before), _graph(after)
     match, replaces = _match(gb, ga)
     b2a = {b: a for a, b in match.items()}
@@ -305,6 +353,13 @@ def diff(before: Graphish, after: Graphish, example_inputs: Any = None, *,
     for g in (before, after):
         out.info.update(_node_info(g, example_inputs, out.notes))
     return out
+
+
+class _Holder:
+    """What :func:`sample_inputs` reads off a model: its config and TracedModel."""
+
+    def __init__(self, traced: Any) -> None:
+        self.traced, self.config = traced, traced.config
 
 
 def _title(g: Graphish, default: str) -> str:
