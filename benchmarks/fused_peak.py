@@ -44,11 +44,12 @@ def measure(depth: int, method: str, fused: bool, ids: torch.Tensor) -> dict[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", default="8,32,64")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--json", default=None)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--layers", default="8,32,64", help="comma list of model depths")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per step")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(2)
     ids = torch.randint(0, 1024, (args.batch, args.seq),

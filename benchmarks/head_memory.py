@@ -9,6 +9,8 @@ during forward + backward of the head alone (its input and weight excluded).
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,7 @@ def original(h: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor) -> to
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help only
     torch.set_num_threads(2)
     print("config | head | saved MiB | peak live MiB (forward + backward)")
     for name, batch, seq, vocab in (("benchmark config (vocab 1024)", 4, 256, 1024),

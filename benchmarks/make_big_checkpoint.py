@@ -9,8 +9,8 @@ The figures in docs/export.md were measured on it:
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -57,4 +57,11 @@ def main(out: Path, limit: int = 1_000_000_000) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/big"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("out_dir", type=Path,
+                        help="directory to write the checkpoint to (about 2.4 GB)")
+    parser.add_argument("--shard-bytes", type=int, default=1_000_000_000,
+                        help="largest shard written, in bytes")
+    args = parser.parse_args()
+    main(args.out_dir, args.shard_bytes)

@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -40,4 +40,8 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="merged quality JSON (e.g. docs/quality-gpu-1200.json)")
+    parser.add_argument("dst", help="PNG to write")
+    args = parser.parse_args()
+    main(args.src, args.dst)

@@ -299,11 +299,13 @@ def stage_render() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--stage", choices=["all", "bench", "time", "heads", "profile", "render"],
-                    default="all")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--time-repeats", type=int, default=3)
+                    default="all", help="which measurements to run (render: only the doc)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per bench cell")
+    ap.add_argument("--time-repeats", type=int, default=3,
+                    help="repeats of the one-thread timing stage")
     args = ap.parse_args()
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))

@@ -19,8 +19,10 @@ MiB = 2**20
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stream-dtype", default=None, help="rf.transform(stream_dtype=...)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--stream-dtype", default=None,
+                        help="rf.transform(stream_dtype=...); None: the model's dtype")
     args = parser.parse_args()
     torch.set_num_threads(2)
     ids = torch.randint(0, 1024, (4, 256), generator=torch.Generator().manual_seed(0))

@@ -70,8 +70,10 @@ class FuseRMSNorm(PassBase):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", nargs="?", default=str(MODEL_DIR))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model_dir", nargs="?", default=str(MODEL_DIR),
+                        help="local model directory to transform")
     parser.add_argument("--html", help="also write the diff as one HTML page here")
     args = parser.parse_args(argv)
 

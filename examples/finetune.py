@@ -200,11 +200,16 @@ def finetune(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--train", type=Path, default=DEFAULT_DATA / "train.jsonl")
-    parser.add_argument("--eval", type=Path, default=DEFAULT_DATA / "eval.jsonl")
-    parser.add_argument("--coupling", choices=["revffn", "revnet", "none"], default="revffn")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="local model directory to fine-tune")
+    parser.add_argument("--train", type=Path, default=DEFAULT_DATA / "train.jsonl",
+                        help="training JSONL (prompt/completion)")
+    parser.add_argument("--eval", type=Path, default=DEFAULT_DATA / "eval.jsonl",
+                        help="evaluation JSONL (prompt/completion)")
+    parser.add_argument("--coupling", choices=["revffn", "revnet", "none"], default="revffn",
+                        help="reversible coupling; none: the original model")
     parser.add_argument("--two-stage", action="store_true",
                         help="warm up the new adapters alone, then train everything")
     parser.add_argument("--warmup-steps", type=int, default=50, help="two-stage warm-up length")
@@ -212,16 +217,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calibrate", action="store_true",
                         help="fit the revffn adapters by least squares on the first 512 "
                              "training examples before training (rf.calibrate)")
-    parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-steps", type=int, default=50)
+    parser.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    parser.add_argument("--eval-steps", type=int, default=50, help="evaluate every N steps")
     parser.add_argument("--eval-limit", type=int, default=None, help="eval rows used")
-    parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--output-dir", type=Path, required=True,
+                        help="Trainer output directory (checkpoints, metrics)")
+    parser.add_argument("--no-save", action="store_true", help="do not save the final model")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is much faster than 2 on a busy machine)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order and init")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -63,10 +63,13 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
-    parser.add_argument("--train", type=int, default=4000)
-    parser.add_argument("--eval", type=int, default=400)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
+                        help="where train.jsonl and eval.jsonl are written (the default "
+                             "regenerates the shipped files, identical for the same counts)")
+    parser.add_argument("--train", type=int, default=4000, help="training problems")
+    parser.add_argument("--eval", type=int, default=400, help="evaluation problems")
     args = parser.parse_args()
     train, evals = generate(args.train, args.eval)
     write_jsonl(args.out_dir / "train.jsonl", train)

@@ -43,8 +43,11 @@ def build(seed: int = SEED) -> torch.nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", nargs="?", type=Path, default=OUT_DIR)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("out_dir", nargs="?", type=Path, default=OUT_DIR,
+                        help="where the model is written (the default regenerates the "
+                             "shipped examples/tiny-mixtral, identical: fixed seed)")
     args = parser.parse_args()
     model = build()
     model.save_pretrained(args.out_dir)

@@ -6,10 +6,12 @@ path order; every ``EVAL_EVERY``-th file is held out for evaluation. A byte-leve
 tokenizer is trained on the training files with ``tokenizers``; then the model is trained
 with AdamW for a fixed number of steps from a fixed seed, on 2 CPU threads:
 
-    python examples/pretrain_tiny_moe.py --log /root/scratch/pretrain.log
+    python examples/pretrain_tiny_moe.py --out-dir tiny-moe-stdlib --log pretrain.log
 
 The result (``config.json``, ``model.safetensors``, ``tokenizer.json``, ...) is written with
-``save_pretrained``; ``train_log.json`` in the same directory records the losses.
+``save_pretrained``; ``train_log.json`` in the same directory records the losses. A
+non-empty ``--out-dir`` (such as the shipped ``examples/tiny-moe-stdlib``) is refused
+before any work unless ``--force`` is given.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, MixtralConfig, PreTrainedTokenizerFast
 
 SEED = 0
-OUT_DIR = Path(__file__).resolve().parent / "tiny-moe-stdlib"
+OUT_DIR = Path("tiny-moe-stdlib")  # in the current directory: never the shipped model
 EVAL_EVERY = 20
 MAX_CORPUS_BYTES = 24_000_000
 VOCAB_SIZE = 4096
@@ -123,17 +125,25 @@ def eval_loss(model: torch.nn.Module, data: torch.Tensor, seq: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
+                        help="where the model is written (relative to the current directory)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out-dir (e.g. to regenerate the shipped "
+                             "examples/tiny-moe-stdlib)")
+    parser.add_argument("--steps", type=int, default=1200, help="AdamW steps")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--hidden", type=int, default=128,
                         help="hidden size (128: the shipped model; wider ones for experiments)")
     parser.add_argument("--log", type=Path, default=None, help="also append log lines here")
     args = parser.parse_args()
+    if args.out_dir.exists() and any(args.out_dir.iterdir()) and not args.force:
+        parser.exit(2, f"error: {args.out_dir} is not empty; pass --force to overwrite it, or "
+                       "choose another --out-dir\n")
     torch.set_num_threads(args.threads)
     log_file = args.log.open("a") if args.log else None
 
