@@ -220,6 +220,9 @@ class RevModel(nn.Module):
         has_labels = has_labels and not hidden_only
         key = (mode, has_mask, has_labels, chunked_head and has_labels, hidden_only)
         if key not in self._graphs:
+            from .distributed import check_wrappers
+
+            check_wrappers(self)  # compiled under FSDP1 it would train the original layers
             specs = self.specs(mode)
             layers = {}
             for i, spec in specs.items():

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import FixedPointError
+from ..errors import FixedPointError, RevFFNError
 from . import rng
-from .stack import RevStack, Update
+from .stack import RevLayer, RevStack, Update, branch_params, reduce_grads, reshard, unshard
 
 _AMP_DEVICES = ("cpu", "cuda")
 logger = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ def fixed_point(u: Update, y: list[torch.Tensor], ctx: dict[str, Any], iters: in
     return x, iters, residual
 
 
-def _updates(stack: RevStack) -> list[tuple[str, Update]]:
-    return [(f"{layer.name}.{j}", u) for layer in stack.layers for j, u in enumerate(layer.updates)]
+def _updates(stack: RevStack) -> list[tuple[str, Update, RevLayer]]:
+    return [(f"{layer.name}.{j}", u, layer) for layer in stack.layers
+            for j, u in enumerate(layer.updates)]
 
 
 class RevFunction(torch.autograd.Function):
@@ -80,7 +81,12 @@ class RevFunction(torch.autograd.Function):
         record = bool(opts.record_router_logits and tap is not None)
         devices = rng.cuda_devices(streams)
         states, counts, logits = [], [], []
-        for _, u in _updates(stack):
+        layer_now, units = None, []
+        for _, u, layer in _updates(stack):
+            if layer is not layer_now:  # FSDP2: gather one layer's parameters at a time
+                reshard(units, forward=True)
+                layer_now, units = layer, layer.units(opts)
+                unshard(units)
             states.append(rng.capture(devices))
             if record:
                 with tap.recording() as rec:  # type: ignore[union-attr]
@@ -91,6 +97,7 @@ class RevFunction(torch.autograd.Function):
                 counts.append(0)
                 out = u.run(streams, ctx)
             streams[u.target] = u.combine(streams, out)
+        reshard(units, forward=True)
         fctx.save_for_backward(*streams, *ctx_t)
         fctx.stack, fctx.n, fctx.n_ctx = stack, n, n_ctx
         fctx.ctx_meta = (ctx_leaves, ctx_spec, tensor_pos)
@@ -117,16 +124,32 @@ class RevFunction(torch.autograd.Function):
         updates = _updates(stack)
         ends = torch.tensor(fctx.counts).cumsum(0).tolist() if updates else []
         opts = stack.options
+        sink = opts.grad_sink
+        if sink is not None and opts.shard_units:
+            raise RevFFNError("the fused optimizer was built before revffn_fx.distributed."
+                              "shard(): build it after sharding, on the sharded model")
+        if opts.backward_start is not None:
+            opts.backward_start()
         # with a gradient sink (the optimizer fused into backward) a parameter's gradient
         # is handed over as soon as it is complete: after the first update (in forward
-        # order) that uses it, so gradients of the whole stack never coexist
+        # order) that uses it, so gradients of the whole stack never coexist. Parameters
+        # are read from the branch modules now (module identity), not from the forward's
+        # inputs: a wrapper may have swapped the parameter objects since.
         first_use: dict[int, int] = {}
-        if opts.grad_sink is not None:
-            for j, (_, u) in enumerate(updates):
-                for p in u.branch.parameters():
+        if sink is not None:
+            for j, (_, u, _) in enumerate(updates):
+                for p in branch_params(u):
                     first_use.setdefault(id(p), j)
+        pending: dict[int, torch.Tensor] = {}  # sink path: partial gradients by id
+        layer_now, units = None, []
         for j in reversed(range(len(updates))):
-            name, u = updates[j]
+            name, u, layer = updates[j]
+            if layer is not layer_now:
+                # FSDP2: the previous layer's gradients are complete: reduce-scatter them;
+                # gather this layer's parameters for its reconstruction and recompute
+                reduce_grads(units, opts.reduced_sink)
+                layer_now, units = layer, layer.units(opts)
+                unshard(units)
             t = u.target
             with torch.no_grad(), rng.replay(fctx.states[j]), _autocast(fctx.amp):
                 if not u.closed_form:
@@ -162,7 +185,7 @@ class RevFunction(torch.autograd.Function):
                 if g is not None:
                     outs.append(logit)
                     gouts.append(g)
-            mine = list({id(p): p for p in u.branch.parameters() if id(p) in where}.values())
+            mine = branch_params(u)
             inputs = [reads[i] for i in sorted(reads)] + mine + [ctx_in[i] for i in ctx_req]
             got = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
             if u.scale != 1.0:  # the old target value reached the new one times scale
@@ -175,20 +198,27 @@ class RevFunction(torch.autograd.Function):
             for p in mine:
                 g = got[k]
                 k += 1
-                if g is not None:
+                if g is None:
+                    continue
+                if sink is not None:
+                    pending[id(p)] = g if id(p) not in pending else pending[id(p)] + g
+                elif id(p) in where:  # through the Function: DDP's and .grad hooks see it
                     idx = where[id(p)]
                     pgrads[idx] = g if pgrads[idx] is None else pgrads[idx] + g
+                else:
+                    # swapped in by a wrapper since the forward (FSDP2's unsharded
+                    # parameter): accumulate where its owner reduces it from
+                    p.grad = g if p.grad is None else p.grad + g
             for i in ctx_req:
                 g = got[k]
                 k += 1
                 if g is not None:
                     cgrads[i] = g if cgrads[i] is None else cgrads[i] + g
-            if opts.grad_sink is not None:
+            if sink is not None:
                 for p in mine:
-                    idx = where[id(p)]
-                    if first_use.get(id(p)) == j and pgrads[idx] is not None:
-                        opts.grad_sink(p, pgrads[idx])
-                        pgrads[idx] = None
+                    if first_use.get(id(p)) == j and id(p) in pending:
+                        sink(p, pending.pop(id(p)))
+        reduce_grads(units, opts.reduced_sink)
         return (None,) * 6 + tuple(gy) + tuple(cgrads) + tuple(pgrads)
 
 

@@ -39,6 +39,16 @@ class RuntimeOptions:
     # reconstruction does not accumulate rounding error through large-gain branches; each
     # branch still computes in the hidden state's dtype.
     stream_dtype: torch.dtype | None = None
+    # FSDP2 units of the converted layers (revffn_fx.distributed.shard): every module inside
+    # a unit -> the unit's FSDPModule. The stacks call the branch modules directly, so the
+    # units' own forward hooks never fire: the stack unshards, reshards and reduces them.
+    shard_units: dict[nn.Module, Any] = field(default_factory=dict)
+    # called with a sharded parameter whose gradient has just been reduce-scattered (the
+    # fused optimizer under FSDP2 steps it there)
+    reduced_sink: Any = None
+    # called once at the start of each generated backward (the fused optimizer under FSDP2
+    # queues its step of the parameters FSDP reduces at the end of the backward)
+    backward_start: Any = None
 
 
 class Update(nn.Module):
@@ -95,6 +105,90 @@ class RevLayer(nn.Module):
             streams[u.target] = u.combine(streams, u.run(streams, ctx))
         return streams
 
+    def units(self, options: RuntimeOptions) -> list[Any]:
+        """The FSDP2 units (FSDPModules) holding the parameters of this layer's branches."""
+        if not options.shard_units:
+            return []
+        out: dict[int, Any] = {}
+        for u in self.updates:
+            for m in u.branch.modules():
+                unit = options.shard_units.get(m)
+                if unit is not None:
+                    out.setdefault(id(unit), unit)
+        return list(out.values())
+
+
+def branch_params(u: Update) -> list[torch.nn.Parameter]:
+    """The trainable parameters a branch uses, read from its modules now (not remembered
+    from an earlier call): a wrapper such as FSDP2 swaps the registered parameter objects
+    between the forward and the backward."""
+    return list({id(p): p for p in u.branch.parameters() if p.requires_grad}.values())
+
+
+def check_params(stack: RevStack) -> None:
+    """Refuse parameters the stack cannot train correctly (wrappers it does not drive)."""
+    from ..errors import RevFFNError
+
+    units = stack.options.shard_units
+    n = 0
+    for layer in stack.layers:
+        for u in layer.updates:
+            for m in u.branch.modules():
+                for name, p in m.named_parameters(recurse=False):
+                    n += 1
+                    if getattr(p, "_fsdp_flattened", False):
+                        raise RevFFNError(
+                            "a RevModel under FSDP1 (FullyShardedDataParallel) is not "
+                            "supported: its flattened parameters bypass the reversible "
+                            "backward; shard with revffn_fx.distributed.shard(rev) (FSDP2)")
+                    if type(p).__name__ == "DTensor" and m not in units:
+                        raise RevFFNError(
+                            f"parameter {name!r} of {type(m).__name__} is a DTensor that "
+                            "revffn-fx did not shard: fully_shard applied to modules inside "
+                            "a RevModel does not reach the reversible stacks (they call the "
+                            "branch modules directly); use revffn_fx.distributed.shard(rev)")
+    if n == 0:
+        raise RevFFNError(
+            "the reversible stack finds no parameters in its layers' modules: the model is "
+            "under a wrapper that removed them (FSDP1 with flat parameters?); shard with "
+            "revffn_fx.distributed.shard(rev) (FSDP2) or use DDP")
+
+
+def unshard(units: list[Any]) -> None:
+    for unit in units:
+        unit.unshard()
+
+
+def reshard(units: list[Any], forward: bool = False) -> None:
+    """Reshard; after the forward, as the unit's ``reshard_after_forward`` says."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    for unit in units:
+        groups = unit._get_fsdp_state()._fsdp_param_groups
+        for g in groups:
+            if forward:  # FSDPParamGroup.reshard honours reshard_after_forward in FORWARD
+                g._training_state = TrainingState.FORWARD
+            g.reshard()
+            g._training_state = TrainingState.IDLE
+
+
+def reduce_grads(units: list[Any], sink: Any = None) -> None:
+    """A layer's backward is complete: reduce-scatter its units' gradients (FSDP2's
+    post-backward: accumulate, reshard, reduce-scatter into the sharded ``.grad``), then
+    hand each sharded parameter with a reduced gradient to ``sink``."""
+    for unit in units:
+        for g in unit._get_fsdp_state()._fsdp_param_groups:
+            g.post_backward()
+            if sink is None:
+                continue
+            g._wait_for_post_backward()  # the reduce-scatter's stream, before stepping
+            for fp in g.fsdp_params:
+                if fp.grad_offload_event is not None:  # CPU offload: the D2H copy
+                    fp.grad_offload_event.synchronize()
+                    fp.grad_offload_event = None
+                if fp.sharded_param.grad is not None:
+                    sink(fp.sharded_param)
+
 
 class RevStack(nn.Module):
     """A run of reversible layers between a split and a merge of the hidden state."""
@@ -107,10 +201,19 @@ class RevStack(nn.Module):
         self.stats: dict[str, tuple[int, float]] = {}  # fixed-point iterations, residual
 
     def _params(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters passed through the autograd Function (so DDP's and the
+        optimizer's hooks see ordinary gradients); those of FSDP2 units are not: the
+        backward finds them on their modules and FSDP2 reduces them."""
+        units = self.options.shard_units
         seen: dict[int, torch.nn.Parameter] = {}
-        for p in self.parameters():
-            if p.requires_grad:
-                seen.setdefault(id(p), p)
+        for layer in self.layers:
+            for u in layer.updates:
+                for m in u.branch.modules():
+                    if m in units:
+                        continue
+                    for p in m.parameters(recurse=False):
+                        if p.requires_grad:
+                            seen.setdefault(id(p), p)
         return list(seen.values())
 
     def forward(self, hidden: torch.Tensor, **ctx: Any) -> torch.Tensor:
@@ -122,12 +225,31 @@ class RevStack(nn.Module):
                 u.compute_dtype = hidden.dtype if wide is not None else None
         if wide is not None:
             streams = [s.to(wide) for s in streams]
+        check_params(self)
         params = self._params()
+        sharded = bool(self.options.shard_units)
+        if sharded and torch.is_grad_enabled():
+            # the sharded parameters are not Function inputs: this leaf makes autograd run
+            # the generated backward even when neither the hidden state nor any other
+            # parameter needs a gradient
+            params.append(torch.empty(0, device=hidden.device, requires_grad=True))
         needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
-        # eval mode and no_grad run the layers as plain modules (nothing to save memory for)
-        if self.options.plain_autograd or not needs_grad or not self.training:
+        if self.options.plain_autograd and needs_grad and sharded:
+            from ..errors import RevFFNError
+
+            raise RevFFNError("plain_autograd with gradients is not supported on a sharded "
+                              "RevModel (the layers' parameters are resharded after each "
+                              "layer); compare against an unsharded copy")
+        # eval mode and no_grad run the layers as plain modules (nothing to save memory
+        # for); a sharded model with gradients always takes the generated backward, the
+        # path that gathers each layer's parameters again for its backward
+        if self.options.plain_autograd or not needs_grad or (not self.training
+                                                              and not sharded):
             for layer in self.layers:
+                units = layer.units(self.options)
+                unshard(units)
                 streams = layer(streams, ctx)
+                reshard(units)
         else:
             from .function import run_reversible
 

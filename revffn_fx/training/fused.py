@@ -14,16 +14,43 @@ What it cannot do, by construction:
 - gradient accumulation over micro-batches: gradients are kept in ``.grad`` (as without
   fusion) on every micro-batch but the last, and the step happens during the last one's
   backward: wrap the earlier micro-batches in ``with fused.accumulating():``.
+
+On several ranks a parameter is stepped only after its gradient has been reduced:
+- DDP: pass the ``DistributedDataParallel`` module; a communication hook averages each
+  bucket and steps its parameters (DDP still keeps its bucketed gradients, so the fused
+  step saves no gradient memory there). Fusing the inner model of a DDP module is refused
+  at its first forward, since each rank would step on its own local gradient.
+- FSDP2 (``revffn_fx.distributed.shard``): each converted layer's sharded parameters are
+  stepped right after that layer's reduce-scatter inside the generated backward; the
+  root's (embeddings, final norm, head) at the end of the backward, after FSDP2 reduces
+  them.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import RevFFNError
+
+
+def _ddp_class() -> Any:
+    if "torch.nn.parallel.distributed" not in sys.modules:
+        return None
+    return sys.modules["torch.nn.parallel.distributed"].DistributedDataParallel
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -39,6 +66,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                  clip_per_param: float | None = None,
                  overrides: dict[torch.Tensor, dict[str, Any]] | None = None,
                  **optimizer_kwargs: Any) -> None:
+        ddp = _ddp_class()
+        self.ddp = model if ddp is not None and isinstance(model, ddp) else None
+        if self.ddp is not None:
+            model = model.module
+        self.mode = "ddp" if self.ddp is not None else "fsdp2" if _is_fsdp2(model) else "local"
         params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
         if not params:
             raise ValueError("no trainable parameters to optimise")
@@ -51,12 +83,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.defaults = dict(next(iter(self.optimizers.values())).defaults)
         self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
         self.state: dict[Any, Any] = {}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self._stepped: list[torch.Tensor] = []  # DDP: gradients DDP wrote back after the step
+        self._final_queued = False
+        self._hooks: list[Any] = []
         self._sinks = []
+        if self.mode == "local":
+            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+            # a DDP wrapped around the model later would average the gradients only after
+            # the hooks above stepped on the local ones: refuse at the first forward
+            self._hooks.append(model.register_forward_pre_hook(self._refuse_ddp))
+        elif self.mode == "ddp":
+            self.ddp.register_comm_hook(self.ddp.process_group, self._ddp_hook)
+            self._hooks.append(model.register_forward_pre_hook(self._drop_stepped))
         for mod in model.modules():
             opts = getattr(mod, "options", None)
             if opts is not None and hasattr(opts, "grad_sink"):
-                opts.grad_sink = self._deliver
+                if self.mode == "local":
+                    opts.grad_sink = self._deliver
+                elif self.mode == "fsdp2":
+                    opts.reduced_sink = self._on_grad
+                    opts.backward_start = self._queue_final
                 self._sinks.append(opts)
         # torch's LR schedulers and hooks expect these
         self._optimizer_step_pre_hooks: dict[int, Any] = {}
@@ -76,6 +122,56 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.optimizers[p].step()
         p.grad = None
 
+    def _refuse_ddp(self, module: nn.Module, args: Any) -> None:
+        ddp = _ddp_class()
+        if ddp is not None and ddp._get_active_ddp_module() is not None:
+            raise RevFFNError("the fused optimizer was built on the model inside a "
+                              "DistributedDataParallel: it would step each rank on its local "
+                              "gradient before DDP averages it. Build it on the DDP module: "
+                              "fuse_optimizer(ddp_model, ...)")
+
+    def _ddp_hook(self, group, bucket):  # type: ignore[no-untyped-def]
+        """DDP comm hook: average the bucket across ranks, then step its parameters.
+        (Unannotated: DDP checks annotations against its own classes, and this module's
+        are strings.)"""
+        import torch.distributed as dist
+
+        buf = bucket.buffer()
+        world = group.size() if group is not None else dist.get_world_size()
+        buf.div_(world)
+        fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
+
+        def step(fut: torch.futures.Future) -> torch.Tensor:
+            for p, g in zip(bucket.parameters(), bucket.gradients()):
+                if self.accumulate or p not in self.optimizers:
+                    continue
+                p.grad = g
+                self._on_grad(p)
+                self._stepped.append(p)
+            return fut.value()[0]
+
+        return fut.then(step)
+
+    def _drop_stepped(self, module: nn.Module, args: Any) -> None:
+        # DDP copies the averaged bucket back into .grad after the hook stepped it; those
+        # gradients are spent, and must not accumulate into the next step's
+        for p in self._stepped:
+            p.grad = None
+        self._stepped.clear()
+
+    def _queue_final(self) -> None:
+        """FSDP2: at the end of this backward (after FSDP2's own final callback, queued
+        earlier, has reduced the root's gradients), step what is left."""
+        if not self._final_queued:
+            self._final_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._final)
+
+    def _final(self) -> None:
+        self._final_queued = False
+        for p in self.optimizers:
+            if p.grad is not None:
+                self._on_grad(p)
+
     @contextmanager
     def accumulating(self) -> Iterator[None]:
         """Keep gradients (no step) for the micro-batches inside the block."""
@@ -88,8 +184,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- the Optimizer surface --------------------------------------------------------
     def step(self, closure: Any = None) -> None:  # noqa: D401 - the step ran in backward
-        """No-op: parameters were stepped during backward. Counts calls for schedulers."""
+        """No-op: parameters were stepped during backward. Counts calls for schedulers.
+        Under FSDP2, steps any parameter whose reduced gradient is still waiting (a model
+        whose backward ran no reversible stack)."""
         self.steps += 1
+        if self.mode == "fsdp2" and not self.accumulate:
+            self._final()
         if closure is not None:
             with torch.enable_grad():
                 closure()
@@ -119,6 +219,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             h.remove()
         for opts in self._sinks:
             opts.grad_sink = None
+            opts.reduced_sink = None
+            opts.backward_start = None
 
     def __repr__(self) -> str:
         opt = next(iter(self.optimizers.values()))
@@ -131,7 +233,9 @@ def fuse_optimizer(model: nn.Module,
                    clip_per_param: float | None = None,
                    overrides: dict[torch.Tensor, dict[str, Any]] | None = None,
                    **optimizer_kwargs: Any) -> FusedOptimizer:
-    """Fuse ``optimizer_cls(**optimizer_kwargs)`` into the backward of ``model``.
+    """Fuse ``optimizer_cls(**optimizer_kwargs)`` into the backward of ``model`` (a
+    RevModel or any module; under DDP the ``DistributedDataParallel`` module itself; under
+    FSDP2 the model after :func:`revffn_fx.distributed.shard`).
 
     After this, ``loss.backward()`` also updates every trainable parameter and frees its
     gradient; call ``opt.step()`` / ``scheduler.step()`` as usual (step is a no-op).

@@ -1,0 +1,184 @@
+"""A RevModel on 2 CPU ranks (gloo): DDP and FSDP2 per-layer sharding give the gradients of
+one process on the concatenated batch, and the fused optimizer steps on reduced gradients.
+
+One spawn of 2 processes runs every case (starting processes dominates the cost); each rank
+writes its measured errors, and the tests below assert on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not built", allow_module_level=True)
+
+WORLD = 2
+STEPS = 3
+COUPLINGS = ("revffn", "revnet")
+
+
+def _ids(step: int) -> torch.Tensor:
+    """The global batch of a step: 2 rows per rank, 8 tokens."""
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, 128, (2 * WORLD, 8), generator=g)
+
+
+def _model(coupling: str) -> torch.nn.Module:
+    from zoo import tiny_model
+
+    import revffn_fx as rf
+
+    m = tiny_model("mixtral", dtype=torch.float64)  # fp64: eager experts (zoo sets them)
+    return rf.transform(m, coupling=coupling).train()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _max_err(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    return max(float((_full(got[k]).detach() - want[k]).abs().max() / want[k].abs().max()
+                     .clamp_min(1e-30)) for k in want)
+
+
+def _reference(coupling: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One process, whole batch: first-step gradients, parameters after STEPS AdamW steps."""
+    rev = _model(coupling)
+    opt = torch.optim.AdamW(rev.parameters(), lr=1e-2, weight_decay=0.1)
+    grads = {}
+    for step in range(STEPS):
+        ids = _ids(step)
+        rev(ids, labels=ids).loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in rev.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+    return grads, {n: p.detach().clone() for n, p in rev.named_parameters()}
+
+
+def _worker(rank: int, tmp: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from revffn_fx import distributed as rd
+    from revffn_fx.errors import RevFFNError
+    from revffn_fx.training import fuse_optimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
+                            world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out: dict[str, Any] = {}
+
+    def local(step: int) -> torch.Tensor:
+        return _ids(step)[2 * rank:2 * rank + 2]
+
+    for coupling in COUPLINGS:
+        ref_grads, ref_params = _reference(coupling)
+        # DDP: gradients, then the fused optimizer through DDP's comm hook
+        ddp = DDP(_model(coupling))
+        ddp(local(0), labels=local(0)).loss.backward()
+        out[f"ddp_grad_{coupling}"] = _max_err(
+            {n: p.grad for n, p in ddp.module.named_parameters()}, ref_grads)
+        ddp = DDP(_model(coupling))
+        fused = fuse_optimizer(ddp, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        for step in range(STEPS):
+            ddp(local(step), labels=local(step)).loss.backward()
+            fused.step()
+        out[f"ddp_fused_{coupling}"] = _max_err(dict(ddp.module.named_parameters()),
+                                                ref_params)
+        # FSDP2, one unit per converted layer
+        rev = rd.shard(_model(coupling), mesh)
+        layer_params = [p for i in rev.converted
+                        for p in rev.traced.layers[i].module.parameters()]
+        out[f"fsdp_local_fraction_{coupling}"] = (
+            rd.local_numel(layer_params) / sum(p.numel() for p in layer_params))
+        rev(local(0), labels=local(0)).loss.backward()
+        out[f"fsdp_grad_{coupling}"] = _max_err(
+            {n: p.grad for n, p in rev.named_parameters()}, ref_grads)
+        rev = rd.shard(_model(coupling), mesh)
+        opt = torch.optim.AdamW(rev.parameters(), lr=1e-2, weight_decay=0.1)
+        for step in range(STEPS):
+            rev(local(step), labels=local(step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        out[f"fsdp_adamw_{coupling}"] = _max_err(dict(rev.named_parameters()), ref_params)
+        rev = rd.shard(_model(coupling), mesh)
+        fused = fuse_optimizer(rev, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        for step in range(STEPS):
+            rev(local(step), labels=local(step)).loss.backward()
+            fused.step()
+        out[f"fsdp_fused_{coupling}"] = _max_err(dict(rev.named_parameters()), ref_params)
+        out[f"fsdp_fused_grads_left_{coupling}"] = sum(
+            p.grad is not None for p in rev.parameters())
+    # refusals: the fused optimizer on the model inside DDP; FSDP1
+    rev = _model("revffn")
+    fused = fuse_optimizer(rev, torch.optim.AdamW, lr=1e-2)
+    ddp = DDP(rev)
+    try:
+        ddp(local(0), labels=local(0))
+        out["refuse_ddp_inner"] = ""
+    except RevFFNError as e:
+        out["refuse_ddp_inner"] = str(e)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    try:
+        wrapped = FSDP1(_model("revffn"), device_id=torch.device("cpu"))
+        wrapped(local(0), labels=local(0)).loss.backward()
+        out["refuse_fsdp1"] = ""
+    except RevFFNError as e:
+        out["refuse_fsdp1"] = str(e)
+    Path(tmp, f"rank{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(str(tmp),), nprocs=WORLD, join=True)
+    return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_gradients_equal_one_process(results: list[dict[str, Any]], wrapper: str,
+                                     coupling: str) -> None:
+    for r in results:
+        assert r[f"{wrapper}_grad_{coupling}"] <= 1e-10
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("case", ["ddp_fused", "fsdp_adamw", "fsdp_fused"])
+def test_three_steps_equal_one_process_adamw(results: list[dict[str, Any]], case: str,
+                                             coupling: str) -> None:
+    for r in results:
+        assert r[f"{case}_{coupling}"] <= 1e-10
+        if case == "fsdp_fused":  # every gradient was stepped and freed
+            assert r[f"fsdp_fused_grads_left_{coupling}"] == 0
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_each_rank_holds_its_share_of_the_layers(results: list[dict[str, Any]],
+                                                 coupling: str) -> None:
+    for r in results:
+        assert abs(r[f"fsdp_local_fraction_{coupling}"] - 1 / WORLD) < 0.02
+
+
+def test_unsupported_wrappers_are_refused(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        assert "fuse_optimizer(ddp_model" in r["refuse_ddp_inner"]
+        assert "FSDP1" in r["refuse_fsdp1"]
