@@ -145,7 +145,7 @@ def test_two_stage_with_trl_sft_trainer(tmp_path: Path) -> None:
     spy = _Spy()
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
                          use_cpu=True, report_to=[], save_strategy="no",
-                         gradient_checkpointing=False, disable_tqdm=True, learning_rate=1e-2)
+                         activation_checkpointing=False, disable_tqdm=True, learning_rate=1e-2)
     trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                    processing_class=tok, callbacks=[cb, spy]).train()
     assert cb.stage == "full" and cb.switched_at == 1
