@@ -7,6 +7,7 @@ on 4096 tokens of the training files).
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def _pretrain_module():  # examples/ is not a package
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help only
     torch.set_num_threads(1)
     pre = _pretrain_module()
     tok = AutoTokenizer.from_pretrained(MODEL)

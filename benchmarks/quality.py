@@ -191,22 +191,26 @@ def plot(results: list[Result], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ft.DEFAULT_MODEL)
-    parser.add_argument("--data", type=Path, default=ft.DEFAULT_DATA)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ft.DEFAULT_MODEL,
+                        help="local model directory to fine-tune")
+    parser.add_argument("--data", type=Path, default=ft.DEFAULT_DATA,
+                        help="directory with train.jsonl and eval.jsonl")
     parser.add_argument("--runs", default="full,revffn2,revnet",
                         help=f"comma-separated, from {', '.join(RUNS)}")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--eval-steps", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--batch", type=int, default=16, help="examples per step")
+    parser.add_argument("--eval-steps", type=int, default=25, help="evaluate every N steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data order and of any randomness in training")
     parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write the loss plot here")
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/revffn-quality"))
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/revffn-quality"),
+                        help="scratch directory for the runs' checkpoints")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train_rows = ft.read_jsonl(args.data / "train.jsonl")
