@@ -1,8 +1,10 @@
 """Held-out loss of the pretrained example model before and after the transform, before
 any fine-tuning, for each coupling and revffn adapter initialisation (calibrated: rf.calibrate
-on 4096 tokens of the training files).
+on 4096 tokens of the training files), and for the momentum and meft couplings at several
+momentum values g.
 
     python benchmarks/initial_loss.py
+    python benchmarks/initial_loss.py --only momentum,meft --momentum 0.5,0.25,0.125,0.0625
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ def _pretrain_module():  # examples/ is not a package
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help only
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--only", default="revffn,revnet,momentum,meft",
+                        help="comma-separated couplings to measure")
+    parser.add_argument("--momentum", default="0.5,0.25,0.125,0.0625,0.00390625",
+                        help="comma-separated g values for the momentum and meft couplings")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
     torch.set_num_threads(1)
     pre = _pretrain_module()
     tok = AutoTokenizer.from_pretrained(MODEL)
@@ -38,9 +47,20 @@ def main() -> None:
     # calibration text: training files (never the held-out ones), 32 windows of 128 tokens
     cal = pre.encode(tok, pre.read_texts(train[::40], 400_000))[:32 * 128].view(32, 128)
     model = rf.load_model(MODEL, experts_implementation="eager")
-    print(f"original: {pre.eval_loss(model, ids, seq=128):.3f}")
+    print(f"original: {pre.eval_loss(model, ids, seq=128):.4f}", flush=True)
+    ref = pre.eval_loss(model, ids, seq=128)
+    for coupling in ("momentum", "meft"):
+        if coupling not in only:
+            continue
+        for g in (float(v) for v in args.momentum.split(",")):
+            rev = rf.transform(model, coupling=coupling, momentum=g, stream_dtype="float64")
+            loss = pre.eval_loss(rev, ids, seq=128)
+            print(f"{coupling}, g = {g:g}: {loss:.4f} ({100 * (loss / ref - 1):+.2f}%)",
+                  flush=True)
     for coupling, init in (("revffn", "[I; 0] (default)"), ("revffn", "[I; I]"),
                            ("revffn", "aligned"), ("revffn", "calibrated"), ("revnet", "-")):
+        if coupling not in only:
+            continue
         rev = rf.transform(model, coupling=coupling)
         with torch.no_grad():
             for mods in rev.adapters.values():

@@ -59,6 +59,7 @@ class Run:
     stream_dtype: str | None = None  # rf.transform(stream_dtype=...): wide streams
     adapter_lr_mult: float = 1.0  # adapters' lr relative to the common lr (own param group)
     random_init: bool = False  # start from random weights of the same shape (a control)
+    momentum: float | None = None  # rf.transform(momentum=...): momentum / meft couplings
     note: str = ""
 
 
@@ -94,6 +95,17 @@ RUNS: dict[str, Run] = {
                          note="control: revffn coupling of the random-weight model"),
     "revnet-random": Run("revnet", random_init=True,
                          note="control: revnet coupling of the random-weight model"),
+    "momentum": Run("momentum", momentum=0.125, stream_dtype="float64",
+                    note="momentum coupling, g = 1/8, fp64 streams, full fine-tuning"),
+    "momentum4": Run("momentum", momentum=0.25, stream_dtype="float64",
+                     note="momentum coupling, g = 1/4, fp64 streams"),
+    "momentum16": Run("momentum", momentum=0.0625, stream_dtype="float64",
+                      note="momentum coupling, g = 1/16, fp64 streams"),
+    "meft": Run("meft", momentum=0.125, stream_dtype="float64",
+                note="meft coupling (scaled revnet keeping the pretrained function), "
+                     "g = 1/8, fp64 streams, full fine-tuning"),
+    "meft4": Run("meft", momentum=0.25, stream_dtype="float64",
+                 note="meft coupling, g = 1/4, fp64 streams"),
     "revffn2-cal": Run("revffn", warmup_steps=50, warmup_lr=3e-3, adapter_init="calibrated",
                        stream_dtype="float64",
                        note="revffn, two-stage, adapters calibrated first, fp64 streams"),
@@ -111,6 +123,7 @@ class Result:
     start_eval_loss: float
     train_seconds: float
     curve: list[tuple[int, float]] = field(default_factory=list)
+    stdlib_loss: float | None = None  # held-out pretraining text after fine-tuning
 
 
 def _reinit_adapters(model: Any, how: str, tok: Any = None,
@@ -136,7 +149,8 @@ def _reinit_adapters(model: Any, how: str, tok: Any = None,
 
 def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str]],
             eval_rows: list[dict[str, str]], steps: int, lr: float, batch: int,
-            eval_steps: int, out_dir: Path, device: str = "cpu", seed: int = 0) -> Result:
+            eval_steps: int, out_dir: Path, device: str = "cpu", seed: int = 0,
+            stdlib: torch.Tensor | None = None) -> Result:
     """Fine-tune one configuration from the pretrained model; measure it."""
     from transformers import AutoTokenizer
 
@@ -152,6 +166,11 @@ def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str
             experts_implementation="eager").to(device)
         model = (rf.transform(base, coupling=run.coupling) if run.coupling != "none"
                  else base).train()
+    elif run.momentum is not None:
+        import revffn_fx as rf
+
+        base = rf.load_model(model_dir, experts_implementation="eager").to(device)
+        model = rf.transform(base, coupling=run.coupling, momentum=run.momentum).train()
     else:
         model = ft.load_for_finetune(model_dir, run.coupling, device=device)
     if run.coupling == "revffn":
@@ -177,9 +196,32 @@ def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str
     curve = [(r["step"], r["eval_loss"]) for r in history.records if "eval_loss" in r]
     em = ft.exact_match(model, tok, eval_rows)
     res = Result(name, asdict(run), curve[-1][1], em, curve[0][1], round(seconds, 1), curve)
+    if stdlib is not None:  # forgetting: the pretraining loss after fine-tuning
+        with torch.no_grad():
+            res.stdlib_loss = _pretrain_module().eval_loss(model, stdlib.to(device), seq=128)
+    held = f"  stdlib {res.stdlib_loss:.4f}" if res.stdlib_loss is not None else ""
     print(f"{name:14s} eval loss {res.eval_loss:.4f} (start {res.start_eval_loss:.3f})  "
-          f"exact match {em:5.1f}%  {seconds:.0f}s", flush=True)
+          f"exact match {em:5.1f}%{held}  {seconds:.0f}s", flush=True)
     return res
+
+
+def _pretrain_module() -> Any:  # examples/ is not a package
+    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "examples" /
+                                                  "pretrain_tiny_moe.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stdlib_held_out(model_dir: Path) -> torch.Tensor:
+    """The held-out stdlib text the example model was evaluated on (its tokenizer)."""
+    from transformers import AutoTokenizer
+
+    pre = _pretrain_module()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    _, held_out = pre.split_files(pre.stdlib_files())
+    return pre.encode(tok, pre.read_texts(held_out, 2_000_000))
 
 
 def plot(results: list[Result], path: Path) -> None:
@@ -211,20 +253,27 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="write the loss plot here")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/revffn-quality"),
                         help="scratch directory for the runs' checkpoints")
+    parser.add_argument("--keyed", action="store_true",
+                        help="key the runs in --out by name@steps/seed (merge many runs)")
+    parser.add_argument("--forgetting", action="store_true",
+                        help="also measure the held-out stdlib loss after fine-tuning")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train_rows = ft.read_jsonl(args.data / "train.jsonl")
     eval_rows = ft.read_jsonl(args.data / "eval.jsonl")
+    stdlib = stdlib_held_out(args.model) if args.forgetting else None
     results = [run_one(n, RUNS[n], args.model, train_rows, eval_rows, args.steps, args.lr,
-                       args.batch, args.eval_steps, args.work_dir, args.device, args.seed)
+                       args.batch, args.eval_steps, args.work_dir, args.device, args.seed,
+                       stdlib)
                for n in args.runs.split(",")]
     base = next((r for r in results if r.name == "full"), None)
-    print("\n| run | final eval loss | vs full | exact match | vs full | time |")
-    print("|---|---|---|---|---|---|")
+    print("\n| run | final eval loss | vs full | exact match | vs full | stdlib loss | time |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         dl = f"{100 * (r.eval_loss / base.eval_loss - 1):+.1f}%" if base else "-"
         dm = f"{r.exact_match - base.exact_match:+.1f}" if base else "-"
-        print(f"| {r.name} | {r.eval_loss:.4f} | {dl} | {r.exact_match:.1f}% | {dm} | "
+        held = f"{r.stdlib_loss:.4f}" if r.stdlib_loss is not None else "-"
+        print(f"| {r.name} | {r.eval_loss:.4f} | {dl} | {r.exact_match:.1f}% | {dm} | {held} | "
               f"{r.train_seconds:.0f}s |")
     meta = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "threads": args.threads,
             "seed": args.seed,
@@ -233,7 +282,9 @@ def main() -> None:
             "torch": torch.__version__, "command": " ".join(sys.argv)}
     if args.out:
         old = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        runs = {**old.get("runs", {}), **{r.name: asdict(r) for r in results}}
+        key = (lambda r: f"{r.name}@{args.steps}/{args.seed}") if args.keyed else (
+            lambda r: r.name)
+        runs = {**old.get("runs", {}), **{key(r): asdict(r) for r in results}}
         args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
     if args.plot:
         plot(results, args.plot)

@@ -140,11 +140,18 @@ def _human(n: int | float) -> str:
 @click.command("transform", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.argument("out_dir", type=click.Path(path_type=str))
-@click.option("--coupling", type=click.Choice(["revffn", "revnet", "none"]), default="revffn",
-              show_default=True,
+@click.option("--coupling", type=click.Choice(["revffn", "revnet", "momentum", "meft", "none"]),
+              default="revffn", show_default=True,
               help="revffn: attention and MoE as the two halves of one coupling; "
-                   "revnet: a RevNet-style split of the hidden state; none: the exact "
-                   "mode (same function, every layer checkpointed, lean loss head).")
+                   "revnet: a RevNet-style split of the hidden state; momentum / meft: "
+                   "keep the pretrained function to within --momentum (docs/quality.md); "
+                   "none: the exact mode (same function, every layer checkpointed, lean "
+                   "loss head).")
+@click.option("--momentum", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None, metavar="G",
+              help="momentum / meft: the fraction of the overwritten stream each update "
+                   "keeps (default 0.125); smaller is closer to the pretrained model, and "
+                   "the backward's inverse divides by it.")
 @click.option("--layers", "layers", metavar="SPEC", default=None,
               help="Decoder layers to convert, e.g. '0-11' or '0,2,4' (default: every "
                    "convertible layer).")
@@ -184,7 +191,8 @@ def _human(n: int | float) -> str:
 @click.option("--estimate-seq", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Sequence length the report's activation estimate assumes.")
 @click.version_option(__version__, "-V", "--version", prog_name="revffn-transform")
-def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, verify: bool,
+def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | None,
+              layers: str | None, verify: bool,
               force: bool, dry_run: bool, max_shard_size: str, attention: str,
               fixed_point_iters: int | None, fixed_point_tol: float | None,
               calibrate: str | None, calibration_tokens: int, stream_dtype: str,
@@ -216,7 +224,8 @@ def transform(model_dir: str, out_dir: str, coupling: str, layers: str | None, v
                                 attention=attention, fixed_point_iters=fixed_point_iters,
                                 fixed_point_tol=fixed_point_tol, calibrate=calibrate,
                                 calibration_tokens=calibration_tokens,
-                                stream_dtype=stream_dtype, estimate_batch=estimate_batch,
+                                stream_dtype=stream_dtype, momentum=momentum,
+                                estimate_batch=estimate_batch,
                                 estimate_seq=estimate_seq)
     for line in summary.lines():
         click.echo(line)
@@ -371,8 +380,8 @@ def _print_diff(text: str) -> None:
 
 @click.command("diff", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
 @click.argument("model_dir", type=click.Path(path_type=str))
-@click.option("--coupling", type=click.Choice(["revffn", "revnet"]), default="revffn",
-              show_default=True, help="The coupling to transform with.")
+@click.option("--coupling", type=click.Choice(["revffn", "revnet", "momentum", "meft"]),
+              default="revffn", show_default=True, help="The coupling to transform with.")
 @click.option("--layer", type=click.IntRange(min=0), default=None,
               help="The decoder layer to show (default: the first convertible one).")
 @click.option("--format", "fmt", type=click.Choice(["text", "html"]), default="text",

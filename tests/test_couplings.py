@@ -3,6 +3,9 @@ checked against autograd, and close to the pretrained function at small g."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from test_core import count_backwards
@@ -91,7 +94,7 @@ def test_wide_streams_carry_the_division_in_fp32() -> None:
 
 
 @pytest.mark.parametrize("coupling", SCALED)
-def test_trains_and_round_trips(coupling: str, tmp_path: object) -> None:
+def test_trains_and_round_trips(coupling: str, tmp_path: Path) -> None:
     """A few AdamW steps through the generated backward lower the loss; a saved model
     keeps its momentum and computes the same logits after loading."""
     rev = rf.transform(tiny_model("mixtral", num_hidden_layers=2), coupling=coupling,
@@ -126,3 +129,17 @@ def test_bad_momentum_is_refused(bad: object) -> None:
 def test_momentum_is_not_an_option_of_revffn() -> None:
     with pytest.raises(RevFFNError, match="momentum"):
         rf.transform(tiny_model("mixtral"), coupling="revffn", momentum=0.25)
+
+
+def test_transform_dir_records_momentum_and_widens_streams(tmp_path: Path) -> None:
+    """``revffn-transform --coupling momentum --momentum G``: the export records g, and
+    stream_dtype "auto" carries the streams one step wider (the inverse divides by g)."""
+    from revffn_fx.export import transform_dir
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny-mixtral"
+    transform_dir(example, tmp_path / "out", coupling="momentum", momentum=0.25,
+                  stream_dtype="auto")
+    options = json.loads((tmp_path / "out" / "config.json").read_text())["revffn"]["transform"]
+    assert options["momentum"] == 0.25 and options["stream_dtype"] == "float64"
+    back = rf.load(tmp_path / "out")
+    assert back.coupling == "momentum" and back.momentum == 0.25

@@ -18,6 +18,7 @@ from ..loading import _check_config, _quiet
 from ..model import RevModel, parse_layers, wider_stream_dtype
 from ..outdir import check_out_dir, writing
 from ..output import human_bytes
+from ..passes.couple_momentum import SCALED_COUPLINGS
 from ..registry import facts_for
 from .checkpoint import (
     _DTYPES,
@@ -212,6 +213,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                   calibrate: str | os.PathLike[str] | None = None,
                   calibration_tokens: int = 16384,
                   stream_dtype: str | torch.dtype | None = None,
+                  momentum: float | None = None,
                   estimate_batch: int = 8, estimate_seq: int = 2048) -> TransformSummary:
     """Transform the checkpoint in ``model_dir`` into a revffn-fx directory ``out_dir``.
 
@@ -222,6 +224,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     the model). ``calibrate``: a text file (or JSONL with ``text`` or ``prompt`` and
     ``completion`` fields) whose first ``calibration_tokens`` tokens fit the revffn adapters
     by least squares (:func:`revffn_fx.calibration.calibrate`; loads the model for real).
+    ``momentum``: g of the momentum and meft couplings (:func:`revffn_fx.transform`).
     ``stream_dtype`` (recorded, see :func:`revffn_fx.transform`): "auto" widens the
     streams one step (fp32 -> fp64, 16-bit -> fp32) when calibrating, else keeps them.
     ``estimate_batch`` x ``estimate_seq``: the batch the summary's activation estimate
@@ -243,9 +246,12 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     # structure and adapters do not depend on it, so plan with plain attention here and
     # record the option; rf.load (and --verify) build the cross-branch attention for real
     if stream_dtype == "auto":
-        stream_dtype = wider_stream_dtype(dtype) if calibrate is not None else None
+        # the momentum / meft inverses divide by g: wide streams keep them exact
+        wide = calibrate is not None or coupling in SCALED_COUPLINGS
+        stream_dtype = wider_stream_dtype(dtype) if wide else None
     rev = RevModel(model, coupling, layers, fixed_point_iters=fixed_point_iters,
-                   fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype)
+                   fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype,
+                   momentum=momentum)
     if attention != "plain":
         if coupling != "revffn":
             raise ConversionError("cross-branch attention is an option of the revffn coupling")
