@@ -107,7 +107,8 @@ def _check_config(path: Path) -> tuple[Path, str]:
                         "config.json and weights)")
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise LoadError(f"{config_path}: missing (not a Hugging Face model directory?)")
+        raise LoadError(f"{config_path}: missing: no config.json (not a Hugging Face model "
+                        "directory?)")
     inside(config_path, path)
     if (path / "generation_config.json").exists():
         inside(path / "generation_config.json", path)
@@ -128,6 +129,13 @@ def _check_config(path: Path) -> tuple[Path, str]:
         raise LoadError(f"{config_path}: unknown model_type {model_type!r} ({_VERSIONS}; "
                         f"known MoE types include {known})")
     _check_fields(config_path, config)
+    try:  # transformers' own validation of every field (types, rope parameters, ...)
+        with _quiet():
+            CONFIG_MAPPING[model_type].from_dict(config)
+    except Exception as e:  # noqa: BLE001 -- it raises several types, all for a bad config
+        detail = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+        raise LoadError(f"{config_path}: invalid config: {detail[:300] or type(e).__name__}"
+                        ) from None
     return config_path, model_type
 
 

@@ -218,7 +218,7 @@ def _edit_config(**changes: object):
 ERRORS = [
     ("missing_dir", lambda src: os.rename(src, src.with_name("gone")), LoadError,
      "no such directory"),
-    ("config_missing", lambda src: (src / "config.json").unlink(), LoadError, "missing"),
+    ("config_missing", lambda src: (src / "config.json").unlink(), LoadError, "no config.json"),
     ("config_invalid", lambda src: (src / "config.json").write_text("{oops"), LoadError,
      "not valid JSON"),
     ("unknown_arch", _edit_config(model_type="no_such_moe"), LoadError, "unknown model_type"),
