@@ -89,6 +89,10 @@ class _ExitStatus:
             _fail(str(e) or type(e).__name__, EXIT_BAD_INPUT)
         except (click.Abort, KeyboardInterrupt):
             _fail("interrupted", 130)
+        except OSError as e:  # the environment (a full disk, a permission), not a bug
+            _fail(f"{e.filename or 'error'}: {e.strerror or e}", EXIT_BAD_INPUT)
+        except MemoryError:
+            _fail("out of memory", EXIT_BAD_INPUT)
         except Exception as e:  # anything else is a bug
             _bug(e)
         if not standalone_mode:
@@ -120,7 +124,8 @@ def _check_layer_spec(spec: str | None) -> None:
         return
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     ok = bool(parts) and all(
-        p.isdigit() or (p.count("-") == 1 and all(q.strip().isdigit() for q in p.split("-")))
+        p.isdigit() or (p.count("-") == 1 and all(q.strip().isdigit() for q in p.split("-"))
+                        and int(p.split("-")[0]) <= int(p.split("-")[1]))
         for p in parts)
     if not ok:
         raise click.BadParameter(f"bad layer spec {spec!r}: use e.g. '0-3,6'",
@@ -215,6 +220,12 @@ def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | Non
     """
     _check_model_dir(model_dir)  # before the heavy imports: bad input is answered at once
     _check_layer_spec(layers)
+    if fixed_point_tol is not None and not 0 < fixed_point_tol < float("inf"):
+        raise click.BadParameter(f"must be a positive number, not {fixed_point_tol}",
+                                 param_hint="'--fixed-point-tol'")
+    from revffn_fx.outdir import check_out_dir  # torch-free: a bad OUT_DIR is answered at once
+
+    check_out_dir(Path(out_dir).expanduser(), force, Path(model_dir).expanduser())
     from revffn_fx.export import transform_dir  # lazy: the heavy part of the package
 
     with progress_reporter("shards") as progress:

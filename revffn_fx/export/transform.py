@@ -4,9 +4,11 @@ materialising the model, and its summary."""
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,40 @@ def _checkpoint_dtype(config: Any, entries: Sequence[_Tensor]) -> torch.dtype:
     return _DTYPES[first.dtype] if first else torch.get_default_dtype()
 
 
+_WIDENS = {("F16", torch.float32), ("BF16", torch.float32), ("F16", torch.float64),
+           ("BF16", torch.float64), ("F32", torch.float64)}
+log = logging.getLogger("revffn_fx.export")
+
+
+def _check_dtypes(model: torch.nn.Module, entries: Sequence[_Tensor], weights: Path,
+                  dtype: torch.dtype) -> None:
+    """Tensors stored in another dtype than the model loads them in: a widening cast is
+    exact (a warning naming the tensor), a rounding one or ints for floats is refused."""
+    keep32 = [*(getattr(model, "_keep_in_fp32_modules", None) or ()),
+              *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]
+    ints = {k for k, v in model.state_dict().items() if not v.is_floating_point()}
+    widened: list[_Tensor] = []
+    for t in entries:
+        stored = _DTYPES.get(t.dtype)
+        if stored is None or stored == dtype or t.name in ints:
+            continue
+        if not stored.is_floating_point:
+            raise LoadError(f"{weights}: tensor {t.name} is stored as {t.dtype} (integers) but "
+                            f"the model needs {str(dtype).replace('torch.', '')}")
+        if stored == torch.float32 and any(m in t.name for m in keep32):
+            continue  # the architecture keeps this module in float32 on purpose
+        if (t.dtype, dtype) in _WIDENS:
+            widened.append(t)
+            continue
+        raise LoadError(f"{weights}: tensor {t.name} is stored as {t.dtype} but the model loads "
+                        f"{str(dtype).replace('torch.', '')} (config.json), which would round it;"
+                        " set config.json's dtype to match the weights")
+    if widened:
+        log.warning("warning: %s: %d tensor(s) stored in another dtype are widened exactly to "
+                    "%s, e.g. %s (%s)", weights, len(widened), str(dtype).replace("torch.", ""),
+                    widened[0].name, widened[0].dtype)
+
+
 def _check_fits(model: torch.nn.Module, entries: Sequence[_Tensor], weights: Path,
                 dtype: torch.dtype) -> None:
     """Load the checkpoint's names and shapes into the meta model with HF's own rules.
@@ -233,6 +269,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     (LoadError, ConversionError, ExportError) and leaves no ``out_dir`` behind.
     """
     start = time.perf_counter()
+    if fixed_point_tol is not None and not 0 < fixed_point_tol < math.inf:
+        raise ConversionError(f"fixed_point_tol must be a positive number, not {fixed_point_tol}")
     src, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
     limit = parse_size(max_shard_size)
     config_path, model_type = _check_config(src)
@@ -242,6 +280,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     model, dtype = _meta_model(src, config_path, model_type,
                                lambda cfg: _checkpoint_dtype(cfg, entries))
     _check_fits(model, entries, weights, dtype)
+    _check_dtypes(model, entries, weights, dtype)
     # the cross-branch split needs an example forward, which a meta model cannot run: the
     # structure and adapters do not depend on it, so plan with plain attention here and
     # record the option; rf.load (and --verify) build the cross-branch attention for real
@@ -320,33 +359,17 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
 
 def calibration_batches(model_dir: Path, path: str | os.PathLike[str], tokens: int,
                         seq: int = 512, batch: int = 8) -> list[torch.Tensor]:
-    """The first ``tokens`` tokens of a text or JSONL file, as ``(batch, seq)`` windows."""
+    """The first ``tokens`` tokens of a text or JSONL file, as ``(batch, seq)`` windows.
+
+    The file is streamed: JSONL rows are read until the budget is filled, and of a plain
+    text file at most 32 characters per token of the budget (a token is rarely longer).
+    """
     file = Path(path).expanduser()
     if not file.exists():
         raise LoadError(f"calibration file {file} does not exist")
     if not file.is_file():
         raise LoadError(f"calibration file {file} is not a regular file")
-    try:
-        raw = file.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LoadError(f"calibration file {file} cannot be read as text: {e}") from None
-    if file.suffix == ".jsonl":
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LoadError(f"{file}:{n}: not JSON ({e.msg})") from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if text is None and isinstance(row, dict) and "prompt" in row:
-                text = str(row["prompt"]) + str(row.get("completion", ""))
-            if not isinstance(text, str):
-                raise LoadError(f"{file}:{n}: needs a 'text' or 'prompt' field")
-            texts.append(text)
-    else:
-        texts = [raw]
+    texts = _calibration_texts(file, tokens)
     try:
         with _quiet():
             from transformers import AutoTokenizer
@@ -357,10 +380,34 @@ def calibration_batches(model_dir: Path, path: str | os.PathLike[str], tokens: i
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     from ..calibration import token_windows
 
-    windows = token_windows(tok, texts, tokens, seq, batch)
+    try:
+        windows = token_windows(tok, texts, tokens, seq, batch)
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"calibration file {file} cannot be read as text: {e}") from None
     if not windows:
         raise LoadError(f"calibration file {file} holds fewer than 2 tokens")
     return windows
+
+
+def _calibration_texts(file: Path, tokens: int) -> Iterator[str]:
+    """The texts of a calibration file, read lazily (``token_windows`` stops early)."""
+    with open(file, encoding="utf-8") as f:
+        if file.suffix != ".jsonl":
+            yield f.read(max(32 * tokens, 1 << 16))
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise LoadError(f"{file}:{n}: not JSON ({getattr(e, 'msg', e)})") from None
+            text = row.get("text") if isinstance(row, dict) else None
+            if text is None and isinstance(row, dict) and "prompt" in row:
+                text = str(row["prompt"]) + str(row.get("completion", ""))
+            if not isinstance(text, str):
+                raise LoadError(f"{file}:{n}: needs a 'text' or 'prompt' field")
+            yield text
 
 
 def _calibrated_adapters(src: Path, meta_rev: RevModel, batches: list[torch.Tensor],
