@@ -19,6 +19,7 @@ DDP needs nothing from revffn-fx: the stacks return ordinary parameter gradients
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,6 +80,37 @@ def shard(rev: RevModel, mesh: Any = None, *, reshard_after_forward: bool | int 
     return rev
 
 
+def adopt_units(rev: RevModel) -> None:
+    """Register FSDP2 units applied to ``rev`` by others (``fully_shard`` on each decoder
+    layer then on the RevModel, as the FSDP2 recipe and accelerate's auto-wrap do), so the
+    stacks drive those of converted layers as :func:`shard` would. A unit on a module the
+    reversible branches call directly (the attention or MoE block itself) is refused: its
+    own hooks would reshard it in the middle of the stack's recompute."""
+    from torch.distributed.fsdp import FSDPModule
+
+    called: set[nn.Module] = set()
+    for stack in rev.stacks():
+        for layer in stack.layers:
+            for u in layer.updates:
+                for node in u.branch.graph.nodes:
+                    if node.op == "call_module":
+                        called.add(u.branch.get_submodule(node.target))
+    units: dict[nn.Module, Any] = dict(rev.options.shard_units)
+    for m in rev.modules():  # pre-order: an inner unit overrides its outer one
+        if isinstance(m, FSDPModule) and m is not rev:
+            if m in called:
+                raise RevFFNError(
+                    f"fully_shard was applied to {type(m).__name__}, a module the "
+                    "reversible stacks call directly; shard whole decoder layers (or use "
+                    "revffn_fx.distributed.shard(rev)), so the stack can gather a layer's "
+                    "parameters for its forward and again for its recompute")
+            for sub in m.modules():
+                units[sub] = m
+    # only the units the branches reach matter to the stacks; others (embeddings, layers
+    # left out, the head) are called as modules and run their own hooks
+    rev.options.shard_units = units
+
+
 def is_sharded(rev: RevModel) -> bool:
     """Whether :func:`shard` was applied."""
     return bool(rev.options.shard_units)
@@ -111,6 +143,9 @@ def check_wrappers(rev: RevModel) -> None:
             raise RevFFNError("a RevModel containing FSDP1 (FullyShardedDataParallel) "
                               "modules is not supported: shard with "
                               "revffn_fx.distributed.shard(rev) (FSDP2)")
+    if rev.options.find_units is None:
+        ref = weakref.ref(rev)
+        rev.options.find_units = lambda: adopt_units(ref())  # type: ignore[arg-type]
     first = next(rev.model.parameters(), None)
     if first is None or getattr(first, "_fsdp_flattened", False):
         raise RevFFNError("the RevModel's parameters were flattened or removed by a wrapper "

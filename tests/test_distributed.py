@@ -117,12 +117,57 @@ def _worker(rank: int, tmp: str) -> None:
         out[f"fsdp_adamw_{coupling}"] = _max_err(dict(rev.named_parameters()), ref_params)
         rev = rd.shard(_model(coupling), mesh)
         fused = fuse_optimizer(rev, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        in_backward: list[int] = []  # stepped right after their layer's reduce-scatter
+        sink = rev.options.reduced_sink
+        rev.options.reduced_sink = lambda p, _n=in_backward, _s=sink: (
+            _n.append(p.to_local().numel()), _s(p))
         for step in range(STEPS):
             rev(local(step), labels=local(step)).loss.backward()
             fused.step()
         out[f"fsdp_fused_{coupling}"] = _max_err(dict(rev.named_parameters()), ref_params)
         out[f"fsdp_fused_grads_left_{coupling}"] = sum(
             p.grad is not None for p in rev.parameters())
+        out[f"fsdp_fused_in_backward_{coupling}"] = sum(in_backward) / STEPS / rd.local_numel(
+            [p for i in rev.converted for m in (rev.traced.layers[i].module,
+                                                 rev.adapters[str(i)] if str(i) in rev.adapters
+                                                 else torch.nn.Module())
+             for p in m.parameters()])
+    # the FSDP2 recipe applied by hand (or by accelerate): fully_shard on each decoder layer,
+    # then on the RevModel; the stacks adopt those units
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    ref_grads, _ = _reference("revffn")
+    rev = _model("revffn")
+    for layer in rev.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(rev, mesh=mesh)
+    rev(local(0), labels=local(0)).loss.backward()
+    out["recipe_grad"] = _max_err({n: p.grad for n, p in rev.named_parameters()}, ref_grads)
+    # mixed precision: bf16 parameters for compute, fp32 gradients reduced in fp32
+    from zoo import tiny_model
+
+    import revffn_fx as rf
+
+    ref = rf.transform(tiny_model("mixtral")).train()  # fp32 (an fp64 model cast to fp32
+    ref(_ids(0), labels=_ids(0)).loss.backward()  # routes some tokens differently in bf16)
+    mp32 = {n: p.grad for n, p in ref.named_parameters()}
+    rev = rf.transform(tiny_model("mixtral")).train()
+    rd.shard(rev, mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                       reduce_dtype=torch.float32))
+    rev(local(0), labels=local(0)).loss.backward()
+    out["bf16_grad_dtypes"] = sorted({str(p.grad.dtype) for p in rev.parameters()})
+    out["bf16_grad_rel_norm_err"] = max(
+        float((_full(p.grad).detach() - mp32[n]).norm() / mp32[n].norm())
+        for n, p in rev.named_parameters())
+    # fully_shard on a module the branches call directly is refused
+    rev = _model("revffn")
+    fully_shard(rev.model.model.layers[0].self_attn, mesh=mesh)
+    fully_shard(rev, mesh=mesh)
+    try:
+        rev(local(0), labels=local(0))
+        out["refuse_branch_unit"] = ""
+    except RevFFNError as e:
+        out["refuse_branch_unit"] = str(e)
     # refusals: the fused optimizer on the model inside DDP; FSDP1
     rev = _model("revffn")
     fused = fuse_optimizer(rev, torch.optim.AdamW, lr=1e-2)
@@ -167,8 +212,21 @@ def test_three_steps_equal_one_process_adamw(results: list[dict[str, Any]], case
                                              coupling: str) -> None:
     for r in results:
         assert r[f"{case}_{coupling}"] <= 1e-10
-        if case == "fsdp_fused":  # every gradient was stepped and freed
-            assert r[f"fsdp_fused_grads_left_{coupling}"] == 0
+        if case == "fsdp_fused":  # every gradient was stepped and freed; the layers'
+            assert r[f"fsdp_fused_grads_left_{coupling}"] == 0  # inside the backward
+            assert r[f"fsdp_fused_in_backward_{coupling}"] == 1.0
+
+
+def test_fully_shard_recipe_is_adopted(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        assert r["recipe_grad"] <= 1e-10
+        assert "call directly" in r["refuse_branch_unit"]
+
+
+def test_bf16_mixed_precision(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        assert r["bf16_grad_dtypes"] == ["torch.float32"]
+        assert r["bf16_grad_rel_norm_err"] < 0.05  # bf16 compute; measured 0.012
 
 
 @pytest.mark.parametrize("coupling", COUPLINGS)

@@ -39,6 +39,11 @@ class RuntimeOptions:
     # reconstruction does not accumulate rounding error through large-gain branches; each
     # branch still computes in the hidden state's dtype.
     stream_dtype: torch.dtype | None = None
+    # exact reconstruction for scaled updates (momentum, meft): the float64 streams are
+    # kept on a fixed-point grid of 2**-EXACT_GRID_BITS, where adding is exact and keeping
+    # g = 2**-k of a stream drops exactly k low bits, which the forward stores (one byte
+    # per element per scaled update) for the backward to put back
+    exact_streams: bool = False
     # FSDP2 units of the converted layers (revffn_fx.distributed.shard): every module inside
     # a unit -> the unit's FSDPModule. The stacks call the branch modules directly, so the
     # units' own forward hooks never fire: the stack unshards, reshards and reduces them.
@@ -49,6 +54,10 @@ class RuntimeOptions:
     # called once at the start of each generated backward (the fused optimizer under FSDP2
     # queues its step of the parameters FSDP reduces at the end of the backward)
     backward_start: Any = None
+    # called when a layer's parameters turn out to be DTensors of FSDP2 units this model did
+    # not register (fully_shard applied by the user or accelerate): registers them (set by
+    # revffn_fx.distributed.check_wrappers when a graph is compiled)
+    find_units: Any = None
 
 
 class Update(nn.Module):
@@ -68,6 +77,13 @@ class Update(nn.Module):
         self.scale = float(scale)
         # set by RevStack.forward when the streams are wider than the branch computes in
         self.compute_dtype: torch.dtype | None = None
+        # set by RevStack.forward with exact_streams: the fixed-point grid's bits
+        self.grid: int | None = None
+
+    @property
+    def keeps_bits(self) -> bool:
+        """The forward stores the bits this update drops (exact_streams, scale < 1)."""
+        return self.grid is not None and self.scale != 1.0
 
     @property
     def closed_form(self) -> bool:
@@ -80,15 +96,41 @@ class Update(nn.Module):
             xs = [x.to(self.compute_dtype) for x in xs]
         return self.branch(*xs, **{k: ctx[k] for k in self.ctx_names})
 
-    def combine(self, streams: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """The new value of the target stream, given the branch output ``out``."""
+    def combine(self, streams: list[torch.Tensor], out: torch.Tensor,
+                lost: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The new value of the target stream, given the branch output ``out``. With a
+        grid (exact_streams) the bits the scale drops are appended to ``lost``."""
         old = streams[self.target]
-        return (old if self.scale == 1.0 else old * self.scale) + out
+        naive = (old if self.scale == 1.0 else old * self.scale) + out
+        if self.grid is None:
+            return naive
+        s = 2.0 ** self.grid
+        o = old.detach() * s  # an integer (the stream is on the grid)
+        kept = o
+        if self.scale != 1.0:
+            m = round(1 / self.scale)
+            dropped = torch.remainder(o, m)
+            kept = (o - dropped) * self.scale
+            if lost is not None:
+                lost.append(dropped.to(torch.uint8 if m <= 256 else torch.int32))
+        exact = (kept + torch.round(out.detach().to(o.dtype) * s)) / s
+        if not naive.requires_grad:
+            return exact
+        return naive + (exact - naive).detach()  # the grid's rounding, gradient 1
 
-    def invert(self, new: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The old value of the target stream from its new value and the branch output."""
-        old = new - out
-        return old if self.scale == 1.0 else old / self.scale
+    def invert(self, new: torch.Tensor, out: torch.Tensor,
+               lost: torch.Tensor | None = None) -> torch.Tensor:
+        """The old value of the target stream from its new value and the branch output
+        (exactly, with a grid and the bits :meth:`combine` stored)."""
+        if self.grid is None:
+            old = new - out
+            return old if self.scale == 1.0 else old / self.scale
+        s = 2.0 ** self.grid
+        d = new * s - torch.round(out.detach().to(new.dtype) * s)
+        if self.scale != 1.0:
+            assert lost is not None, "exact_streams: the dropped bits were not stored"
+            d = d * round(1 / self.scale) + lost.to(d.dtype)
+        return d / s
 
 
 class RevLayer(nn.Module):
@@ -113,8 +155,8 @@ class RevLayer(nn.Module):
         for u in self.updates:
             for m in u.branch.modules():
                 unit = options.shard_units.get(m)
-                if unit is not None:
-                    out.setdefault(id(unit), unit)
+                if unit is not None:  # one per FSDP state: fully_shard([a, b]) shares it
+                    out.setdefault(id(unit._get_fsdp_state()), unit)
         return list(out.values())
 
 
@@ -125,7 +167,7 @@ def branch_params(u: Update) -> list[torch.nn.Parameter]:
     return list({id(p): p for p in u.branch.parameters() if p.requires_grad}.values())
 
 
-def check_params(stack: RevStack) -> None:
+def check_params(stack: RevStack, adopt: bool = True) -> None:
     """Refuse parameters the stack cannot train correctly (wrappers it does not drive)."""
     from ..errors import RevFFNError
 
@@ -142,6 +184,9 @@ def check_params(stack: RevStack) -> None:
                             "supported: its flattened parameters bypass the reversible "
                             "backward; shard with revffn_fx.distributed.shard(rev) (FSDP2)")
                     if type(p).__name__ == "DTensor" and m not in units:
+                        if adopt and stack.options.find_units is not None:
+                            stack.options.find_units()  # fully_shard applied by others
+                            return check_params(stack, adopt=False)
                         raise RevFFNError(
                             f"parameter {name!r} of {type(m).__name__} is a DTensor that "
                             "revffn-fx did not shard: fully_shard applied to modules inside "
@@ -223,8 +268,12 @@ class RevStack(nn.Module):
         for layer in self.layers:
             for u in layer.updates:
                 u.compute_dtype = hidden.dtype if wide is not None else None
+                u.grid = None
         if wide is not None:
             streams = [s.to(wide) for s in streams]
+        if self.options.exact_streams:  # sets each update's grid
+            _grid_for(self, streams)
+            streams = _round_to_grid(streams)
         check_params(self)
         params = self._params()
         sharded = bool(self.options.shard_units)
@@ -255,6 +304,33 @@ class RevStack(nn.Module):
 
             streams = run_reversible(self, streams, ctx, params)
         return MERGES[self.split](*streams).to(hidden.dtype)
+
+
+EXACT_GRID_BITS = 32  # streams on multiples of 2**-32: exact while |stream| < 2**20
+
+
+def _grid_for(stack: RevStack, streams: list[torch.Tensor]) -> None:
+    from ..errors import RevFFNError
+
+    if any(s.dtype != torch.float64 for s in streams):
+        raise RevFFNError("exact_streams needs float64 streams: pass stream_dtype='float64' "
+                          "(or a float64 model)")
+    for layer in stack.layers:
+        for u in layer.updates:
+            m = 1 / u.scale
+            if u.scale != 1.0 and not (m == round(m) and round(m) & (round(m) - 1) == 0):
+                raise RevFFNError(f"exact_streams needs a scale of 2**-k, got {u.scale} "
+                                  "(momentum=0.5, 0.25, 0.125, ...)")
+            u.grid = EXACT_GRID_BITS
+
+
+def _round_to_grid(streams: list[torch.Tensor]) -> list[torch.Tensor]:
+    s = 2.0 ** EXACT_GRID_BITS
+    out = []
+    for x in streams:
+        q = torch.round(x.detach() * s) / s
+        out.append(q if not x.requires_grad else x + (q - x).detach())
+    return out
 
 
 class Checkpointed(nn.Module):
