@@ -3,6 +3,7 @@ extras (OUT_DIR itself is handled by :mod:`revffn_fx.outdir`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -99,8 +100,9 @@ def _blob_entries(tensors: dict[str, torch.Tensor]) -> list[_Tensor]:
     return _entries_of(json.loads(blob[8:8 + n]), 8 + n, data=blob)
 
 
-def _write_safetensors(path: Path, entries: Sequence[_Tensor]) -> None:
-    """Write ``entries`` as one safetensors file, streaming the bytes from their sources."""
+def _write_safetensors(path: Path, entries: Sequence[_Tensor]) -> str:
+    """Write ``entries`` as one safetensors file, streaming the bytes from their sources;
+    return the file's sha256 (computed on the way: no second read)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
     for t in entries:
@@ -108,14 +110,19 @@ def _write_safetensors(path: Path, entries: Sequence[_Tensor]) -> None:
         pos += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(raw)))
-        out.write(raw)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        def out_write(data: bytes | memoryview) -> None:
+            digest.update(data)
+            f.write(data)
+
+        out_write(struct.pack("<Q", len(raw)))
+        out_write(raw)
         src_name, src = None, None
         try:
             for t in entries:
                 if t.data is not None:
-                    out.write(t.data[t.offset:t.offset + t.nbytes])
+                    out_write(t.data[t.offset:t.offset + t.nbytes])
                     continue
                 if t.file != src_name:
                     if src is not None:
@@ -128,16 +135,20 @@ def _write_safetensors(path: Path, entries: Sequence[_Tensor]) -> None:
                     chunk = src.read(min(_CHUNK, left))
                     if not chunk:
                         raise LoadError(f"{t.file}: truncated safetensors file (tensor {t.name})")
-                    out.write(chunk)
+                    out_write(chunk)
                     left -= len(chunk)
         finally:
             if src is not None:
                 src.close()
+    return digest.hexdigest()
 
 
 def _write_shards(out: Path, entries: Sequence[_Tensor], max_shard_size: int,
-                  progress: Progress | None = None) -> list[str]:
-    """Write the base weights in Hugging Face's layout; return the file names written."""
+                  progress: Progress | None = None,
+                  digests: dict[str, str] | None = None) -> list[str]:
+    """Write the base weights in Hugging Face's layout; return the file names written.
+    ``digests`` receives the sha256 of each file written (shards and index)."""
+    digests = {} if digests is None else digests
     shards: list[list[_Tensor]] = [[]]
     size = 0
     for t in entries:
@@ -152,7 +163,7 @@ def _write_shards(out: Path, entries: Sequence[_Tensor], max_shard_size: int,
     for i, (name, shard) in enumerate(zip(names, shards)):
         if progress:
             progress(i, n, name)
-        _write_safetensors(out / name, shard)
+        digests[name] = _write_safetensors(out / name, shard)
         pause("shard")
     if progress:
         progress(n, n, names[-1])
@@ -161,8 +172,42 @@ def _write_shards(out: Path, entries: Sequence[_Tensor], max_shard_size: int,
                  "weight_map": {t.name: name for name, shard in zip(names, shards)
                                 for t in shard}}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        digests[INDEX_NAME] = file_sha256(out / INDEX_NAME)
         names.append(INDEX_NAME)
     return names
+
+
+# ---------------------------------------------------------------------------------- integrity
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in bounded chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, recorded: Any, config_path: Path) -> None:
+    """Every file named in the ``sha256`` record of the revffn section still has its bytes.
+
+    Directories written before the record existed have none and are not checked.
+    """
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
+        raise LoadError(f"{config_path}: the 'revffn' section's sha256 record is broken")
+    for name, want in sorted(recorded.items()):
+        file = path / name
+        if Path(name).name != name or not os.path.lexists(file):
+            raise LoadError(f"{file}: missing (config.json records its sha256)")
+        inside(file, path)
+        got = file_sha256(file)
+        if got != want:
+            raise LoadError(f"{file}: changed since it was written (sha256 {got[:12]}..., "
+                            f"config.json records {want[:12]}...): the file is damaged or was "
+                            "replaced")
 
 
 def _extras(src: Path) -> list[str]:

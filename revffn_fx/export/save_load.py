@@ -22,6 +22,7 @@ from .checkpoint import (
     _copy_extras,
     _write_safetensors,
     _write_shards,
+    check_sha256,
 )
 from .layout import ADAPTER_FILE, FORMAT_VERSION, _count_params, _section, _write_meta, parse_size
 
@@ -57,13 +58,16 @@ def save(rev: RevModel, out_dir: str | os.PathLike[str], *, max_shard_size: int 
         with _quiet():
             rev.model.save_pretrained(base, max_shard_size="1000GB")
         _, entries = _checkpoint_entries(base)
-        _write_shards(tmp, entries, limit)
+        digests: dict[str, str] = {}
+        _write_shards(tmp, entries, limit, digests=digests)
         if adapters:
-            _write_safetensors(tmp / ADAPTER_FILE, _blob_entries(adapters))
+            digests[ADAPTER_FILE] = _write_safetensors(tmp / ADAPTER_FILE,
+                                                       _blob_entries(adapters))
         config = json.loads((base / "config.json").read_text())
         dtype = next(rev.model.parameters()).dtype
         section = _section(rev, {k: list(v.shape) for k, v in adapters.items()}, dtype,
                            _count_params(rev.model))
+        section["sha256"] = digests
         _write_meta(tmp, config, section)
         _copy_extras(base, tmp)
         shutil.rmtree(base)
@@ -108,12 +112,14 @@ def _custom_passes(section: dict[str, Any], config_path: Path,
 
 
 def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
-         passes: Sequence[Any] | None = None) -> RevModel:
+         passes: Sequence[Any] | None = None, check_files: bool = True) -> RevModel:
     """Load a directory written by :func:`transform_dir` or :func:`save` (eval mode).
 
     The base model is loaded by ``from_pretrained`` (its own key conversions), the
     transform is replayed with the recorded options, then the adapters are loaded; the
     result computes bit for bit what was saved. ``dtype`` overrides the stored dtype.
+    ``check_files``: compare every weight file with the sha256 recorded when it was written
+    (a LoadError names a file that changed); reads the weights once more.
     """
     path = Path(out_dir).expanduser()
     config_path, model_type = _check_config(path)
@@ -121,6 +127,8 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
     section = _read_section(config_path, raw)
     options = section["transform"]
     custom = _custom_passes(section, config_path, passes)
+    if check_files:
+        check_sha256(path, section.get("sha256"), config_path)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     clean = {k: v for k, v in raw.items() if k not in ("revffn", "auto_map")}
@@ -133,7 +141,7 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
     # options added to transform after format 1 are passed only when recorded
     kw = {k: options[k] for k in ("checkpoint_rest", "loss_head", "attention",
                                   "fixed_point_iters", "fixed_point_tol", "stream_dtype",
-                                  "momentum")
+                                  "momentum", "exact_streams")
           if k in options}
     try:
         rev = RevModel(model, options["coupling"], options["layers"], custom,

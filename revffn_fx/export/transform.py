@@ -331,14 +331,17 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         summary.seconds = time.perf_counter() - start
         return summary
     with writing(out, force=force, model_dir=src) as tmp:
-        shards = _write_shards(tmp, entries, limit, progress)
+        digests: dict[str, str] = {}
+        shards = _write_shards(tmp, entries, limit, progress, digests)
         files = list(shards)
         if adapters:
-            _write_safetensors(tmp / ADAPTER_FILE, _blob_entries(adapters))
+            digests[ADAPTER_FILE] = _write_safetensors(tmp / ADAPTER_FILE,
+                                                       _blob_entries(adapters))
             files.append(ADAPTER_FILE)
         config = json.loads(config_path.read_text())
         section = _section(rev, {k: list(v.shape) for k, v in adapters.items()},
                            next(model.parameters()).dtype, params_before)
+        section["sha256"] = digests  # rf.load and `revffn verify` check every weight file
         if calibration is not None:
             section["calibration"] = {
                 "file": Path(calibrate).name, "tokens": calibration.tokens,
