@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from .passes.couple import COUPLINGS, couple_layer, make_adapters
 from .passes.couple_momentum import DEFAULT_MOMENTUM, SCALED_COUPLINGS, check_momentum
 from .passes.cross_branch import attention_calls, cross_attentions
 from .passes.fuse import fuse_stacks
-from .passes.inverse import ReversibleSpec, generate_inverse
+from .passes.inverse import FIXED_POINT_TOL, ReversibleSpec, generate_inverse
 from .passes.loss_head import chunk_loss_head
 from .passes.manager import Pass, PassManager, PassRecord, snapshot
 from .plan import Plan
@@ -161,19 +162,101 @@ class RevModel(nn.Module):
         # later lazy compile would fire the user's hooks
         self.__dict__["_cross_calls"] = attention_calls(
             traced, {i: self.plan.layers[i] for i in chosen}) if attention == "cross" else {}
-        if fixed_point_iters is not None:
-            self.options.fixed_point_iters = fixed_point_iters
-        if fixed_point_tol is not None:
-            self.options.fixed_point_tol = fixed_point_tol
+        # the fixed point's default tolerance follows the dtype the branches compute in;
+        # fp64's 1e-11 takes more steps of a slow contraction than fp32's 1e-6
+        self.options.fixed_point_iters = (fixed_point_iters if fixed_point_iters is not None
+                                          else 200 if p.dtype == torch.float64 else 50)
+        self.options.fixed_point_tol = (fixed_point_tol if fixed_point_tol is not None
+                                        else fixed_point_tolerance(p.dtype))
         self.options.stream_dtype = parse_stream_dtype(stream_dtype)
         self.__dict__["_graphs"] = {}
         self.__dict__["_specs"] = {}
         self.pass_records: dict[str, list[PassRecord]] = {}
+        # layer index -> why its cross-branch attention fell back to the plain coupling
+        # (the fixed point did not converge on the sample batch probed at transform time)
+        self.cross_fallbacks: dict[int, str] = {}
+        if attention == "cross" and p.device.type != "meta":
+            self.probe_fixed_points()
 
     # -- compilation -------------------------------------------------------------------
     @property
     def config(self) -> Any:
         return getattr(self.model, "config", None)
+
+    def probe_fixed_points(self, input_ids: torch.Tensor | None = None) -> dict[int, str]:
+        """Reconstruct every cross-branch layer's input from its output on a sample batch,
+        as the backward would, and fall back to the plain coupling (closed-form inverse) in
+        each layer whose fixed point does not converge to ``fixed_point_tol`` within half
+        of ``fixed_point_iters`` (headroom for other batches). Returns (and adds to
+        :attr:`cross_fallbacks`) the layers that fell back, with why. ``input_ids``: the
+        batch (default: 2 x 16 seeded random ids)."""
+        if self.attention != "cross":
+            return {}
+        if input_ids is None:
+            vocab = int(getattr(self.config, "vocab_size", 0) or getattr(
+                input_embeddings(self.model), "num_embeddings", 2))
+            gen = torch.Generator().manual_seed(0)
+            input_ids = torch.randint(0, vocab, (2, 16), generator=gen).to(
+                next(self.model.parameters()).device)
+        was = self.training
+        self.eval()  # deterministic: no dropout, no sampled routing
+        try:
+            failed = self._probe(input_ids)
+        finally:
+            self.train(was)
+        index = {self.traced.layers[i].qualname: i for i in self.converted}
+        out = {}
+        for name, (iters, res) in failed.items():
+            i = index[name]
+            out[i] = (f"the fixed point did not converge on a sample batch within half of "
+                      f"fixed_point_iters={self.options.fixed_point_iters} (residual {res:.2g} "
+                      f"after {iters} iterations, tolerance {self.options.fixed_point_tol:.0e})")
+            self._cross[i] = out[i]
+            self.cross_status[i] = f"closed form: {out[i]}"
+            warnings.warn(f"layer {i} ({name}): cross-branch attention falls back to the plain "
+                          f"coupling: {out[i]}", stacklevel=3)
+        if out:  # recompile those layers with the plain coupling
+            self._specs.clear()
+            self._graphs.clear()
+            self.cross_fallbacks.update(out)
+        return out
+
+    def _probe(self, input_ids: torch.Tensor) -> dict[str, tuple[int, float]]:
+        from .runtime.function import fixed_point
+
+        seen: dict[str, tuple[Any, Any, Any]] = {}
+        graph = self.graph(False, has_mask=False, has_labels=False)
+        handles = []
+        for stack in (m for m in graph.modules() if isinstance(m, RevStack)):
+            for layer in stack.layers:
+                if all(u.closed_form for u in layer.updates):
+                    continue
+
+                def hook(m: Any, args: Any, out: Any, _n: str = layer.name) -> None:
+                    seen[_n] = (m, list(out), args[1])
+
+                handles.append(layer.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                graph(input_ids)
+                failed = {}
+                opts = self.options
+                for name, (layer, y, ctx) in seen.items():
+                    for u in reversed(layer.updates):
+                        if u.closed_form:
+                            y[u.target] = y[u.target] - u.run(y, ctx)
+                            continue
+                        # within half the budget: headroom for batches that converge slower
+                        budget = max(1, opts.fixed_point_iters // 2)
+                        x, iters, res = fixed_point(u, y, ctx, budget, opts.fixed_point_tol)
+                        if not res <= opts.fixed_point_tol:
+                            failed[name] = (iters, res)
+                            break
+                        y[u.target] = x
+        finally:
+            for h in handles:
+                h.remove()
+        return failed
 
     def specs(self, training: bool | None = None) -> dict[int, ReversibleSpec]:
         """The compiled coupling of every converted layer, for one mode."""
@@ -505,6 +588,30 @@ class RevModel(nn.Module):
     def extra_repr(self) -> str:
         return f"coupling={self.coupling!r}, converted={self.converted}"
 
+    def report(self) -> str:
+        """What the transform did, one line each: the layers converted or refused (why),
+        how each layer's residual updates were paired across the two streams, and with
+        cross-branch attention which layers use it or fell back to the plain coupling."""
+        n = len(self.plan.layers)
+        lines = [f"{type(self.model).__name__}: {len(self.converted)} of {n} decoder layers "
+                 f"converted to {self.coupling} couplings"]
+        for lp in self.plan.layers:
+            if not lp.convertible:
+                lines.append(f"  layer {lp.index} not converted: {lp.reason}")
+            elif lp.index in self.converted:
+                pairing = getattr(lp, "pairing", "")
+                lines.append(f"  layer {lp.index}: {pairing or ', '.join(lp.kinds)}")
+        if self.attention == "cross":
+            self.specs()  # the status of every layer is known once compiled
+            for i in self.converted:
+                status = self.cross_status.get(i, "")
+                if status == "cross":
+                    lines.append(f"  layer {i}: cross-branch attention (fixed-point inverse)")
+                else:
+                    lines.append(f"  layer {i}: plain coupling, cross-branch attention off: "
+                                 f"{status.removeprefix('closed form: ')}")
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         """One line (``rev.model`` prints the module tree): the model type, the coupling,
         the converted layers, the parameter count (tied weights once) and the loss head."""
@@ -576,6 +683,12 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
         model = load_model(model)
     return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head,
                     attention, fixed_point_iters, fixed_point_tol, stream_dtype, momentum)
+
+
+def fixed_point_tolerance(dtype: torch.dtype) -> float:
+    """The relative residual a fixed-point reconstruction iterates to by default: near the
+    rounding level of ``dtype`` (1e-11 in fp64, 1e-6 in fp32, 1e-2 in 16-bit)."""
+    return FIXED_POINT_TOL.get(dtype, 1e-2)
 
 
 def wider_stream_dtype(dtype: torch.dtype) -> torch.dtype:
