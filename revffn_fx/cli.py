@@ -450,18 +450,17 @@ _PLAN_NOTE = ("model state: parameters + gradients + optimizer states; activatio
               "include the loss head; --wide: one column per category")
 
 
-def plan_table(rows: Any, title: str, budget: int, budget_text: str,
-               wide: bool = False) -> Table:
+def plan_table(rows: Any, title: str, budget: int, wide: bool = False) -> Table:
     """The `revffn plan` table: each figure in its own unit (never 0.00). Narrow (80
-    columns): method, optimizer, model state, activations, total, fits; ``wide``: every
-    category in its own column."""
+    columns): method, optimizer, model state, activations, total, fits (within ``budget``
+    bytes: say which in ``title``); ``wide``: every category in its own column."""
     from rich import box
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   show_edge=False, collapse_padding=True)
     heads = ["method", "optimizer"] + (
         ["params", "grads", "optim. states", "activations", "loss head"] if wide
-        else ["model state", "activations"]) + ["total", f"fits {budget_text}"]
+        else ["model state", "activations"]) + ["total", "fits"]
     for h in heads:
         table.add_column(h, justify="left" if h in ("method", "optimizer") else "right",
                          no_wrap=True)
@@ -524,11 +523,12 @@ def plan(model_dir: str, gpu_mem: str, batch: int, seq: int, optimizer: str,
     n = int(getattr(config, "num_hidden_layers", 0) or 0)
     selected = parse_layers(layers, n) if layers is not None else None
     rows = memory_plan(config, batch, seq, optimizer, dtype, selected)
-    title = f"{model_dir}: batch {batch} x seq {seq}, {optimizer}, peak of one step"
+    title = (f"{model_dir}: batch {batch} x seq {seq}, {optimizer}, peak of one step; fits: "
+             f"in {gpu_mem}")
     if selected is not None:
         title += f", layers {layers} reversible"
     console = _console(wide=wide)
-    console.print(plan_table(rows, title, budget, gpu_mem, wide))
+    console.print(plan_table(rows, title, budget, wide))
     if not wide:
         click.echo(_PLAN_NOTE)
 
