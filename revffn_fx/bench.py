@@ -632,10 +632,22 @@ def _parse_depths(spec: str) -> list[int]:
 @click.option("--wide", is_flag=True,
               help="Every column (all ratios to checkpointing, CPU time, tokens/s, CUDA "
                    "memory); the default table fits 80 columns.")
+@click.option("--step", is_flag=True,
+              help="The headline: peak memory of a whole training step with AdamW (SFT, "
+                   "checkpointing, exact mode, revffn, revnet and each part switched off); "
+                   "also takes the presets mixtral-shaped, qwen1.5-moe-shaped, "
+                   "deepseek-v3-shaped.")
+@click.option("--hidden", type=int, default=None,
+              help="--step: narrow a preset to this hidden size (widths scale with it).")
+@click.option("--vocab", type=int, default=None, help="--step: override the vocabulary.")
+@click.option("--isolate", is_flag=True,
+              help="--step on CPU: each method in its own process, with its peak RSS.")
 def bench_command(model_dir: str | None, synthetic: str | None, layers: str, batch: int,
                   seq: int, repeats: int, warmup: int, methods: str, device: str, dtype: str,
                   threads: int | None, memory: bool, json_path: str | None,
-                  plot_path: str | None, wide: bool) -> None:
+                  plot_path: str | None, wide: bool, step: bool = False,
+                  hidden: int | None = None, vocab: int | None = None,
+                  isolate: bool = False) -> None:
     """Measure a training step: no checkpointing, activation checkpointing, revffn, revnet.
 
     Give MODEL_DIR (a local Hugging Face model directory) or --synthetic NAME. For each
@@ -651,6 +663,12 @@ def bench_command(model_dir: str | None, synthetic: str | None, layers: str, bat
     """
     if (model_dir is None) == (synthetic is None):
         raise RevFFNError("give either MODEL_DIR or --synthetic NAME (exactly one)")
+    if step:
+        from revffn_fx.step_bench import step_command
+
+        return step_command(model_dir, synthetic, layers, batch, seq, repeats,
+                            None if methods == ",".join(METHODS) else methods, device, dtype,
+                            threads, json_path, plot_path, hidden, vocab, isolate)
     from revffn_fx.output import check_model_dir
 
     # the cheap checks before torch and transformers are imported (seconds)

@@ -123,3 +123,93 @@ def test_exact_mode_saves_loads_and_converts_from_the_command_line(tmp_path: Pat
 def test_exact_mode_refuses_a_layer_selection() -> None:
     with pytest.raises(rf.RevFFNError, match="exact mode"):
         rf.transform(tiny_model("mixtral"), coupling="none", layers="0")
+
+
+# -- the whole-step benchmark -----------------------------------------------------------------
+
+def test_presets_have_the_real_shapes_and_narrow_consistently() -> None:
+    from revffn_fx.step_bench import preset_config
+
+    q = preset_config("qwen1.5-moe-shaped")
+    assert (q.hidden_size, q.num_experts, q.num_experts_per_tok, q.moe_intermediate_size,
+            q.shared_expert_intermediate_size, q.vocab_size) == (2048, 60, 4, 1408, 5632,
+                                                                 151936)
+    small = preset_config("qwen1.5-moe-shaped", layers=3, hidden=256)
+    assert (small.num_hidden_layers, small.hidden_size, small.moe_intermediate_size,
+            small.shared_expert_intermediate_size, small.num_experts, small.vocab_size) == (
+        3, 256, 176, 704, 60, 151936)
+    assert small.hidden_size // small.num_attention_heads == 128  # head size kept
+    assert preset_config("mixtral-shaped", hidden=256).vocab_size == 32000
+    d = preset_config("deepseek-v3-shaped", layers=2, hidden=256)
+    assert d.first_k_dense_replace == 1 and d.n_routed_experts == 256
+
+
+def test_step_bench_splits_what_each_part_contributes() -> None:
+    from revffn_fx.step_bench import preset_config, run_step_bench
+
+    config = preset_config("mixtral-shaped", layers=2, hidden=64, vocab=4096)
+    methods = ["sft", "ckpt", "ckpt+fused", "exact", "revffn", "revffn/no-head",
+               "revffn/no-fusion", "revnet"]
+    res = run_step_bench(config, batch=2, seq=64, methods=methods, repeats=0)
+    rows = {r.method: r for r in res.rows}
+    assert not [r.error for r in res.rows if r.error]
+    ckpt = rows["ckpt"]
+    assert ckpt.ratio["peak"] == 1.0
+    assert rows["sft"].peak_bytes > ckpt.peak_bytes  # activations kept
+    # fused AdamW: the gradients never all exist (at most the head's, computed in forward,
+    # and a layer's)
+    for m in ("exact", "revffn", "revnet", "ckpt+fused"):
+        assert rows[m].gradients < rows[m].parameters / 2, m
+    # not fused: the peak is at the end of the backward, every gradient there
+    assert rows["revffn/no-fusion"].gradients >= rows["revffn/no-fusion"].parameters * 0.9
+    # the full stacks and the exact mode lie below the paper's baseline
+    for m in ("exact", "revffn", "revnet"):
+        assert rows[m].peak_bytes < 0.9 * ckpt.peak_bytes, m
+    # the lean head: 2 x 64 tokens x vocab 4096 of fp32 logits (2 MiB), their log-softmax
+    # and gradient are what the original head adds on top
+    assert rows["revffn/no-head"].peak_bytes > rows["revffn"].peak_bytes + 2 * 2 ** 20
+    assert rows["revffn"].head_chunk is not None and rows["ckpt"].head_chunk is None
+
+
+def test_bench_step_cli_writes_json_and_plot(tmp_path: Path) -> None:
+    import json
+
+    from revffn_fx.bench import bench_command
+
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    res = CliRunner().invoke(bench_command, [
+        "--synthetic", "mixtral-shaped", "--step", "--hidden", "32", "--vocab", "512",
+        "--layers", "1,2", "--batch", "1", "--seq", "16", "--repeats", "1",
+        "--methods", "ckpt,revnet", "--json", str(out), "--plot", str(png)],
+        standalone_mode=False)
+    assert res.exit_code == 0, res.output
+    assert "revnet" in res.output and "/ckpt" in res.output
+    data = json.loads(out.read_text())["results"]
+    assert [d["layers"] for d in data] == [1, 2]
+    assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for d in data for r in d["rows"])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--synthetic", "nope", "--step"), "unknown synthetic model"),
+    (("--synthetic", "tiny", "--step", "--methods", "ckpt,foo"), "unknown method"),
+    (("--synthetic", "mixtral-shaped", "--step", "--hidden", "20"), "multiple of 16"),
+])
+def test_bench_step_bad_input_exits_2(args: tuple[str, ...], needle: str) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "revffn_fx", "bench", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_isolated_process_reports_its_peak_rss() -> None:
+    from revffn_fx.step_bench import preset_config, run_step_bench
+
+    config = preset_config("mixtral-shaped", layers=1, hidden=32, vocab=512)
+    res = run_step_bench(config, batch=1, seq=16, methods=["ckpt"], repeats=0, isolate=True)
+    row = res.rows[0]
+    assert row.error is None and row.peak_bytes > 0
+    assert row.rss_peak_bytes is not None and row.rss_peak_bytes > 0
