@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import runpy
 import shutil
 import subprocess
@@ -22,7 +23,6 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from rich.console import Console
 from zoo import tiny_model
 
 import revffn_fx
@@ -237,6 +237,7 @@ def stub_export(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     mod.transform_dir = transform_dir  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "revffn_fx.export", mod)
+    monkeypatch.setattr(cli, "_check_model_dir", lambda path: None)  # "in" is no directory
     return seen
 
 
@@ -253,7 +254,8 @@ def test_transform_passes_options(stub_export: dict[str, Any]) -> None:
                                verify=True, force=True, dry_run=True, max_shard_size="10MB",
                                attention="cross", fixed_point_iters=80, fixed_point_tol=1e-9,
                                calibrate="c.txt", calibration_tokens=512,
-                               stream_dtype="float32")
+                               stream_dtype="float32", estimate_batch=8, estimate_seq=2048,
+                               momentum=None)
 
 
 def test_transform_defaults_standalone(stub_export: dict[str, Any]) -> None:
@@ -272,20 +274,27 @@ def test_transform_error_exit_2(stub_export: dict[str, Any]) -> None:
     assert res.stderr == "error: out: not empty (use --force)\n"
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_transform_progress_bar_on_terminal(stub_export: dict[str, Any],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    buf = io.StringIO()
-    plain = cli._console
-
-    def console(stderr: bool = False) -> Console:
-        if stderr:
-            return Console(file=buf, force_terminal=True, width=100)
-        return plain(stderr)
-
-    monkeypatch.setattr(cli, "_console", console)
+    # not a terminal (CliRunner's stderr): plain lines, one per call
     res = run("transform", "in", "out")
     assert res.exit_code == 0, res.stderr
+    assert re.search(r"^shards: 1/2 model-00001-of-00002.safetensors \(\d+s\)$", res.stderr,
+                     re.M), res.stderr
+    assert "shards: 2/2 model-00002-of-00002.safetensors" in res.stderr
+    # a terminal: rich's bar, no plain lines
+    buf = _Terminal()
+    monkeypatch.setattr(sys, "stderr", buf)
+    with cli.progress_reporter("shards") as progress:
+        progress(1, 2, "model-00001-of-00002.safetensors")
+        progress(2, 2, "model-00002-of-00002.safetensors")
     assert "model-0000" in buf.getvalue() and "2/2" in buf.getvalue()
+    assert "shards: 2/2" not in buf.getvalue()
 
 
 # -------------------------------------------------------------------------- verify (stub loading)
@@ -297,6 +306,7 @@ def tiny_rev() -> Any:
 
 def test_verify_prints_report(monkeypatch: pytest.MonkeyPatch, tiny_rev: Any) -> None:
     monkeypatch.setattr(cli, "_load_rev", lambda out_dir: tiny_rev)
+    monkeypatch.setattr(cli, "_check_model_dir", lambda path: None)
     res = run("verify", "somewhere", "--batch", "1", "--seq", "8", "--seed", "3")
     assert res.exit_code == 0, res.stderr
     assert "reconstruction per reversible layer" in res.stdout
@@ -316,6 +326,7 @@ def test_verify_failure_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
         return report
 
     monkeypatch.setattr(cli, "_load_rev", lambda out_dir: fake)
+    monkeypatch.setattr(cli, "_check_model_dir", lambda path: None)
     monkeypatch.setattr(revffn_fx, "verify", fake_verify)
     res = run("verify", "out", "--batch", "3", "--seq", "5", "--router")
     assert res.exit_code == 2
