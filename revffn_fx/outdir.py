@@ -88,13 +88,15 @@ def _check_removable(out: Path) -> None:
 
 def pause(point: str) -> None:
     """Test hook: with ``REVFFN_TEST_PAUSE=<point>``, create the file named by
-    ``REVFFN_TEST_PAUSE_MARK`` and sleep, so a test can kill the process exactly here."""
+    ``REVFFN_TEST_PAUSE_MARK`` and wait (at most a minute) until it is deleted, so a test can
+    kill the process exactly here, or let it go on."""
     if os.environ.get("REVFFN_TEST_PAUSE") != point:
         return
-    mark = os.environ.get("REVFFN_TEST_PAUSE_MARK")
-    if mark:
-        Path(mark).write_text(str(os.getpid()))
-    time.sleep(float(os.environ.get("REVFFN_TEST_PAUSE_SECONDS", "60")))
+    mark = Path(os.environ.get("REVFFN_TEST_PAUSE_MARK", f"revffn-pause-{os.getpid()}"))
+    mark.write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 # ------------------------------------------------------------------------------ the write
