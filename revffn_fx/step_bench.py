@@ -212,8 +212,9 @@ class StepResult:
                 f"{self.device}; peak = {self.figure}")
 
     def _headers(self) -> list[str]:
+        # CPU: process time (robust on a shared machine with one thread); CUDA: wall time
         heads = ["method", "peak MiB", "/ckpt", "params", "grads", "optim", "activ.",
-                 "time/ckpt"]
+                 "time/ckpt" if self.device.startswith("cuda") else "CPU time/ckpt"]
         if any(r.rss_peak_bytes for r in self.rows):
             heads.insert(3, "RSS MiB")
         return heads
@@ -227,7 +228,8 @@ class StepResult:
             return "-" if v is None else f"{v:.3f}"
 
         cells = [r.method, mib(r.peak_bytes), x("peak"), mib(r.parameters),
-                 mib(r.gradients), mib(r.optimizer), mib(r.activations), x("time")]
+                 mib(r.gradients), mib(r.optimizer), mib(r.activations),
+                 x("time" if self.device.startswith("cuda") else "cpu")]
         if any(q.rss_peak_bytes for q in self.rows):
             cells.insert(3, mib(r.rss_peak_bytes))
         return cells
@@ -359,7 +361,16 @@ def measure_method(method: str, config: Any, batch: int, seq: int, dtype: Any = 
         raise RevFFNError(f"unknown method {method!r}; choose from {', '.join(STEP_METHODS)}")
     row = StepRow(method, STEP_METHODS[method].label)
     dev = torch.device(device)
-    rss0 = _rss_bytes() if rss else 0
+    rss0 = 0
+    if rss:  # load the code first (modeling module, transform, tracker): not the step's
+        import torch.distributed._tools.mem_tracker  # noqa: F401
+
+        import revffn_fx.model  # noqa: F401
+        import revffn_fx.training.fused  # noqa: F401
+
+        build_model(config, dtype, seed, "meta")
+        gc.collect()
+        rss0 = _rss_bytes()
     runner = None
     try:
         model = build_model(config, dtype, seed, device)

@@ -1,0 +1,110 @@
+"""The headline of docs/benchmarks.md: the peak of a whole training step (forward, loss,
+backward, AdamW step after a warm-up step), each method against SFT + HF checkpointing.
+
+    python benchmarks/headline.py main     # mixtral-shaped, hidden 256, 8 layers, 4 x 1024,
+                                           #   every method, each in its own process (RSS)
+    python benchmarks/headline.py depth --batch 2 --seq 512   # ckpt / exact / revffn /
+                                           #   revnet at 4, 8, 16, 32 layers
+    python benchmarks/headline.py seq --layers 8   # the same, batch 1, sequence 512..4096
+    python benchmarks/headline.py qwen --layers 4  # qwen1.5-moe-shaped (vocab 151936),
+                                                   #   hidden 256, batch 2 x 1024
+    python benchmarks/headline.py plot     # benchmarks/headline/sweep.png from the JSON
+    python benchmarks/headline.py report   # the Markdown tables docs/benchmarks.md shows
+
+Results go to benchmarks/headline/*.json. Run with OMP_NUM_THREADS=1 (the step times are
+ratios inside one run; CPU figures are MemTracker's, machine-independent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+from revffn_fx.step_bench import StepResult, plot_sweep, preset_config, run_step_bench
+
+OUT = Path(__file__).resolve().parent / "headline"
+SWEEP = ["ckpt", "exact", "revffn", "revnet"]
+MAIN = ["sft", "ckpt", "ckpt+fused", "exact/no-fusion", "exact", "revffn/no-head",
+        "revffn/no-fusion", "revffn", "revnet/no-head", "revnet/no-fusion", "revnet"]
+
+
+def _save(name: str, results: list[StepResult]) -> None:
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    for r in results:
+        print(r.title())
+        print(r.to_markdown(), flush=True)
+
+
+def _load(name: str) -> list[StepResult]:
+    path = OUT / f"{name}.json"
+    return [StepResult.from_dict(d) for d in json.loads(path.read_text())] if path.exists() else []
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    print(f"  {done}/{total} {what}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", choices=["main", "depth", "seq", "qwen", "plot", "report"])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--layers", default=None, help="comma list (depth: 4,8,16,32)")
+    ap.add_argument("--seq", type=int, default=1024, help="depth: tokens per sequence")
+    ap.add_argument("--seqs", default="512,1024,2048,4096")
+    ap.add_argument("--batch", type=int, default=None)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    kw = dict(progress=_progress)
+    if args.part == "main":
+        layers = int(args.layers or 8)
+        config = preset_config("mixtral-shaped", layers, args.hidden)
+        _save("main", [run_step_bench(config, args.batch or 4, 1024, MAIN,
+                                      repeats=args.repeats, isolate=True,
+                                      label="mixtral-shaped", **kw)])
+    elif args.part == "depth":
+        out = []
+        for n in [int(v) for v in (args.layers or "4,8,16,32").split(",")]:
+            config = preset_config("mixtral-shaped", n, args.hidden)
+            out.append(run_step_bench(config, args.batch or 2, args.seq, SWEEP, repeats=0,
+                                      label="mixtral-shaped", **kw))
+            _save("depth", out)
+    elif args.part == "seq":
+        out = []
+        layers = int(args.layers or 16)
+        for s in [int(v) for v in args.seqs.split(",")]:
+            config = preset_config("mixtral-shaped", layers, args.hidden)
+            out.append(run_step_bench(config, args.batch or 1, s, SWEEP, repeats=0,
+                                      label="mixtral-shaped", **kw))
+            _save("seq", out)
+    elif args.part == "qwen":
+        layers = int(args.layers or 8)
+        config = preset_config("qwen1.5-moe-shaped", layers, args.hidden)
+        _save("qwen", [run_step_bench(config, args.batch or 2, 1024,
+                                      ["sft", "ckpt", "exact", "revffn", "revnet",
+                                       "revffn/no-head", "revffn/no-fusion"],
+                                      repeats=args.repeats, label="qwen1.5-moe-shaped", **kw)])
+    elif args.part == "plot":
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        depth, seq = _load("depth"), _load("seq")
+        for name, res, x in (("depth", depth, "layers"), ("seq", seq, "seq")):
+            if res:
+                plot_sweep(res, x, OUT / f"{name}.png", SWEEP)
+        plt.close("all")
+    else:
+        for name in ("main", "qwen", "depth", "seq"):
+            for r in _load(name):
+                print(f"{name}: {r.title()}\n\n{r.to_markdown()}\n")
+
+
+if __name__ == "__main__":
+    main()
