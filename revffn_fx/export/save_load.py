@@ -122,6 +122,11 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
     (a LoadError names a file that changed); reads the weights once more.
     """
     path = Path(out_dir).expanduser()
+    aside = sorted(path.absolute().parent.glob(f"{path.name}.revffn-old-*"))
+    if not path.exists() and aside:  # a run killed between the two renames of a swap
+        raise LoadError(f"{path}: missing: a killed revffn-transform left the complete previous "
+                        f"directory at {aside[0]} (the next run into {path.name} restores it; or "
+                        "rename it back)")
     config_path, model_type = _check_config(path)
     raw = json.loads(config_path.read_text())
     section = _read_section(config_path, raw)
