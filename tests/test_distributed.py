@@ -170,13 +170,19 @@ def _worker(rank: int, tmp: str) -> None:
         out["refuse_branch_unit"] = str(e)
     # refusals: the fused optimizer on the model inside DDP; FSDP1
     rev = _model("revffn")
-    fused = fuse_optimizer(rev, torch.optim.AdamW, lr=1e-2)
+    fused = fuse_optimizer(rev, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
     ddp = DDP(rev)
     try:
         ddp(local(0), labels=local(0))
         out["refuse_ddp_inner"] = ""
     except RevFFNError as e:
         out["refuse_ddp_inner"] = str(e)
+    # ... unless attached to the DDP module afterwards (what FusedOptimizerTrainer does)
+    fused.attach_ddp(ddp)
+    for step in range(STEPS):
+        ddp(local(step), labels=local(step)).loss.backward()
+        fused.step()
+    out["ddp_attached"] = _max_err(dict(ddp.module.named_parameters()), _reference("revffn")[1])
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
     try:
@@ -239,4 +245,5 @@ def test_each_rank_holds_its_share_of_the_layers(results: list[dict[str, Any]],
 def test_unsupported_wrappers_are_refused(results: list[dict[str, Any]]) -> None:
     for r in results:
         assert "fuse_optimizer(ddp_model" in r["refuse_ddp_inner"]
+        assert r["ddp_attached"] <= 1e-10
         assert "FSDP1" in r["refuse_fsdp1"]

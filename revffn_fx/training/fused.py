@@ -66,11 +66,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                  clip_per_param: float | None = None,
                  overrides: dict[torch.Tensor, dict[str, Any]] | None = None,
                  **optimizer_kwargs: Any) -> None:
-        ddp = _ddp_class()
-        self.ddp = model if ddp is not None and isinstance(model, ddp) else None
-        if self.ddp is not None:
-            model = model.module
-        self.mode = "ddp" if self.ddp is not None else "fsdp2" if _is_fsdp2(model) else "local"
+        ddp_cls = _ddp_class()
+        ddp = model if ddp_cls is not None and isinstance(model, ddp_cls) else None
+        if ddp is not None:
+            model = ddp.module
+        self.ddp: Any = None
+        self.mode = "fsdp2" if _is_fsdp2(model) else "local"
         params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
         if not params:
             raise ValueError("no trainable parameters to optimise")
@@ -87,14 +88,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._final_queued = False
         self._hooks: list[Any] = []
         self._sinks = []
+        self._param_hooks: list[Any] = []
         if self.mode == "local":
-            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+            self._param_hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
+                                 for p in params]
             # a DDP wrapped around the model later would average the gradients only after
             # the hooks above stepped on the local ones: refuse at the first forward
             self._hooks.append(model.register_forward_pre_hook(self._refuse_ddp))
-        elif self.mode == "ddp":
-            self.ddp.register_comm_hook(self.ddp.process_group, self._ddp_hook)
-            self._hooks.append(model.register_forward_pre_hook(self._drop_stepped))
         for mod in model.modules():
             opts = getattr(mod, "options", None)
             if opts is not None and hasattr(opts, "grad_sink"):
@@ -107,6 +107,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         # torch's LR schedulers and hooks expect these
         self._optimizer_step_pre_hooks: dict[int, Any] = {}
         self._optimizer_step_post_hooks: dict[int, Any] = {}
+        if ddp is not None:
+            self.attach_ddp(ddp)
+
+    def attach_ddp(self, ddp: Any) -> None:
+        """Step on DDP's averaged gradients: a communication hook averages each bucket and
+        steps its parameters (``fuse_optimizer(ddp_model)`` calls this; call it yourself
+        when the model was wrapped after the optimizer was built, before the first
+        backward). The per-parameter hooks and the stacks' sinks are switched off."""
+        if self.ddp is ddp:
+            return
+        if self.ddp is not None or self.mode != "local":
+            raise RevFFNError(f"this fused optimizer already runs in {self.mode} mode")
+        for h in self._param_hooks:
+            h.remove()
+        self._param_hooks = []
+        for opts in self._sinks:
+            opts.grad_sink = None  # the stacks return gradients to autograd: DDP reduces
+        ddp.register_comm_hook(ddp.process_group, self._ddp_hook)
+        self._hooks.append(ddp.module.register_forward_pre_hook(self._drop_stepped))
+        self.ddp, self.mode = ddp, "ddp"
 
     # -- the fused step ---------------------------------------------------------------
     def _deliver(self, p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -124,7 +144,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _refuse_ddp(self, module: nn.Module, args: Any) -> None:
         ddp = _ddp_class()
-        if ddp is not None and ddp._get_active_ddp_module() is not None:
+        active = ddp._get_active_ddp_module() if ddp is not None else None
+        if active is not None and active is not self.ddp:
             raise RevFFNError("the fused optimizer was built on the model inside a "
                               "DistributedDataParallel: it would step each rank on its local "
                               "gradient before DDP averages it. Build it on the DDP module: "
@@ -215,7 +236,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def remove(self) -> None:
         """Detach from the model: remove hooks and sinks."""
-        for h in self._hooks:
+        for h in self._hooks + self._param_hooks:
             h.remove()
         for opts in self._sinks:
             opts.grad_sink = None

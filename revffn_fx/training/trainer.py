@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .fused import FusedOptimizer, fuse_optimizer
+from .fused import FusedOptimizer, _ddp_class, fuse_optimizer
 
 
 class FusedOptimizerTrainer(Trainer):
@@ -24,6 +24,9 @@ class FusedOptimizerTrainer(Trainer):
     - Gradient accumulation: gradients are kept on every micro-batch but the last, and the
       step happens during the last micro-batch's backward.
     - Checkpoints save and restore the per-parameter optimizer states.
+    - Under DDP the step runs on the averaged gradients (DDP communication hook); under
+      FSDP2 (a model sharded with ``revffn_fx.distributed.shard``) after each layer's
+      reduce-scatter.
     """
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
@@ -50,4 +53,7 @@ class FusedOptimizerTrainer(Trainer):
         inner = getattr(opt, "optimizer", opt)  # accelerate wraps optimizers
         if isinstance(inner, FusedOptimizer):
             inner.accumulate = not self.accelerator.sync_gradients
+            ddp = _ddp_class()
+            if ddp is not None and isinstance(model, ddp) and inner.ddp is not model:
+                inner.attach_ddp(model)  # the Trainer wrapped the model after creating it
         return super().training_step(model, inputs, num_items_in_batch)
