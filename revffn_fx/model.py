@@ -100,7 +100,7 @@ class RevModel(nn.Module):
                  attention: str = "plain", fixed_point_iters: int | None = None,
                  fixed_point_tol: float | None = None,
                  stream_dtype: torch.dtype | str | None = None,
-                 momentum: float | None = None) -> None:
+                 momentum: float | None = None, exact_streams: bool = False) -> None:
         super().__init__()
         if attention not in ("plain", "cross"):
             raise RevFFNError(f"unknown attention {attention!r}; choose plain or cross")
@@ -169,6 +169,7 @@ class RevModel(nn.Module):
         self.options.fixed_point_tol = (fixed_point_tol if fixed_point_tol is not None
                                         else fixed_point_tolerance(p.dtype))
         self.options.stream_dtype = parse_stream_dtype(stream_dtype)
+        self.options.exact_streams = bool(exact_streams)
         self.__dict__["_graphs"] = {}
         self.__dict__["_specs"] = {}
         self.pass_records: dict[str, list[PassRecord]] = {}
@@ -651,14 +652,16 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
               fixed_point_iters: int | None = None,
               fixed_point_tol: float | None = None,
               stream_dtype: torch.dtype | str | None = None,
-              momentum: float | None = None) -> RevModel:
+              momentum: float | None = None, exact_streams: bool = False) -> RevModel:
     """Rewrite a causal LM (or a local model directory) into a :class:`RevModel`.
 
     ``coupling``: "revffn" (halves + adapters, the paper's block), "revnet" (two
     full-width copies, no new parameters), or "momentum" / "meft" (no new parameters;
     they keep the pretrained function to within ``momentum``, the fraction g of the
     overwritten stream each update keeps, default 1/8; their inverse divides by g, so pair
-    them with ``stream_dtype``; docs/quality.md). ``layers``: indices or a spec like "0-3,6"
+    them with ``stream_dtype``, or for any depth ``exact_streams=True``: float64 streams on
+    a fixed-point grid, the bits each division drops stored in forward, one byte per element
+    per scaled update; docs/quality.md). ``layers``: indices or a spec like "0-3,6"
     (default: every convertible layer). ``passes``: extra passes run on each coupling graph
     after the built-in rewrite. ``leaf_modules``: modules torch.fx should not trace into.
     ``coupling="none"`` is the exact mode: no layer is rewritten, the model computes what it
@@ -682,7 +685,8 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
 
         model = load_model(model)
     return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head,
-                    attention, fixed_point_iters, fixed_point_tol, stream_dtype, momentum)
+                    attention, fixed_point_iters, fixed_point_tol, stream_dtype, momentum,
+                    exact_streams)
 
 
 def fixed_point_tolerance(dtype: torch.dtype) -> float:

@@ -194,11 +194,15 @@ def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, 
             cast = (lambda t: t.detach().to(dt)) if dt is not None else (lambda t: t.detach())
             seen[_n] = ([cast(s) for s in streams], [cast(o) for o in out], ctx)
         handles.append(layer.register_forward_hook(hook))
+    # the inverse graphs do not know the bits exact_streams stores: check them without it
+    # (the gradients above were checked with it)
+    exact, rev.options.exact_streams = rev.options.exact_streams, False
     try:
         with torch.no_grad():
             torch.manual_seed(seed)
             rev(input_ids, **kw)
     finally:
+        rev.options.exact_streams = exact
         for h in handles:
             h.remove()
     checks = []

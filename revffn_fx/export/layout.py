@@ -81,6 +81,8 @@ def _section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: torch.d
         options["stream_dtype"] = str(stream_dtype).replace("torch.", "")
     if getattr(rev, "momentum", None) is not None:  # momentum / meft couplings
         options["momentum"] = rev.momentum
+    if getattr(getattr(rev, "options", None), "exact_streams", False):
+        options["exact_streams"] = True
     if getattr(rev, "attention", "plain") != "plain":
         options["attention"] = rev.attention
         options["fixed_point_iters"] = rev.options.fixed_point_iters

@@ -81,6 +81,7 @@ class RevFunction(torch.autograd.Function):
         record = bool(opts.record_router_logits and tap is not None)
         devices = rng.cuda_devices(streams)
         states, counts, logits = [], [], []
+        lost: list[torch.Tensor] = []  # exact_streams: the bits the scaled updates dropped
         layer_now, units = None, []
         for _, u, layer in _updates(stack):
             if layer is not layer_now:  # FSDP2: gather one layer's parameters at a time
@@ -96,9 +97,9 @@ class RevFunction(torch.autograd.Function):
             else:
                 counts.append(0)
                 out = u.run(streams, ctx)
-            streams[u.target] = u.combine(streams, out)
+            streams[u.target] = u.combine(streams, out, lost)
         reshard(units, forward=True)
-        fctx.save_for_backward(*streams, *ctx_t)
+        fctx.save_for_backward(*streams, *ctx_t, *lost)
         fctx.stack, fctx.n, fctx.n_ctx = stack, n, n_ctx
         fctx.ctx_meta = (ctx_leaves, ctx_spec, tensor_pos)
         fctx.params = tensors[n + n_ctx:]
@@ -112,7 +113,8 @@ class RevFunction(torch.autograd.Function):
         n, n_ctx = fctx.n, fctx.n_ctx
         saved = fctx.saved_tensors
         y = [t.detach() for t in saved[:n]]
-        ctx_in = [t.detach().requires_grad_(t.requires_grad) for t in saved[n:]]
+        ctx_in = [t.detach().requires_grad_(t.requires_grad) for t in saved[n:n + n_ctx]]
+        lost = list(saved[n + n_ctx:])
         ctx = _rebuild(*fctx.ctx_meta, ctx_in)
         gy = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:n], y)]
         glog = list(grads[n:])
@@ -177,7 +179,7 @@ class RevFunction(torch.autograd.Function):
                 else:
                     rec, out = [], u.run(streams, ctx)
             if u.closed_form:
-                y[t] = u.invert(y[t], out).detach()
+                y[t] = u.invert(y[t], out, lost.pop() if u.keeps_bits else None).detach()
             outs, gouts = [out], [gy[t]]
             lo = ends[j] - fctx.counts[j]
             for k, logit in enumerate(rec):
