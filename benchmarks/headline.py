@@ -50,14 +50,18 @@ def _progress(done: int, total: int, what: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["main", "depth", "seq", "qwen", "plot", "report"])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("part", choices=["main", "depth", "seq", "qwen", "plot", "report"],
+                    help="which table to measure (plot, report: render the measured ones)")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the presets")
+    ap.add_argument("--repeats", type=int, default=1, help="timed steps per method")
     ap.add_argument("--layers", default=None, help="comma list (depth: 4,8,16,32)")
     ap.add_argument("--seq", type=int, default=1024, help="depth: tokens per sequence")
-    ap.add_argument("--seqs", default="512,1024,2048,4096")
-    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seqs", default="512,1024,2048,4096",
+                    help="seq: the sequence lengths swept")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="sequences per step (None: each part's own)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     kw = dict(progress=_progress)

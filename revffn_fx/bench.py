@@ -528,9 +528,12 @@ def run_bench(factory: Callable[[int], nn.Module] | str | os.PathLike[str],
                     else f"{type(e).__name__}: {text[0] if text else ''}"
             done += 1
             if progress:
-                progress(done, total, f"{label}: {depth} layers, {m} (memory)")
+                progress(done, total, f"{label}: {depth} layers, {m} "
+                                      f"({'memory' if memory else 'warm-up'})")
         # timing: methods interleaved, so machine load hits them alike
-        for _ in range(repeats):
+        for k in range(repeats):
+            if progress and runners:  # the timed steps can take minutes: say so
+                progress(done, total, f"{label}: {depth} layers, timing {k + 1}/{repeats}")
             for m, runner in runners.items():
                 with runner.active():
                     runner.zero()
