@@ -603,7 +603,7 @@ def _parse_depths(spec: str) -> list[int]:
     return depths
 
 
-@click.command("bench", cls=_BenchCommand,
+@click.command("bench", cls=_BenchCommand, short_help="Measure memory and time of a training step.",
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model_dir", required=False, type=click.Path(path_type=str))
 @click.option("--synthetic", metavar="NAME",

@@ -1,4 +1,5 @@
-"""Command line: ``revffn`` (transform, inspect, verify, diff, bench) and ``revffn-transform``.
+"""Command line: ``revffn`` (transform, inspect, verify, diff, plan, bench) and
+``revffn-transform``.
 
 A thin layer over the library: parse arguments, call library functions, print. Exit
 statuses are decided in one place (:class:`_ExitStatus`): 0 success; 2 bad input or a check
@@ -142,7 +143,8 @@ def _human(n: int | float) -> str:
 
 # ------------------------------------------------------------------------------------ transform
 
-@click.command("transform", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.command("transform", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP,
+               short_help="Rewrite a model dir into reversible layers.")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.argument("out_dir", type=click.Path(path_type=str))
 @click.option("--coupling", type=click.Choice(["revffn", "revnet", "momentum", "meft", "none"]),
@@ -281,7 +283,8 @@ def _plan_table(plan: Any) -> Table:
     return table
 
 
-@click.command("inspect", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.command("inspect", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP,
+               short_help="What the analysis finds in each layer.")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True,
               help="Print the plan as JSON (model facts, summary, layers) and nothing else.")
@@ -327,7 +330,8 @@ def _load_rev(out_dir: str) -> Any:
     return load(out_dir)
 
 
-@click.command("verify", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.command("verify", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP,
+               short_help="Check a transformed dir's generated backward.")
 @click.argument("out_dir", type=click.Path(path_type=str))
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True,
               help="Batch size of the random input.")
@@ -389,7 +393,8 @@ def _print_diff(text: str) -> None:
         console.print(Text(line, style=styles.get(line[:1], "")))
 
 
-@click.command("diff", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.command("diff", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP,
+               short_help="Show the graphs the transform changes.")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("--coupling", type=click.Choice(["revffn", "revnet", "momentum", "meft"]),
               default="revffn", show_default=True, help="The coupling to transform with.")
@@ -475,7 +480,8 @@ def plan_table(rows: Any, title: str, budget: int, wide: bool = False) -> Table:
     return table
 
 
-@click.command("plan", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.command("plan", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP,
+               short_help="Estimate whether fine-tuning fits a GPU.")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("--gpu-mem", default="80GB", show_default=True, metavar="SIZE",
               help="Memory of the GPU to fit in (80GB, 24GiB, ...).")
@@ -541,8 +547,11 @@ def main() -> None:
     \b
     Examples:
       revffn inspect examples/tiny-mixtral
+      revffn plan examples/tiny-mixtral --gpu-mem 24GiB
       revffn transform examples/tiny-mixtral /tmp/tiny-mixtral-rev
       revffn verify /tmp/tiny-mixtral-rev
+      revffn diff examples/tiny-mixtral --layer 1
+      revffn bench --synthetic tiny --layers 2,4
     """
 
 
