@@ -108,6 +108,33 @@ def main() -> None:
         for name in ("main", "qwen", "depth", "seq"):
             for r in _load(name):
                 print(f"{name}: {r.title()}\n\n{r.to_markdown()}\n")
+        for name in ("main", "qwen"):
+            for r in _load(name):
+                print(f"plan against {name}:\n\n{plan_vs_measured(r)}\n")
+
+
+#: bench --step method -> the ``revffn plan`` row that predicts it (label, fused)
+PLAN_ROWS = {"sft": ("plain fine-tuning", False), "ckpt": ("gradient checkpointing", False),
+             "ckpt+fused": ("gradient checkpointing", True),
+             "revffn/no-head": ("reversible (revffn)", True),
+             "revffn/no-fusion": ("reversible + lean loss head", False),
+             "revffn": ("reversible + lean loss head", True)}
+
+
+def plan_vs_measured(res: StepResult) -> str:
+    """Markdown: ``revffn plan``'s estimate beside each measured peak it predicts."""
+    from revffn_fx.planner import memory_plan
+
+    config = preset_config(res.model, res.layers, res.hidden)
+    plan = {(r.method, r.fused): r.total for r in memory_plan(config, res.batch, res.seq)}
+    lines = ["| method | measured MiB | plan MiB | plan / measured |", "|---|---|---|---|"]
+    for m, key in PLAN_ROWS.items():
+        row = res.get(m)
+        if row is None or not row.peak_bytes or key not in plan:
+            continue
+        lines.append(f"| {m} | {row.peak_bytes / 2**20:,.0f} | {plan[key] / 2**20:,.0f} | "
+                     f"{plan[key] / row.peak_bytes:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

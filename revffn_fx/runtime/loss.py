@@ -124,14 +124,17 @@ class _ChunkedLinearCE(torch.autograd.Function):
             total = loss.detach() if total is None else total + loss.detach()
             if dz is None:
                 continue
-            with torch.no_grad():
-                dz = dz.to(hidden.dtype)
+            # the gradients in the weight's dtype, autocast off: under autocast z may be
+            # in a lower precision than the weight and the buffers the gradients go to
+            with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+                dz = dz.to(w.dtype)
                 if gh is not None:
-                    torch.mm(dz, w, out=gh[start:stop])
+                    torch.mm(dz, w, out=gh[start:stop]) if gh.dtype == w.dtype \
+                        else gh[start:stop].copy_(dz @ w)
                 if gw is not None:
-                    gw.addmm_(dz.t(), h)
+                    gw.addmm_(dz.t(), h.to(w.dtype))
                 if gb is not None:
-                    gb += dz.sum(0)
+                    gb += dz.sum(0).to(gb.dtype)
             del dz
         if total is None:  # no tokens at all
             total = hidden.new_zeros(())
