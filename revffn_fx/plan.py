@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(repr=False)
 class Sublayer:
     """One residual branch of a decoder layer: ``out = residual + scale * branch(residual)``.
 
@@ -26,6 +26,12 @@ class Sublayer:
     nodes: list[str] = field(default_factory=list)
     residual_node: str = ""
     add_node: str = ""
+
+    def __repr__(self) -> str:
+        """``Sublayer(moe, pre_norm: post_attention_layernorm, mlp)``."""
+        scale = f" x{self.scale:g}" if self.scale is not None else ""
+        return f"Sublayer({self.kind}, {self.residual_form}{scale}: " \
+               f"{', '.join(self.modules) or '-'})"
 
 
 @dataclass(repr=False)
