@@ -159,6 +159,10 @@ def _human(n: int | float) -> str:
               help="momentum / meft: the fraction of the overwritten stream each update "
                    "keeps (default 0.125); smaller is closer to the pretrained model, and "
                    "the backward's inverse divides by it.")
+@click.option("--exact-streams", is_flag=True,
+              help="momentum / meft: float64 streams on a fixed-point grid with the bits "
+                   "each division by G drops stored (one byte per element per update): "
+                   "exact reconstruction at any depth; G must be 2**-k.")
 @click.option("--layers", "layers", metavar="SPEC", default=None,
               help="Decoder layers to convert, e.g. '0-11' or '0,2,4' (default: every "
                    "convertible layer).")
@@ -199,7 +203,7 @@ def _human(n: int | float) -> str:
               help="Sequence length the report's activation estimate assumes.")
 @click.version_option(__version__, "-V", "--version", prog_name="revffn-transform")
 def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | None,
-              layers: str | None, verify: bool,
+              exact_streams: bool, layers: str | None, verify: bool,
               force: bool, dry_run: bool, max_shard_size: str, attention: str,
               fixed_point_iters: int | None, fixed_point_tol: float | None,
               calibrate: str | None, calibration_tokens: int, stream_dtype: str,
@@ -238,6 +242,7 @@ def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | Non
                                 fixed_point_tol=fixed_point_tol, calibrate=calibrate,
                                 calibration_tokens=calibration_tokens,
                                 stream_dtype=stream_dtype, momentum=momentum,
+                                exact_streams=exact_streams,
                                 estimate_batch=estimate_batch,
                                 estimate_seq=estimate_seq)
     for line in summary.lines():

@@ -249,7 +249,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                   calibrate: str | os.PathLike[str] | None = None,
                   calibration_tokens: int = 16384,
                   stream_dtype: str | torch.dtype | None = None,
-                  momentum: float | None = None,
+                  momentum: float | None = None, exact_streams: bool = False,
                   estimate_batch: int = 8, estimate_seq: int = 2048) -> TransformSummary:
     """Transform the checkpoint in ``model_dir`` into a revffn-fx directory ``out_dir``.
 
@@ -260,7 +260,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     the model). ``calibrate``: a text file (or JSONL with ``text`` or ``prompt`` and
     ``completion`` fields) whose first ``calibration_tokens`` tokens fit the revffn adapters
     by least squares (:func:`revffn_fx.calibration.calibrate`; loads the model for real).
-    ``momentum``: g of the momentum and meft couplings (:func:`revffn_fx.transform`).
+    ``momentum``, ``exact_streams``: options of the momentum and meft couplings
+    (:func:`revffn_fx.transform`).
     ``stream_dtype`` (recorded, see :func:`revffn_fx.transform`): "auto" widens the
     streams one step (fp32 -> fp64, 16-bit -> fp32) when calibrating, else keeps them.
     ``estimate_batch`` x ``estimate_seq``: the batch the summary's activation estimate
@@ -288,9 +289,11 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         # the momentum / meft inverses divide by g: wide streams keep them exact
         wide = calibrate is not None or coupling in SCALED_COUPLINGS
         stream_dtype = wider_stream_dtype(dtype) if wide else None
+    if exact_streams:  # the fixed-point grid lives in float64
+        stream_dtype = "float64"
     rev = RevModel(model, coupling, layers, fixed_point_iters=fixed_point_iters,
                    fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype,
-                   momentum=momentum)
+                   momentum=momentum, exact_streams=exact_streams)
     if attention != "plain":
         if coupling != "revffn":
             raise ConversionError("cross-branch attention is an option of the revffn coupling")
