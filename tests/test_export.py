@@ -82,7 +82,7 @@ def test_round_trip(name: str, sources: dict[str, Path], tmp_path: Path) -> None
     assert "from revffn_fx.export import" in shim and "\nclass " not in shim  # no model code
     config = json.loads((out / "config.json").read_text())
     assert config["revffn"]["layers"] == [0, 1] and config["auto_map"]
-    assert not list(tmp_path.glob(".out.revffn-tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, no lock left
 
     ids = _ids()
     ref = rf.transform(rf.load_model(src))
@@ -240,12 +240,13 @@ def test_model_dir_errors(case: str, damage, exc: type, message: str,
     for f in sources["mixtral"].iterdir():
         (src / f.name).write_bytes(f.read_bytes())
     damage(src)
+    before = sorted(p.name for p in tmp_path.iterdir())
     out = tmp_path / "out"
     with pytest.raises(exc, match=message) as info:
         transform_dir(src, out)
     assert "\n" not in str(info.value)
     assert not out.exists()
-    assert not list(tmp_path.glob(".out.*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no staging, no lock
 
 
 def test_no_convertible_layer(tmp_path: Path) -> None:

@@ -216,6 +216,22 @@ def test_out_dir_refusals(old_export: Path, tmp_path: Path,
     assert _tree(tmp_path) == before and _digest(out) == good
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may delete anything")
+def test_undeletable_old_out_dir_refused_up_front(old_export: Path, tmp_path: Path) -> None:
+    out = Path(shutil.copytree(old_export, tmp_path / "out"))
+    (out / "sub").mkdir()
+    (out / "sub" / "keep.txt").write_text("x")
+    (out / "sub").chmod(0o555)
+    try:
+        good = _digest(out)
+        res = _invoke(transform, [str(TINY), str(out), "--force"])
+        assert res.exit_code == 2
+        _one_error_line(res, "sub is not writable (nothing was changed)")
+        assert _digest(out) == good and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    finally:
+        (out / "sub").chmod(0o755)
+
+
 def test_write_error_leaves_old_out_dir(old_export: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC while writing: one line, exit 2, staging removed, the old OUT_DIR intact."""
