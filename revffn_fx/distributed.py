@@ -29,7 +29,7 @@ from torch import nn
 from .errors import RevFFNError
 from .model import RevModel
 
-__all__ = ["shard", "is_sharded", "local_numel", "check_wrappers"]
+__all__ = ["shard", "prepare", "is_sharded", "local_numel", "check_wrappers"]
 
 
 def _fully_shard() -> Any:
@@ -55,6 +55,7 @@ def shard(rev: RevModel, mesh: Any = None, *, reshard_after_forward: bool | int 
     if is_sharded(rev):
         raise RevFFNError("this RevModel is already sharded")
     fully_shard = _fully_shard()
+    prepare(rev)
     kw = dict(fsdp_kwargs, reshard_after_forward=reshard_after_forward)
     if mesh is not None:
         kw["mesh"] = mesh
@@ -80,6 +81,19 @@ def shard(rev: RevModel, mesh: Any = None, *, reshard_after_forward: bool | int 
     return rev
 
 
+def prepare(rev: RevModel) -> RevModel:
+    """Compile the couplings of both modes now, before any ``fully_shard``.
+
+    Compiling traces into each converted decoder layer; on a layer that is already an FSDP2
+    unit that would run FSDP2's forward hooks on trace proxies (with a mixed-precision
+    policy they fail; without one they gather parameters during tracing). :func:`shard`
+    calls this; call it yourself before applying ``fully_shard`` by hand or through
+    accelerate."""
+    for training in (True, False):
+        rev.specs(training)
+    return rev
+
+
 def adopt_units(rev: RevModel) -> None:
     """Register FSDP2 units applied to ``rev`` by others (``fully_shard`` on each decoder
     layer then on the RevModel, as the FSDP2 recipe and accelerate's auto-wrap do), so the
@@ -88,8 +102,11 @@ def adopt_units(rev: RevModel) -> None:
     own hooks would reshard it in the middle of the stack's recompute."""
     from torch.distributed.fsdp import FSDPModule
 
+    from .runtime.stack import RevStack
+
     called: set[nn.Module] = set()
-    for stack in rev.stacks():
+    stacks = [m for gm in rev._graphs.values() for m in gm.modules() if isinstance(m, RevStack)]
+    for stack in stacks:  # the graphs compiled so far (this runs from inside a forward)
         for layer in stack.layers:
             for u in layer.updates:
                 for node in u.branch.graph.nodes:

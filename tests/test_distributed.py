@@ -137,7 +137,7 @@ def _worker(rank: int, tmp: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     ref_grads, _ = _reference("revffn")
-    rev = _model("revffn")
+    rev = rd.prepare(_model("revffn"))
     for layer in rev.model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(rev, mesh=mesh)
