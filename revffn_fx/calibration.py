@@ -33,10 +33,11 @@ from .errors import RevFFNError
 from .ir import _forward_params
 from .model import RevModel
 from .passes.analyze import analyze_layer, router_ids
+from .passes.couple import UPDATE_NAMES
 from .registry import facts_for
 from .runtime.streams import MERGES, SPLITS
 
-BRANCHES = ("F", "G")  # adapter prefixes of the first and second update of a coupling
+BRANCHES = UPDATE_NAMES  # adapter prefixes of the updates of a coupling (F, G, H, ...)
 
 
 @dataclass

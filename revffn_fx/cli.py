@@ -284,6 +284,8 @@ def _plan_table(plan: Any) -> Table:
             for s in lp.sublayers) or Text("-")
         verdict = (Text("yes", style="green") if lp.convertible
                    else Text(f"no: {lp.reason}", style="red"))
+        if lp.convertible and getattr(lp, "pairing", ""):  # how the updates share the streams
+            verdict = Text.assemble(verdict, f"\n{lp.pairing}")
         table.add_row(str(lp.index), subs, forms, verdict)
     return table
 

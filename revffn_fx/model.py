@@ -22,7 +22,13 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from .errors import ConversionError, RevFFNError
 from .ir import HF_OUTPUT, TracedModel, call_arguments, rebuild_output, trace
-from .passes.analyze import analyze, analyze_layer, router_ids
+from .passes.analyze import (
+    analyze,
+    analyze_layer,
+    describe_pairing,
+    router_ids,
+    update_targets,
+)
 from .passes.couple import COUPLINGS, couple_layer, make_adapters
 from .passes.couple_momentum import DEFAULT_MOMENTUM, SCALED_COUPLINGS, check_momentum
 from .passes.cross_branch import attention_calls, cross_attentions
@@ -149,12 +155,23 @@ class RevModel(nn.Module):
             raise ConversionError("no convertible decoder layer"
                                   + (f": {sorted(reasons)[0]}" if reasons else ""))
         self.converted = chosen
+        # the stream each residual update of a converted layer writes (0: X1, 1: X2):
+        # alternating, across layer boundaries too (a layer with three updates ends on X1,
+        # the next starts on X2); the plan says so in words (LayerPlan.pairing)
+        self.update_targets: dict[int, list[int]] = {}
+        start = 0
+        for i in chosen:
+            lp = self.plan.layers[i]
+            self.update_targets[i] = update_targets(lp, start)
+            lp.pairing = describe_pairing(lp, start)
+            start = (start + len(lp.sublayers)) % 2
         self.hidden_size = hidden_size_of(model)
         p = next(model.parameters())
         self.adapters = nn.ModuleDict()
         if coupling == "revffn":
             for i in chosen:
-                self.adapters[str(i)] = make_adapters(self.hidden_size, p.dtype, p.device)
+                self.adapters[str(i)] = make_adapters(self.hidden_size, p.dtype, p.device,
+                                                      self.update_targets[i])
         routers, index = find_routers(model)
         tap = RouterTap(routers, index) if routers else None
         self.options = RuntimeOptions(router_tap=tap)
@@ -284,7 +301,8 @@ class RevModel(nn.Module):
 
                 def couple(gm: fx.GraphModule, _p: Any = plan, _a: Any = adapters,
                            _c: Any = cross.get(i)) -> fx.GraphModule:
-                    return couple_layer(gm, _p, self.coupling, _a, _c, self.momentum)
+                    return couple_layer(gm, _p, self.coupling, _a, _c, self.momentum,
+                                        self.update_targets[_p.index][0])
 
                 couple.__name__ = f"couple_{self.coupling}"
                 pm = PassManager([couple, *self.user_passes])

@@ -43,6 +43,8 @@ class LayerPlan:
     sublayers: list[Sublayer]
     convertible: bool
     reason: str = ""
+    # how the residual updates are split across the two streams (see analyze.describe_pairing)
+    pairing: str = ""
 
     @property
     def kinds(self) -> list[str]:

@@ -157,6 +157,8 @@ def recomposable(gm: fx.GraphModule) -> bool:
     knows (couplings with other update rules, e.g. scaled streams, are not checked)."""
     if gm.meta.get("revffn", {}).get("split") not in ("halves", "copies"):
         return False
+    if gm.meta.get("revffn", {}).get("parallel"):
+        return False  # a parallel residual coupled in sequence computes another function
     tags = {n.meta.get("revffn") for n in gm.graph.nodes} - {None}
     return tags <= {"split", "adapter", "coupling", "merge", "cross_query", "cross_attention"}
 

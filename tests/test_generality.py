@@ -17,7 +17,7 @@ import revffn_fx as rf
 from revffn_fx.errors import RevFFNError, TraceError
 from revffn_fx.ir import logits_and_loss
 
-HAND = ["gpt", "tokens"]
+HAND = ["gpt", "tokens", "parallel", "three"]
 
 
 def _ids(batch: int = 2, seq: int = 8, seed: int = 1) -> torch.Tensor:
@@ -61,6 +61,8 @@ def test_converted_fp64_backward_matches_autograd(name: str, coupling: str) -> N
     model = tiny_model(name, dtype=torch.float64)
     rev = rf.transform(model, coupling=coupling)
     assert rev.converted == [0, 1]
+    n_updates = 3 if name == "three" else 2
+    assert all(len(rev.specs(True)[i].updates) == n_updates for i in (0, 1))
     ids = _ids()
     out = _call(rev, name, ids)
     assert type(out) is type(_call(model, name, ids))
@@ -173,3 +175,69 @@ def test_trl_reference_model() -> None:
     rev.train()
     _, grads = _step(rev, ids)  # the policy still trains through its own stacks
     assert any("adapters" in n for n in grads)
+
+
+# ------------------------------------------------------------------ residual forms
+
+
+def test_pairing_alternates_across_layers() -> None:
+    """Three updates per layer: X1, X2, X1 in layer 0, then X2, X1, X2 in layer 1; the
+    revffn down-adapters start out keeping the half each update writes; inspect says so."""
+    rev = rf.transform(tiny_model("three"))
+    assert rev.update_targets == {0: [0, 1, 0], 1: [1, 0, 1]}
+    for i, targets in rev.update_targets.items():
+        spec = rev.specs(True)[i]
+        assert [u.target for u in spec.updates] == targets
+        assert [u.reads for u in spec.updates] == [[1 - t] for t in targets]
+        half = rev.hidden_size // 2
+        for name, t in zip("FGH", targets):
+            down = rev.adapters[str(i)][f"{name}_down"].weight
+            kept = down[:, :half] if t == 0 else down[:, half:]
+            assert torch.equal(kept, torch.eye(half)), (i, name)
+    assert "moe -> X1 (reads X2)" in rev.plan.layers[0].pairing
+    assert "the next layer starts on X2" in rev.plan.layers[0].pairing
+    assert rev.plan.layers[1].pairing.startswith("attention -> X2 (reads X1)")
+    assert "layer 1: attention -> X2 (reads X1), attention -> X1" in rev.report()
+    plan = rf.analyze(rf.trace(tiny_model("three")))  # what `revffn inspect` shows
+    assert [lp.pairing for lp in plan.layers] == [lp.pairing for lp in rev.plan.layers]
+    assert "pairing" in plan.to_dict()["layers"][0]
+
+
+def test_parallel_residual_is_sequenced_and_says_so() -> None:
+    model = tiny_model("parallel")
+    plan = rf.analyze(rf.trace(model))
+    lp = plan.layers[0]
+    assert lp.convertible and lp.kinds == ["attention", "moe"]
+    assert lp.sublayers[0].residual_node == lp.sublayers[1].residual_node == "x"
+    assert "parallel residual (attention and moe read the same input)" in lp.pairing
+    assert "the function changes slightly" in lp.pairing
+    rev = rf.transform(model)
+    # the shared norm is copied into each branch, reading that branch's own stream
+    gm = rev.specs(True)[0].forward
+    norms = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "norm"]
+    assert len(norms) == 2 and norms[0].args[0] is not norms[1].args[0]
+
+
+class _TwoPoints(torch.nn.Module):
+    """The MoE reads the stream before and after the attention: not a sequence of updates."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__()
+        from zoo import HandBlock
+
+        self.inner = HandBlock(*args)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b = self.inner
+        h = x + b.attn(b.attn_norm(x), mask)
+        return h + b.moe(b.moe_norm(h) + x)
+
+
+def test_not_a_sequence_of_updates_is_refused_with_a_reason() -> None:
+    model = tiny_model("gpt")
+    model.h = torch.nn.ModuleList(_TwoPoints(64, 4, 96, 4, 2) for _ in range(2))
+    plan = rf.analyze(rf.trace(model))
+    assert not plan.layers[0].convertible
+    assert "reads the residual stream at two points" in plan.layers[0].reason
+    with pytest.raises(rf.ConversionError, match="two points"):
+        rf.transform(model)

@@ -314,7 +314,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
 
         pdtype = next(model.parameters()).dtype
         for i in rev.converted:
-            for k, v in make_adapters(rev.hidden_size, pdtype, "cpu").state_dict().items():
+            for k, v in make_adapters(rev.hidden_size, pdtype, "cpu",
+                                      rev.update_targets[i]).state_dict().items():
                 adapters[f"adapters.{i}.{k}"] = v
     calibration = None
     if calibrate is not None:

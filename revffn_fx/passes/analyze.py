@@ -76,9 +76,52 @@ def _branch_nodes(g: nx.DiGraph, r: fx.Node, b: fx.Node) -> list[fx.Node]:
     return sorted(between, key=lambda n: list(n.graph.nodes).index(n))
 
 
+def _sum_terms(node: fx.Node, g: nx.DiGraph) -> tuple[list[Any], list[fx.Node]]:
+    """The terms of the sum computed by ``node`` (an add), expanding operand additions
+    used only by this sum, and the add nodes of the sum."""
+    terms: list[Any] = []
+    adds = [node]
+    for a in node.args[:2]:
+        if isinstance(a, fx.Node) and is_add(a) and len(a.users) == 1 and a in g:
+            sub_terms, sub_adds = _sum_terms(a, g)
+            terms += sub_terms
+            adds += sub_adds
+        else:
+            terms.append(a)
+    return terms, adds
+
+
+def _step(v: fx.Node, g: nx.DiGraph, idom: dict[fx.Node, fx.Node]
+          ) -> tuple[fx.Node, list[fx.Node], list[fx.Node]] | None:
+    """``v = r + b_1 + ... + b_k`` where every ``b_i`` reads the layer input only through
+    ``r`` (``r`` dominates it): ``(r, [b_i], add nodes)``, else None."""
+    if not is_add(v):
+        return None
+    terms, adds = _sum_terms(v, g)
+    dependent = [t for t in terms if isinstance(t, fx.Node) and t in g]
+    order = list(v.graph.nodes)
+    for r in sorted(dependent, key=order.index):
+        others = [t for t in dependent if t is not r]
+        if others and all(_dominates(idom, r, t) for t in others):
+            return r, sorted(others, key=order.index), adds
+    return None
+
+
+def _updates_of(adds: list[fx.Node], g: nx.DiGraph, b: fx.Node) -> fx.Node:
+    """The add node of a sum that takes ``b`` as an operand."""
+    return next((a for a in adds if b in a.args[:2]), adds[0])
+
+
 def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
                   training: bool | None = None, routers: set[int] | None = None) -> LayerPlan:
-    """Find the residual sublayers of one layer and decide if it can be coupled."""
+    """Find the residual updates of one layer and decide if it can be coupled.
+
+    Walking back from the output, the residual stream is a chain of sums
+    ``v = r + b_1 + ... + b_k`` whose branches ``b_i`` read the layer input only through
+    ``r`` (several branches: a parallel residual, ``x + attn(n(x)) + moe(n(x))``), down to
+    the input. A layer that is such a chain (one or more updates) converts; anything else
+    on the stream (a scale, a norm, an activation) is refused, naming where it sits.
+    """
     gm = layer.trace(training)
     modules = dict(gm.named_modules())
     hidden = hidden_node(gm, layer.call.hidden_name)
@@ -87,44 +130,89 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
     result = out.args[0]
     if isinstance(result, (tuple, list)):
         result = result[0]
+    order = list(gm.graph.nodes)
     trunk = [n for n in g.nodes if n is not hidden and _dominates(idom, n, out)]
-    trunk.sort(key=lambda n: list(gm.graph.nodes).index(n))
-    sublayers: list[Sublayer] = []
-    odd = None
-    for add in (n for n in trunk if is_add(n)):
-        ops = [a for a in add.args[:2] if isinstance(a, fx.Node) and a in g]
-        if len(ops) != 2:
-            continue
-        d = idom[add]
-        if d in ops:
-            r = d
-            b = ops[1] if ops[0] is d else ops[0]
-            sub = _sublayer(gm, modules, g, hidden, r, b, add, overrides, routers)
-            sublayers.append(sub)
-        else:
-            odd = _norm_residual(gm, modules, g, hidden, d, ops, add, overrides, routers)
-            sublayers.append(odd)
+    trunk_adds = {n for n in trunk if is_add(n)
+                  and any(isinstance(a, fx.Node) and a in g and idom.get(n) is a
+                          for a in n.args[:2])}
+    steps: list[tuple[fx.Node, list[fx.Node], list[fx.Node]]] = []
+    v = result
     reason = ""
-    if not sublayers:
-        reason = "no residual connection: the layer output is not of the form x + f(x)"
-    elif odd is not None:
-        reason = (f"the residual is taken after {odd.residual_node}, which is on the "
-                  "residual stream itself: the layer is not of the form x + f(x)")
-    elif len(sublayers) != 2:
-        reason = (f"{len(sublayers)} residual branch(es); a coupling needs exactly two "
-                  "consecutive ones (token mixing, then feed-forward)")
-    else:
-        first, second = sublayers
-        names = {n.name: n for n in gm.graph.nodes}
-        if names[first.residual_node] is not hidden:
-            reason = ("computation on the residual stream before the first branch "
-                      f"({first.residual_node})")
-        elif names[second.residual_node] is not names[first.add_node]:
-            reason = (f"computation on the residual stream between the branches "
-                      f"({first.add_node} -> {second.residual_node})")
-        elif names[second.add_node] is not result:
+    while isinstance(v, fx.Node) and v is not hidden:
+        step = _step(v, g, idom) if v in g else None
+        if step is None:
+            break
+        steps.append(step)
+        v = step[0]
+    steps.reverse()
+    sublayers: list[Sublayer] = []
+    for r, branches, adds in steps:
+        for b in branches:
+            sublayers.append(_sublayer(gm, modules, g, hidden, r, b, _updates_of(adds, g, b),
+                                       overrides, routers))
+    if v is not hidden:
+        upstream = (isinstance(v, fx.Node) and v in g
+                    and any(a in trunk_adds for a in nx.ancestors(g, v)))
+        # a sum with a residual sum among its terms, whose other terms also read the input
+        # some other way: a branch that reads the stream before and after an update
+        two_points = (isinstance(v, fx.Node) and v in g and is_add(v) and any(
+            isinstance(t, fx.Node) and _step(t, g, idom) is not None
+            for t in _sum_terms(v, g)[0]))
+        if two_points or (steps and isinstance(v, fx.Node) and v in g and is_add(v)):
+            terms = [t.name for t in _sum_terms(v, g)[0] if isinstance(t, fx.Node) and t in g]
+            reason = (f"the sum {v} ({' + '.join(terms)}) is not a residual update: none of its "
+                      "terms is the stream that the others read the input through (a branch "
+                      "reads the residual stream at two points)")
+        elif not steps and not upstream:
+            odd = _odd_residual(gm, modules, g, hidden, idom, v, overrides, routers)
+            if odd is not None:
+                # list every such sum on the stream, for the report
+                for n in sorted(trunk, key=order.index):
+                    sub = _odd_residual(gm, modules, g, hidden, idom, n, overrides, routers)
+                    if sub is not None:
+                        sublayers.append(sub)
+                reason = (f"the residual is taken after {odd.residual_node}, which is on the "
+                          "residual stream itself: the layer is not of the form x + f(x)")
+            else:
+                reason = "no residual connection: the layer output is not of the form x + f(x)"
+        elif not steps:
             reason = f"computation on the residual stream after the last branch ({result})"
-    return LayerPlan(layer.index, layer.qualname, sublayers, convertible=not reason, reason=reason)
+        elif upstream:
+            prev = max((a for a in trunk_adds if a in nx.ancestors(g, v)), key=order.index)
+            reason = f"computation on the residual stream between the branches ({prev} -> {v})"
+        else:
+            reason = f"computation on the residual stream before the first branch ({v})"
+        reason += ("; a layer converts when it is a sequence of residual updates "
+                   "x <- x + f(x) on its input") if not reason.startswith("no residual") else ""
+    plan = LayerPlan(layer.index, layer.qualname, sublayers, convertible=not reason,
+                     reason=reason)
+    if not reason:
+        plan.pairing = describe_pairing(plan, 0)
+    return plan
+
+
+def update_targets(plan: LayerPlan, start: int = 0) -> list[int]:
+    """The stream each residual update of a layer writes (0: X1, 1: X2), alternating from
+    ``start``: the first reads X2 and updates X1, the next reads X1 and updates X2, ..."""
+    return [(start + j) % 2 for j in range(len(plan.sublayers))]
+
+
+def describe_pairing(plan: LayerPlan, start: int = 0) -> str:
+    """How a layer's residual updates are split across the two streams, in words."""
+    targets = update_targets(plan, start)
+    parts = [f"{s.kind} -> X{t + 1} (reads X{2 - t})" for s, t in zip(plan.sublayers, targets)]
+    text = ", ".join(parts)
+    groups: dict[str, list[str]] = {}
+    for s in plan.sublayers:
+        groups.setdefault(s.residual_node, []).append(s.kind)
+    parallel = [kinds for kinds in groups.values() if len(kinds) > 1]
+    for kinds in parallel:
+        text += (f"; parallel residual ({' and '.join(kinds)} read the same input): coupled "
+                 f"as updates in sequence, each reading the stream the one before updated (the "
+                 "function changes slightly, as every coupling changes it)")
+    if len(targets) % 2:
+        text += f"; odd number of updates: the next layer starts on X{2 - targets[-1]}"
+    return text
 
 
 def _norm_kind(modules: dict[str, Any], node: Any) -> bool:
@@ -174,12 +262,20 @@ def _sublayer(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph, hidden
                     nodes=[n.name for n in nodes], residual_node=r.name, add_node=add.name)
 
 
-def _norm_residual(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph,
-                   hidden: fx.Node, d: fx.Node, ops: list[fx.Node], add: fx.Node,
-                   overrides: dict[str, str] | None, routers: set[int] | None) -> Sublayer:
-    """``out = a * d + c * f(d)``: the residual side is scaled (minimax)."""
+def _odd_residual(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph,
+                  hidden: fx.Node, idom: dict[fx.Node, fx.Node], v: Any,
+                  overrides: dict[str, str] | None, routers: set[int] | None
+                  ) -> Sublayer | None:
+    """``out = a * d + c * f(d)`` (minimax): a sum whose residual side is not the stream
+    itself but a function of it (scaled, normed); described for the report, refused."""
+    if not (isinstance(v, fx.Node) and v in g and is_add(v) and v in idom):
+        return None
+    d = idom[v]
+    ops = [a for a in v.args[:2] if isinstance(a, fx.Node) and a in g]
+    if len(ops) != 2 or d in ops:
+        return None
     sides = sorted(ops, key=lambda n: len(_branch_nodes(g, d, n)))
-    sub = _sublayer(gm, modules, g, hidden, d, sides[1], add, overrides, routers)
+    sub = _sublayer(gm, modules, g, hidden, d, sides[1], v, overrides, routers)
     sub.residual_form = "norm_residual"
     return sub
 
@@ -196,6 +292,11 @@ def analyze(traced: TracedModel, training: bool | None = None) -> Plan:
     overrides = facts_for(model_type).kind_overrides
     routers = router_ids(traced.model)
     layers = [analyze_layer(lg, overrides, training, routers) for lg in traced.layers]
+    start = 0  # updates alternate streams across layer boundaries too
+    for lp in layers:
+        if lp.convertible:
+            lp.pairing = describe_pairing(lp, start)
+            start = (start + len(lp.sublayers)) % 2
     params = sum(p.numel() for p in traced.model.parameters())
     dtype = next(traced.model.parameters()).dtype
     experts = None

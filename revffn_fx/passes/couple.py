@@ -21,6 +21,7 @@ the inverse generator gives that update a fixed-point inverse.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,37 +31,48 @@ from torch import nn
 from ..errors import ConversionError
 from ..plan import LayerPlan
 from ..runtime.streams import MERGES, SPLITS
+from .analyze import update_targets
 from .couple_momentum import DEFAULT_MOMENTUM, SCALED_COUPLINGS, couple_scaled_layer
 
 COUPLINGS = {"revffn": "halves", "revnet": "copies", **SCALED_COUPLINGS}
 
 
-def make_adapters(hidden: int, dtype: torch.dtype,
-                  device: torch.device | str = "cpu") -> nn.ModuleDict:
+# adapter name prefixes of a layer's residual updates, in order (two: F, G as in RevNet)
+UPDATE_NAMES = ("F", "G", "H", "K", "L", "M", "N", "P")
+
+
+def make_adapters(hidden: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                  targets: Sequence[int] = (0, 1)) -> nn.ModuleDict:
     """The revffn projection adapters of one layer, initialised to route, not to learn.
 
+    One ``up``/``down`` pair per residual update (``F``, ``G``, ``H``, ...); ``targets``:
+    the stream each update writes (0: X1, 1: X2; default: F writes X1, G writes X2).
     ``up`` (d/2 -> d) places the half-width stream in the first d/2 features of the full
     space and zeros in the rest (``[I; 0]``). ``down`` (d -> d/2) takes the half of the
     branch output that the original residual would have added to that stream: the first
-    half for F (it updates X1), the second half for G (it updates X2). All four are
-    bias-free Linear layers. Fine-tuning the pretrained example model (docs/quality.md)
-    reached a lower eval loss from this init than from copying the stream into both halves
+    half for an update of X1, the second half for an update of X2. All are bias-free
+    Linear layers. Fine-tuning the pretrained example model (docs/quality.md) reached a
+    lower eval loss from this init than from copying the stream into both halves
     (``[I; I]``) or from placing X2 at its own (second-half) positions. Data-fitted
     adapters: :func:`revffn_fx.calibrate`.
     """
     if hidden % 2:
         raise ConversionError(
             f"revffn splits the hidden state in halves; hidden size {hidden} is odd")
+    if len(targets) > len(UPDATE_NAMES):
+        raise ConversionError(f"{len(targets)} residual updates in one layer; at most "
+                              f"{len(UPDATE_NAMES)} are supported")
     half = hidden // 2
     eye = torch.eye(half, dtype=dtype, device=device)
     zero = torch.zeros(half, half, dtype=dtype, device=device)
     mods = nn.ModuleDict()
-    for name, w in (("F_up", torch.cat([eye, zero], 0)), ("F_down", torch.cat([eye, zero], 1)),
-                    ("G_up", torch.cat([eye, zero], 0)), ("G_down", torch.cat([zero, eye], 1))):
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype, device=device)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        mods[name] = lin
+    for name, t in zip(UPDATE_NAMES, targets):
+        down = torch.cat([eye, zero] if t == 0 else [zero, eye], 1)
+        for suffix, w in (("up", torch.cat([eye, zero], 0)), ("down", down)):
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype, device=device)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            mods[f"{name}_{suffix}"] = lin
     return mods
 
 
@@ -72,8 +84,12 @@ def _tag(node: fx.Node, tag: str) -> fx.Node:
 def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
                  adapters: nn.ModuleDict | None = None,
                  cross: dict[str, nn.Module] | None = None,
-                 momentum: float | None = None) -> fx.GraphModule:
+                 momentum: float | None = None, start: int = 0) -> fx.GraphModule:
     """Return the coupling graph of one layer (the input graph is not modified).
+
+    The layer's residual updates alternate between the streams from ``start`` (0: the
+    first update writes X1 reading X2, the next X2 reading X1, ...; see
+    ``analyze.update_targets``); a parallel residual is coupled as its updates in sequence.
 
     ``cross``: attention targets of the first branch to replace by cross-branch attention
     modules called as ``(query, *args, **kwargs)``. ``momentum``: the fraction ``g`` of
@@ -84,6 +100,10 @@ def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
     if coupling not in COUPLINGS:
         raise ConversionError(f"unknown coupling {coupling!r}; choose from {sorted(COUPLINGS)}")
     if coupling in SCALED_COUPLINGS:  # momentum, meft: keep the pretrained function
+        if len({sub.residual_node for sub in plan.sublayers}) < len(plan.sublayers):
+            raise ConversionError(f"layer {plan.qualname} has a parallel residual; the "
+                                  f"{coupling} coupling takes sequential ones only (use "
+                                  "revffn or revnet)")
         if adapters is not None or cross:
             raise ConversionError(f"the {coupling} coupling has no adapters and no "
                                   "cross-branch attention")
@@ -92,20 +112,21 @@ def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
     if (coupling == "revffn") != (adapters is not None):
         raise ConversionError("revffn needs adapters; revnet has none")
     split_kind = COUPLINGS[coupling]
-    first, second = plan.sublayers
+    subs = plan.sublayers
     by_name = {n.name: n for n in gm.graph.nodes}
-    branch = {by_name[n]: "F" for n in first.nodes}
-    branch.update({by_name[n]: "G" for n in second.nodes})
-    residual = {"F": by_name[first.residual_node], "G": by_name[second.residual_node]}
-    adds = {by_name[first.add_node], by_name[second.add_node]}
+    targets = update_targets(plan, start)
+    residuals = {by_name[s.residual_node] for s in subs}
+    hidden = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    # nodes computed from the layer input (the residual stream and every branch): each
+    # branch is copied reading its input stream; everything else on the stream is dropped
+    dependent = {hidden}
+    for node in gm.graph.nodes:
+        if any(i in dependent for i in node.all_input_nodes):
+            dependent.add(node)
 
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
-    inputs: dict[str, Any] = {}
-    streams: list[fx.Node] = []
-    outputs: dict[str, fx.Node] = {}
     root: dict[str, Any] = {}
-    dependent = set(branch) | adds | set(residual.values())
 
     def adapter(name: str, x: fx.Node) -> fx.Node:
         if adapters is None:
@@ -113,64 +134,60 @@ def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
         root[f"adapters.{name}"] = adapters[name]
         return _tag(graph.call_module(f"adapters.{name}", (x,)), "adapter")
 
-    for node in gm.graph.nodes:
+    streams: list[fx.Node] = []
+    for node in gm.graph.nodes:  # inputs, the split, then what does not read the stream
         if node.op == "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
-            if not streams and node is residual["F"]:
+            if node is hidden:
                 pair = _tag(graph.call_function(SPLITS[split_kind], (env[node],)), "split")
                 streams = [_tag(graph.call_function(operator.getitem, (pair, i)), "split")
                            for i in (0, 1)]
-            continue
-        if node.op == "output":
-            y1, y2 = outputs["F"], outputs["G"]
-            merged = _tag(graph.call_function(MERGES[split_kind], (y1, y2)), "merge")
-            graph.output(merged)
-            continue
-        if node in adds:
-            which = "F" if node.name == first.add_node else "G"
-            stream = streams[0] if which == "F" else streams[1]
-            upd = adapter(f"{which}_down", env[node_of_branch_out(node, residual[which])])
-            y = _tag(graph.call_function(operator.add, (stream, upd)), "coupling")
-            outputs[which] = y
-            if which == "F":
-                # the second branch reads the updated first stream
-                inputs["G"] = adapter("G_up", y)
-            env[node] = y
-            continue
-        which = branch.get(node)
-        if which is None and not _reads(node, dependent):
-            env[node] = graph.node_copy(node, lambda n: env[n])  # hidden-independent
+        elif node.op != "output" and node not in dependent:
+            env[node] = graph.node_copy(node, lambda n: env[n])
             _keep_target(node, gm, root)
-            continue
-        if which is None:
-            dependent.add(node)
-            continue  # dead computation on the residual stream (an unused tuple element)
-        if which == "F" and "F" not in inputs:
-            inputs["F"] = adapter("F_up", streams[1])
-        r = residual[which]
+    for j, (sub, t) in enumerate(zip(subs, targets)):
+        name = UPDATE_NAMES[j]
+        r = by_name[sub.residual_node]
+        mine = [by_name[n] for n in sub.nodes]
+        local: dict[fx.Node, Any] = {r: adapter(f"{name}_up", streams[1 - t])}
 
-        def arg(n: fx.Node, _r: fx.Node = r, _w: str = which) -> Any:
-            return inputs[_w] if n is _r else env[n]
+        def arg(n: fx.Node, _local: dict[fx.Node, Any] = local, _j: int = j) -> Any:
+            if n in _local:
+                return _local[n]
+            if n in dependent:
+                raise ConversionError(
+                    f"layer {plan.qualname}: residual update {_j} ({subs[_j].kind}) reads the "
+                    f"residual stream at {n.name} besides its input {subs[_j].residual_node}: "
+                    "not a sequence of residual updates")
+            return env[n]
 
-        if which == "F" and cross and node.op == "call_module" and node.target in cross:
-            new = _cross_call(graph, node, cross[node.target], branch, r,
-                              adapter("F_up", streams[0]), arg, root)
-        else:
-            new = graph.node_copy(node, arg)
-        new.meta["from_node"] = node.name
-        new.meta["revffn_branch"] = which
-        env[node] = new
-        _keep_target(node, gm, root)
+        for node in mine:
+            if node is r:
+                continue
+            if j == 0 and cross and node.op == "call_module" and node.target in cross:
+                new = _cross_call(graph, node, cross[node.target], set(mine), r,
+                                  adapter(f"{name}_up", streams[t]), arg, root)
+            else:
+                new = graph.node_copy(node, arg)
+            new.meta["from_node"] = node.name
+            new.meta["revffn_branch"] = name
+            local[node] = new
+            _keep_target(node, gm, root)
+        upd = adapter(f"{name}_down", local[mine[-1]])
+        streams[t] = _tag(graph.call_function(operator.add, (streams[t], upd)), "coupling")
+    graph.output(_tag(graph.call_function(MERGES[split_kind], tuple(streams)), "merge"))
     out = fx.GraphModule(root, graph, class_name=f"{coupling.capitalize()}Coupling")
     out.graph.eliminate_dead_code()
     out.graph.lint()
     out.recompile()
-    out.meta["revffn"] = {"coupling": coupling, "layer": plan.qualname, "split": split_kind}
+    out.meta["revffn"] = {"coupling": coupling, "layer": plan.qualname, "split": split_kind,
+                          "targets": targets,
+                          "parallel": len(residuals) < len(subs)}
     return out
 
 
 def _cross_call(graph: fx.Graph, node: fx.Node, module: nn.Module,
-                branch: dict[fx.Node, str], r: fx.Node, query_in: fx.Node,
+                branch: set[fx.Node], r: fx.Node, query_in: fx.Node,
                 arg: Any, root: dict[str, Any]) -> fx.Node:
     """``cross(query, *args, **kwargs)`` in place of the attention call ``node``, the
     query computed by a copy of the F-branch path from ``r`` to the attention input with
@@ -180,7 +197,7 @@ def _cross_call(graph: fx.Graph, node: fx.Node, module: nn.Module,
     for n in r.graph.nodes:  # graph order: the path from r, up to the attention call
         if n is node:
             break
-        if branch.get(n) == "F" and any(i in on_path for i in n.all_input_nodes):
+        if n in branch and any(i in on_path for i in n.all_input_nodes):
             on_path.add(n)
     reads = [a for a in (*node.args, *node.kwargs.values())
              if isinstance(a, fx.Node) and a in on_path]

@@ -58,11 +58,10 @@ def extract(gm: fx.GraphModule, inputs: list[fx.Node], output: fx.Node,
     Returns the GraphModule (placeholders: one per input, then the context placeholders
     it uses, by their original names) and those context names.
     """
-    needed = nx.ancestors(g, output) | {output}
     stop = set(inputs)
-    # nodes upstream of the inputs (the split, the hidden input) are not part of the branch
-    for i in inputs:
-        needed -= nx.ancestors(g, i)
+    # what the output needs, not looking past the inputs (the split, the hidden input and
+    # earlier branches are upstream of them; context inputs those also read are kept)
+    needed = _ancestors_until(output, stop)
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
     for k, i in enumerate(inputs):
