@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from zoo import tiny_model
+from zoo import PARALLEL_HF, tiny_model, tiny_parallel_hf
 
 import revffn_fx as rf
 from revffn_fx.errors import RevFFNError, TraceError
@@ -241,3 +241,16 @@ def test_not_a_sequence_of_updates_is_refused_with_a_reason() -> None:
     assert "reads the residual stream at two points" in plan.layers[0].reason
     with pytest.raises(rf.ConversionError, match="two points"):
         rf.transform(model)
+
+
+@pytest.mark.parametrize("name", sorted(PARALLEL_HF))
+def test_hf_parallel_residual_architectures_convert(name: str) -> None:
+    """GPT-NeoX, Cohere, GPT-J: attention and MLP read the same input; both couplings
+    convert them and the generated backward equals autograd in fp64."""
+    model = tiny_parallel_hf(name, dtype=torch.float64)
+    plan = rf.analyze(rf.trace(model))
+    assert all(lp.convertible and "parallel residual" in lp.pairing for lp in plan.layers)
+    ids = _ids()
+    coupling = "revnet" if name == "gptj" else "revffn"  # both, across the three
+    report = rf.verify(rf.transform(model, coupling=coupling), ids)
+    assert report.ok and report.max_grad_rel_err <= 1e-10, report.summary()

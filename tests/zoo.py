@@ -333,3 +333,26 @@ class ThreeMoE(GPTMoE):
 
 HAND_LMS: dict[str, type[nn.Module]] = {"gpt": GPTMoE, "tokens": TokensMoE,
                                         "parallel": ParallelMoE, "three": ThreeMoE}
+
+
+# Hugging Face dense architectures with a parallel residual (x + attn(n(x)) + mlp(n'(x))),
+# for the generalised residual analysis
+PARALLEL_HF: dict[str, dict[str, Any]] = {
+    "gpt_neox": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=128,
+                     use_parallel_residual=True),
+    "cohere": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128),
+    "gptj": dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8),
+}
+
+
+def tiny_parallel_hf(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A tiny random-weight HF model of :data:`PARALLEL_HF`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    torch.manual_seed(seed)
+    cfg = CONFIG_MAPPING[name](**PARALLEL_HF[name], pad_token_id=0, bos_token_id=1,
+                               eos_token_id=2)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
