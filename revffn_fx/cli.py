@@ -180,9 +180,10 @@ def _human(n: int | float) -> str:
                    "from X2), inverted by fixed-point iteration; revffn only.")
 @click.option("--fixed-point-iters", type=click.IntRange(min=1), default=None,
               help="Most fixed-point iterations per layer in backward (--attention cross; "
-                   "default 50).")
+                   "default 50, 200 for fp64 models).")
 @click.option("--fixed-point-tol", type=float, default=None,
-              help="Relative residual at which the fixed point stops (default 1e-6).")
+              help="Relative residual at which the fixed point stops (default by dtype: "
+                   "1e-6 fp32, 1e-11 fp64, 1e-2 16-bit).")
 @click.option("--calibrate", "calibrate", metavar="FILE", default=None,
               help="Fit the revffn adapters by least squares so each coupled layer "
                    "reproduces its pretrained layer on this text (.txt, or .jsonl with "

@@ -1,9 +1,11 @@
-"""Analysis pass: find the residual sublayers of each decoder layer graph.
+"""Analysis pass: find the residual updates of each decoder layer graph.
 
-A residual addition is an ``add`` on the layer's trunk (it dominates the output: every
-path from the input to the output passes through it) whose immediate dominator is one of
-its own operands: ``out = r + b`` where ``b`` depends on the input only through ``r``.
-The branch is every node between ``r`` and ``b``. Nothing here depends on class names.
+Walking back from the output, the residual stream is a chain of sums
+``v = r + b_1 + ... + b_k`` where ``r`` dominates every ``b_i`` (each branch depends on the
+layer input only through ``r``), down to the input: one branch is a sequential sublayer,
+several a parallel residual. Each branch is every node between ``r`` and ``b_i``. A layer
+that is such a chain converts; its updates alternate between the two streams
+(:func:`update_targets`, :func:`describe_pairing`). Nothing here depends on class names.
 """
 
 from __future__ import annotations

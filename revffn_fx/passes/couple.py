@@ -3,7 +3,13 @@
     h -> split -> (x1, x2)
     y1 = x1 + down_F(F(up_F(x2)))      # F: the first residual branch, copied node by node
     y2 = x2 + down_G(G(up_G(y1)))      # G: the second residual branch
-    out = merge(y1, y2)
+    y1' = y1 + down_H(H(up_H(y2)))     # H, ...: further residual updates, alternating
+    out = merge(y1', y2)
+
+The j-th residual update of the layer writes stream ``(start + j) % 2`` reading the other
+one (``start`` carries the alternation across layer boundaries); updates of a parallel
+residual are coupled in sequence, each branch (with its own copy of a shared norm) reading
+the stream the update before wrote.
 
 For ``revffn`` the split takes halves and the adapters map d/2 <-> d; for ``revnet`` the
 split copies h, there are no adapters and the merge is the mean. The residual additions of
