@@ -44,7 +44,7 @@ def measure(depth: int, method: str, fused: bool, ids: torch.Tensor) -> dict[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--layers", default="8,32,64", help="comma list of model depths")
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")

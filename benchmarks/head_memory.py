@@ -28,7 +28,7 @@ def original(h: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor) -> to
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help only
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help only
     torch.set_num_threads(2)
     print("config | head | saved MiB | peak live MiB (forward + backward)")
     for name, batch, seq, vocab in (("benchmark config (vocab 1024)", 4, 256, 1024),

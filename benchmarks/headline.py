@@ -50,7 +50,7 @@ def _progress(done: int, total: int, what: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("part", choices=["main", "depth", "seq", "qwen", "plot", "report"],
                     help="which table to measure (plot, report: render the measured ones)")

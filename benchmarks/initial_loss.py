@@ -31,7 +31,7 @@ def _pretrain_module():  # examples/ is not a package
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--only", default="revffn,revnet,momentum,meft",
                         help="comma-separated couplings to measure")

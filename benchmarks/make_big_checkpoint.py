@@ -57,7 +57,7 @@ def main(out: Path, limit: int = 1_000_000_000) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out_dir", type=Path,
                         help="directory to write the checkpoint to (about 2.4 GB)")

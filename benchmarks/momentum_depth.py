@@ -20,7 +20,7 @@ from revffn_fx.bench import build
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--coupling", default="momentum", help="momentum or meft")
     parser.add_argument("--depths", default="2,4,6,8,12,16", help="decoder layers")

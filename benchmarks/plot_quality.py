@@ -40,7 +40,7 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="merged quality JSON (e.g. docs/quality-gpu-1200.json)")
     parser.add_argument("dst", help="PNG to write")
     args = parser.parse_args()

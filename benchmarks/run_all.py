@@ -299,7 +299,7 @@ def stage_render() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--stage", choices=["all", "bench", "time", "heads", "profile", "render"],
                     default="all", help="which measurements to run (render: only the doc)")

@@ -19,7 +19,7 @@ MiB = 2**20
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--stream-dtype", default=None,
                         help="rf.transform(stream_dtype=...); None: the model's dtype")

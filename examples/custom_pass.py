@@ -70,7 +70,7 @@ class FuseRMSNorm(PassBase):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model_dir", nargs="?", default=str(MODEL_DIR),
                         help="local model directory to transform")

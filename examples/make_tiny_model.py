@@ -43,7 +43,7 @@ def build(seed: int = SEED) -> torch.nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out_dir", nargs="?", type=Path, default=OUT_DIR,
                         help="where the model is written (the default regenerates the "

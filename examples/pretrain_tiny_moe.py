@@ -125,7 +125,7 @@ def eval_loss(model: torch.nn.Module, data: torch.Tensor, seq: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
                         help="where the model is written (relative to the current directory)")
