@@ -176,7 +176,9 @@ def _signals_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    saved = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # a signal the user ignores (nohup) stays ignored
+    saved = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)
+             if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
