@@ -252,7 +252,11 @@ def _swap_in(tmp: Path, out: Path) -> None:
         else:
             os.rename(out, old)
             pause("aside")
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)  # put the old one back before reporting
+                raise
     pause("swapped")
     _delete_old(old)
 
