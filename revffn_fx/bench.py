@@ -666,6 +666,12 @@ def bench_command(model_dir: str | None, synthetic: str | None, layers: str, bat
     """
     if (model_dir is None) == (synthetic is None):
         raise RevFFNError("give either MODEL_DIR or --synthetic NAME (exactly one)")
+    if plot_path:
+        import importlib.util
+
+        # a missing optional dependency is found before the run, not after it
+        if importlib.util.find_spec("matplotlib") is None:
+            raise RevFFNError("--plot needs matplotlib: pip install 'revffn-fx[bench]'")
     if step:
         from revffn_fx.step_bench import step_command
 

@@ -123,14 +123,12 @@ def _check_layer_spec(spec: str | None) -> None:
     checked against the model later."""
     if spec is None:
         return
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    ok = bool(parts) and all(
-        p.isdigit() or (p.count("-") == 1 and all(q.strip().isdigit() for q in p.split("-"))
-                        and int(p.split("-")[0]) <= int(p.split("-")[1]))
-        for p in parts)
-    if not ok:
-        raise click.BadParameter(f"bad layer spec {spec!r}: use e.g. '0-3,6'",
-                                 param_hint="'--layers'")
+    from revffn_fx.options import parse_layer_spec
+
+    try:
+        parse_layer_spec(spec)
+    except RevFFNError as e:
+        raise click.BadParameter(str(e), param_hint="'--layers'") from None
 
 
 def _human(n: int | float) -> str:

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from .errors import ConversionError, RevFFNError
 from .ir import HF_OUTPUT, TracedModel, call_arguments, rebuild_output, trace
+from .options import parse_layer_spec
 from .passes.analyze import (
     analyze,
     analyze_layer,
@@ -52,20 +53,7 @@ def parse_layers(spec: str | Sequence[int] | None, n: int) -> list[int] | None:
     if spec is None:
         return None
     if isinstance(spec, str):
-        out: set[int] = set()
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                if "-" in part:
-                    a, b = part.split("-", 1)
-                    out.update(range(int(a), int(b) + 1))
-                else:
-                    out.add(int(part))
-            except ValueError:
-                raise RevFFNError(f"bad layer spec {spec!r}: use e.g. '0-3,6'") from None
-        spec = sorted(out)
+        spec = parse_layer_spec(spec)
     bad = [i for i in spec if not 0 <= i < n]
     if bad:
         raise RevFFNError(f"layer {bad[0]} out of range: the model has {n} layers (0-{n - 1})")

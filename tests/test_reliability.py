@@ -458,3 +458,26 @@ def test_sigterm_cleans_up_and_concurrent_writer_refused(old_export: Path,
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"] and _digest(out) == good
     assert sorted(p.name for p in both.parent.iterdir()) == ["out"]
     assert rf.load(both).converted == [0, 1, 2, 3]
+
+
+def test_missing_optional_dependency_is_named_before_the_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`revffn bench --plot` without matplotlib: exit 2 naming the extra, nothing run."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    res = _invoke(main, ["bench", "--synthetic", "tiny", "--layers", "2",
+                         "--plot", str(tmp_path / "p.png")])
+    assert res.exit_code == 2, res.output
+    _one_error_line(res, "revffn-fx[bench]")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_api_rejects_bad_layer_specs() -> None:
+    from zoo import tiny_model
+
+    for spec in ("5-2", ",", ""):
+        with pytest.raises(rf.RevFFNError, match="bad layer spec"):
+            rf.transform(tiny_model("mixtral"), layers=spec)
