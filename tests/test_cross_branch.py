@@ -48,13 +48,26 @@ def _cross(name: str, **kw: Any) -> rf.RevModel:
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_cross_gradients_match_autograd(name: str, record_property: Any) -> None:
-    rev = _cross(name)
+    """Default options: the fixed point iterates to the dtype's tolerance (fp64: 1e-11), so
+    fp64 gradients through it equal plain autograd to 1e-10; a layer whose fixed point is
+    too slow for the default iterations (qwen3_moe's and olmoe's layer 0 at random init)
+    falls back to the plain coupling at transform time and is exact."""
+    model = fp64_norms(tiny_model(name, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rev = rf.transform(model, attention="cross")
+    assert rev.options.fixed_point_tol == 1e-11 and rev.options.fixed_point_iters == 200
     rev.train()
     specs = rev.specs(True)
-    assert rev.cross_status == {0: "cross", 1: "cross"}, rev.cross_status
-    for spec in specs.values():  # F reads x1 now: a fixed point; G stays closed form
-        assert [u.closed_form for u in spec.updates] == [False, True]
-        assert spec.updates[0].reads == [0, 1]
+    crossed = [i for i, s in rev.cross_status.items() if s == "cross"]
+    assert crossed and set(crossed) | set(rev.cross_fallbacks) == {0, 1}, rev.cross_status
+    for i, spec in specs.items():  # F reads x1 now: a fixed point; G stays closed form
+        if i in crossed:
+            assert [u.closed_form for u in spec.updates] == [False, True]
+            assert spec.updates[0].reads == [0, 1]
+        else:
+            assert [u.closed_form for u in spec.updates] == [True, True]
+            assert "did not converge" in rev.cross_status[i]
     ids = _ids()
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # a left-padded row
@@ -66,10 +79,11 @@ def test_cross_gradients_match_autograd(name: str, record_property: Any) -> None
         _, g_ref, e_ref = _grads(rev, ids, kw, 0, True)
     assert set(g_rev) == set(g_ref)
     worst = max((_rel(g_rev[k], g_ref[k]), k) for k in g_ref)
-    assert worst[0] <= 1e-8, worst
-    assert _rel(e_rev, e_ref) <= 1e-8
-    # one fixed point per layer, converged to the tolerance; the counts are reported
-    assert len(stats) == 2 and all(1 <= n <= ITERS and r <= TOL for n, r in stats.values())
+    assert worst[0] <= 1e-10, worst
+    assert _rel(e_rev, e_ref) <= 1e-10
+    # one fixed point per crossed layer, converged to the tolerance; the counts are reported
+    assert len(stats) == len(crossed)
+    assert all(1 <= n <= 200 and r <= 1e-11 for n, r in stats.values())
     record_property("fixed_point_iterations", {k: n for k, (n, _) in stats.items()})
     print(f"{name}: fixed point iterations {stats}, max grad rel err {worst[0]:.1e}")
 
@@ -176,24 +190,6 @@ def test_later_non_converging_batch_names_the_layer() -> None:
     with pytest.raises(rf.FixedPointError,
                        match=r"layer model\.layers\.\d .*residual .*attention='plain'"):
         loss.backward()
-
-
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
-def test_default_tolerance_follows_dtype(name: str) -> None:
-    """Default options: the fixed point iterates to the dtype's tolerance, so fp64
-    gradients through it equal plain autograd to 1e-10 (a layer whose fixed point is too
-    slow for the default iterations, qwen3_moe's layer 0, falls back and is exact)."""
-    model = fp64_norms(tiny_model(name, dtype=torch.float64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rev = rf.transform(model, attention="cross")
-    assert rev.options.fixed_point_tol == 1e-11
-    crossed = [i for i, s in rev.cross_status.items() if s == "cross"]
-    assert crossed and set(crossed) | set(rev.cross_fallbacks) == {0, 1}
-    report = rf.verify(rev, _ids())
-    assert report.max_grad_rel_err <= 1e-10 and report.embedding_grad_rel_err <= 1e-10, \
-        report.summary()
-    assert len(report.fixed_point) == len(crossed)
 
 
 def test_fp32_default_tolerance() -> None:
