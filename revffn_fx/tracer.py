@@ -215,9 +215,9 @@ def _explain(exc: Exception, tracer: RevTracer, what: str, tried: str = "") -> T
                 f"cannot trace the forward of {what} itself: {call}it raised {cls}: {msg}")
         return TraceError(
             f"cannot trace the forward of {what} itself ({call}{cls}: {msg}); torch.fx cannot "
-            "follow data-dependent Python control flow outside submodules: move that code "
-            "into a submodule and keep it whole with rf.trace(model, leaf_modules=[<its "
-            "class name>])")
+            "follow data-dependent Python control flow (an if, assert or loop on a tensor's "
+            "values or shape) outside submodules: drop such checks, or move that code into a "
+            "submodule and keep it whole with rf.trace(model, leaf_modules=[<its class name>])")
     name, mod = tracer.user_name(failed[0]), type(failed[1]).__name__
     if any(id(m) in tracer.protected for m in failed[1].modules()):
         return TraceError(

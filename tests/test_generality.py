@@ -254,3 +254,44 @@ def test_hf_parallel_residual_architectures_convert(name: str) -> None:
     coupling = "revnet" if name == "gptj" else "revffn"  # both, across the three
     report = rf.verify(rf.transform(model, coupling=coupling), ids)
     assert report.ok and report.max_grad_rel_err <= 1e-10, report.summary()
+
+
+def test_object_and_dict_outputs_keep_their_structure() -> None:
+    import dataclasses
+
+    from zoo import GPTMoE
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        loss: torch.Tensor | None = None
+        note: str = "mine"
+
+    class DataclassLM(GPTMoE):
+        def forward(self, input_ids: torch.Tensor, labels: Any = None) -> Out:
+            logits, loss = super().forward(input_ids, labels)
+            return Out(logits, loss)
+
+    class DictLM(GPTMoE):
+        def forward(self, input_ids: torch.Tensor, targets: Any = None) -> dict[str, Any]:
+            logits, loss = super().forward(input_ids, targets)
+            return {"logits": logits, "loss": loss}
+
+    ids = _ids()
+    for cls in (DataclassLM, DictLM):
+        torch.manual_seed(0)
+        model = cls()
+        rev = rf.transform(model)
+        with torch.no_grad():
+            ref = model(ids, ids)
+            got = rev.eval()(ids, ids)
+        assert type(got) is type(ref)
+        ref_logits, ref_loss = logits_and_loss(ref)
+        logits, loss = logits_and_loss(got)
+        assert logits.shape == ref_logits.shape and loss.dim() == 0
+        if cls is DataclassLM:
+            assert got.note == "mine"
+        rev.train()
+        out = rev(ids, targets=ids) if cls is DictLM else rev(ids, labels=ids)
+        logits_and_loss(out)[1].backward()  # the model's own loss, through the stacks
+        assert rev.adapters["0"]["F_up"].weight.grad is not None
