@@ -22,15 +22,19 @@ fine-tuning (or before ``save_pretrained``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .errors import RevFFNError
+from .errors import LoadError, RevFFNError
 from .ir import _forward_params
+from .loading import quiet
 from .model import RevModel
 from .passes.analyze import analyze_layer, router_ids
 from .passes.couple import UPDATE_NAMES
@@ -266,6 +270,57 @@ def token_windows(tok: Any, texts: Iterable[str], max_tokens: int | None = None,
         return []
     n = len(ids) // seq
     return list(torch.tensor(ids[:n * seq]).view(n, seq).split(batch))
+
+
+def calibration_batches(model_dir: Path, path: str | os.PathLike[str], tokens: int,
+                        seq: int = 512, batch: int = 8) -> list[torch.Tensor]:
+    """The first ``tokens`` tokens of a text or JSONL file, as ``(batch, seq)`` windows.
+
+    The file is streamed: JSONL rows are read until the budget is filled, and of a plain
+    text file at most 32 characters per token of the budget (a token is rarely longer).
+    """
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise LoadError(f"calibration file {file} does not exist")
+    if not file.is_file():
+        raise LoadError(f"calibration file {file} is not a regular file")
+    texts = _calibration_texts(file, tokens)
+    try:
+        with quiet():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # noqa: BLE001 -- any tokenizer failure is the same user error
+        raise LoadError(f"--calibrate needs the tokenizer in {model_dir}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        windows = token_windows(tok, texts, tokens, seq, batch)
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"calibration file {file} cannot be read as text: {e}") from None
+    if not windows:
+        raise LoadError(f"calibration file {file} holds fewer than 2 tokens")
+    return windows
+
+
+def _calibration_texts(file: Path, tokens: int) -> Iterator[str]:
+    """The texts of a calibration file, read lazily (``token_windows`` stops early)."""
+    with open(file, encoding="utf-8") as f:
+        if file.suffix != ".jsonl":
+            yield f.read(max(32 * tokens, 1 << 16))
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise LoadError(f"{file}:{n}: not JSON ({getattr(e, 'msg', e)})") from None
+            text = row.get("text") if isinstance(row, dict) else None
+            if text is None and isinstance(row, dict) and "prompt" in row:
+                text = str(row["prompt"]) + str(row.get("completion", ""))
+            if not isinstance(text, str):
+                raise LoadError(f"{file}:{n}: needs a 'text' or 'prompt' field")
+            yield text
 
 
 def _first(out: Any) -> torch.Tensor:

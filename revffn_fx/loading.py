@@ -53,15 +53,15 @@ def load_model(model_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | 
     ``load_kwargs``. Raises :class:`LoadError` for anything wrong with the directory.
     """
     path = Path(model_dir).expanduser()
-    config_path, model_type = _check_config(path)
-    weights = _check_weights(path)
+    config_path, model_type = check_config(path)
+    weights = check_weights(path)
     options: dict[str, Any] = {**facts_for(model_type).load_kwargs, **kwargs}
     if dtype is not None:
         options["dtype"] = dtype
     options.update(local_files_only=True, trust_remote_code=False, use_safetensors=True,
                    ignore_mismatched_sizes=True, output_loading_info=True)
     try:
-        with _quiet():
+        with quiet():
             model, info = AutoModelForCausalLM.from_pretrained(path, **options)
     except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -84,16 +84,16 @@ def load_model(model_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | 
 
 def load_config(model_dir: str | os.PathLike[str]) -> Any:
     """The config of a local model directory, without touching its weights."""
-    config_path, model_type = _check_config(Path(model_dir))
+    config_path, model_type = check_config(Path(model_dir))
     raw = json.loads(config_path.read_text())
     try:
-        with _quiet():
+        with quiet():
             return CONFIG_MAPPING[model_type].from_dict(raw)
     except (ValueError, TypeError, KeyError) as e:
         raise LoadError(f"{config_path}: invalid config: {e}") from e
 
 
-def _check_config(path: Path) -> tuple[Path, str]:
+def check_config(path: Path) -> tuple[Path, str]:
     """The path of a readable config.json, and its ``model_type`` (known to transformers).
 
     Also checks the config's shape (types and ranges of the common fields) and that the
@@ -130,7 +130,7 @@ def _check_config(path: Path) -> tuple[Path, str]:
                         f"known MoE types include {known})")
     _check_fields(config_path, config)
     try:  # transformers' own validation of every field (types, rope parameters, ...)
-        with _quiet():
+        with quiet():
             CONFIG_MAPPING[model_type].from_dict(config)
     except Exception as e:  # noqa: BLE001 -- it raises several types, all for a bad config
         detail = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
@@ -181,7 +181,7 @@ def inside(file: Path, model_dir: Path) -> Path:
     return target
 
 
-def _check_weights(path: Path) -> Path:
+def check_weights(path: Path) -> Path:
     """The main weights file; every safetensors file it names has a readable header."""
     found = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
     if found is None:
@@ -194,7 +194,7 @@ def _check_weights(path: Path) -> Path:
     inside(found, path)
     shards = [found]
     if found.name.endswith(".index.json"):
-        shards = [path / s for s in _index_shards(found)]
+        shards = [path / s for s in index_shards(found)]
         for shard in shards:
             if not os.path.lexists(shard):
                 raise LoadError(f"{found}: lists shard {shard.name}, which is missing")
@@ -206,7 +206,7 @@ def _check_weights(path: Path) -> Path:
     return found
 
 
-def _index_shards(index: Path) -> list[str]:
+def index_shards(index: Path) -> list[str]:
     """The shard file names of a ``model.safetensors.index.json``, checked."""
     try:
         weight_map = json.loads(index.read_text()).get("weight_map")
@@ -245,7 +245,7 @@ def _check_safetensors(file: Path) -> None:
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence transformers' load report and progress bar; we raise our own errors."""
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()

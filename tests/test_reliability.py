@@ -241,13 +241,13 @@ def test_write_error_leaves_old_out_dir(old_export: Path, tmp_path: Path,
 
     out = Path(shutil.copytree(old_export, tmp_path / "out"))
     good = _digest(out)
-    real = tr._write_shards
+    real = tr.write_shards
 
     def full_disk(tmp: Path, *args, **kwargs):
         real(tmp, *args, **kwargs)
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp / ADAPTER_FILE))
 
-    monkeypatch.setattr(tr, "_write_shards", full_disk)
+    monkeypatch.setattr(tr, "write_shards", full_disk)
     res = _invoke(transform, [str(TINY), str(out), "--force"])
     assert res.exit_code == 2
     _one_error_line(res, "No space left on device (nothing written; ")
@@ -341,7 +341,7 @@ def test_save_into_existing_dir_keeps_other_files(old_export: Path, tmp_path: Pa
 
 
 def test_calibration_text_is_streamed(tmp_path: Path) -> None:
-    from revffn_fx.export.transform import _calibration_texts
+    from revffn_fx.calibration import _calibration_texts
 
     big = tmp_path / "big.txt"
     big.write_text("word " * 2_000_000)  # 10 MB

@@ -1,5 +1,17 @@
 """Checkpoint files: reading and writing safetensors shards, copying the tokenizer and other
-extras (OUT_DIR itself is handled by :mod:`revffn_fx.outdir`)."""
+extras (OUT_DIR itself is handled by :mod:`revffn_fx.outdir`).
+
+The reader/writer used by :mod:`.transform` and :mod:`.save_load`:
+
+- :class:`TensorEntry`: one tensor's header entry and where its bytes are (a file or memory)
+- :func:`checkpoint_tensors`: the weights file of a model directory and all its entries
+- :func:`memory_tensors`: entries for in-memory tensors (the adapters)
+- :func:`write_safetensors` / :func:`write_shards`: stream entries into one file / into
+  Hugging Face's shard layout, returning sha256 digests computed on the way
+- :func:`extra_files` / :func:`copy_extra_files`: the tokenizer and generation files
+- :func:`file_sha256` / :func:`check_sha256`: the integrity record of the ``revffn`` section
+- :data:`SAFETENSORS_DTYPES`: safetensors dtype codes -> torch dtypes
+"""
 
 from __future__ import annotations
 
@@ -17,23 +29,27 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 
 from ..errors import LoadError
-from ..loading import _check_weights, _index_shards, inside
+from ..loading import check_weights, index_shards, inside
 from ..outdir import pause
 from .layout import EXTRA_FILES, INDEX_NAME, TOKENIZER_FILES, WEIGHTS_NAME
 
 _CHUNK = 16 << 20  # bytes per read when copying tensors: bounds the memory of a copy
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 Progress = Callable[[int, int, str], None]
 
+__all__ = ["SAFETENSORS_DTYPES", "Progress", "TensorEntry", "check_sha256", "checkpoint_tensors",
+           "copy_extra_files", "extra_files", "file_sha256", "memory_tensors",
+           "write_safetensors", "write_shards"]
+
 
 # ----------------------------------------------------------------------------- safetensors IO
 
 @dataclass
-class _Tensor:
+class TensorEntry:
     """One tensor to write: its header entry and where its bytes come from."""
 
     name: str
@@ -61,27 +77,28 @@ def _read_header(file: Path) -> tuple[dict[str, Any], int]:
 
 
 def _entries_of(header: dict[str, Any], start: int, file: Path | None = None,
-                data: bytes | None = None) -> list[_Tensor]:
+                data: bytes | None = None) -> list[TensorEntry]:
     out = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         b, e = info["data_offsets"]
-        out.append(_Tensor(name, info["dtype"], list(info["shape"]), e - b, file, start + b, data))
+        out.append(TensorEntry(name, info["dtype"], list(info["shape"]), e - b, file, start + b,
+                               data))
     return sorted(out, key=lambda t: t.offset)
 
 
-def _checkpoint_entries(model_dir: Path) -> tuple[Path, list[_Tensor]]:
+def checkpoint_tensors(model_dir: Path) -> tuple[Path, list[TensorEntry]]:
     """The weights file (after loading.py's checks) and every tensor of the checkpoint."""
-    weights = _check_weights(model_dir)
+    weights = check_weights(model_dir)
     if not weights.name.endswith(".safetensors") and not weights.name == INDEX_NAME:
         raise LoadError(f"{weights}: only safetensors checkpoints can be transformed "
                         "(revffn-fx never unpickles .bin files)")
     if weights.name == INDEX_NAME:
-        files = [model_dir / s for s in _index_shards(weights)]
+        files = [model_dir / s for s in index_shards(weights)]
     else:
         files = [weights]
-    entries: list[_Tensor] = []
+    entries: list[TensorEntry] = []
     seen: dict[str, Path] = {}
     for file in files:
         header, start = _read_header(file)
@@ -93,14 +110,14 @@ def _checkpoint_entries(model_dir: Path) -> tuple[Path, list[_Tensor]]:
     return weights, entries
 
 
-def _blob_entries(tensors: dict[str, torch.Tensor]) -> list[_Tensor]:
+def memory_tensors(tensors: dict[str, torch.Tensor]) -> list[TensorEntry]:
     """Entries for small in-memory tensors, serialised by safetensors itself."""
     blob = save_safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     (n,) = struct.unpack("<Q", blob[:8])
     return _entries_of(json.loads(blob[8:8 + n]), 8 + n, data=blob)
 
 
-def _write_safetensors(path: Path, entries: Sequence[_Tensor]) -> str:
+def write_safetensors(path: Path, entries: Sequence[TensorEntry]) -> str:
     """Write ``entries`` as one safetensors file, streaming the bytes from their sources;
     return the file's sha256 (computed on the way: no second read)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -143,13 +160,13 @@ def _write_safetensors(path: Path, entries: Sequence[_Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _write_shards(out: Path, entries: Sequence[_Tensor], max_shard_size: int,
+def write_shards(out: Path, entries: Sequence[TensorEntry], max_shard_size: int,
                   progress: Progress | None = None,
                   digests: dict[str, str] | None = None) -> list[str]:
     """Write the base weights in Hugging Face's layout; return the file names written.
     ``digests`` receives the sha256 of each file written (shards and index)."""
     digests = {} if digests is None else digests
-    shards: list[list[_Tensor]] = [[]]
+    shards: list[list[TensorEntry]] = [[]]
     size = 0
     for t in entries:
         if shards[-1] and size + t.nbytes > max_shard_size:
@@ -163,7 +180,7 @@ def _write_shards(out: Path, entries: Sequence[_Tensor], max_shard_size: int,
     for i, (name, shard) in enumerate(zip(names, shards)):
         if progress:
             progress(i, n, name)
-        digests[name] = _write_safetensors(out / name, shard)
+        digests[name] = write_safetensors(out / name, shard)
         pause("shard")
     if progress:
         progress(n, n, names[-1])
@@ -210,7 +227,7 @@ def check_sha256(path: Path, recorded: Any, config_path: Path) -> None:
                             "replaced")
 
 
-def _extras(src: Path) -> list[str]:
+def extra_files(src: Path) -> list[str]:
     """The tokenizer and extra files of ``src``; each must be a regular file inside it."""
     found = []
     for name in (*TOKENIZER_FILES, *EXTRA_FILES):
@@ -221,8 +238,9 @@ def _extras(src: Path) -> list[str]:
     return found
 
 
-def _copy_extras(src: Path, out: Path) -> list[str]:
-    copied = _extras(src)
+def copy_extra_files(src: Path, out: Path) -> list[str]:
+    """Copy :func:`extra_files` of ``src`` into ``out``; return their names."""
+    copied = extra_files(src)
     for name in copied:
         shutil.copyfile(src / name, out / name)
     return copied

@@ -1,5 +1,6 @@
-"""The OUT_DIR layout: file names, the config ``revffn`` section, the loader shim, the
-model card, and shard-size parsing."""
+"""The OUT_DIR layout: file names, the config ``revffn`` section (:func:`revffn_section`),
+the loader shim and model card (:func:`write_meta`), shard-size parsing (:func:`parse_size`),
+and two helpers of the summary (:func:`count_params`, :func:`layer_span`)."""
 
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-def _section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: torch.dtype,
-             params_before: int) -> dict[str, Any]:
+def revffn_section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: torch.dtype,
+                   params_before: int) -> dict[str, Any]:
     """The ``revffn`` config section: everything :func:`load` needs to replay the transform."""
     custom = [getattr(p, "__name__", type(p).__name__) for p in rev.user_passes]
     leaf = list(getattr(getattr(rev, "traced", None), "leaf_modules", ()) or ())
@@ -118,11 +119,12 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _count_params(model: torch.nn.Module) -> int:
+def count_params(model: torch.nn.Module) -> int:
+    """The model's parameter count, tied weights once."""
     return sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
 
 
-def _layer_span(layers: Sequence[int]) -> str:
+def layer_span(layers: Sequence[int]) -> str:
     """[0, 1, 2, 5] -> "0-2,5"."""
     runs: list[list[int]] = []
     for i in sorted(layers):
@@ -151,7 +153,7 @@ tags:
 # {config.get("model_type", "model")} with reversible decoder layers (revffn-fx)
 
 This directory was written by revffn-fx {v['revffn_fx']} (torch {v['torch']}, transformers
-{v['transformers']}). Decoder layers {_layer_span(layers)} of {section['num_layers']} were
+{v['transformers']}). Decoder layers {layer_span(layers)} of {section['num_layers']} were
 rewritten into **{section['coupling']}** reversible couplings: their attention and MoE
 sublayers are the two halves of a coupling, so backward recomputes activations from the
 layer outputs instead of storing them. The pretrained weights are unchanged; {added}.
@@ -166,7 +168,7 @@ with `model.save_pretrained(dir)`. `config.json`'s `revffn` section records what
 """
 
 
-def _write_meta(out: Path, config: dict[str, Any], section: dict[str, Any]) -> list[str]:
+def write_meta(out: Path, config: dict[str, Any], section: dict[str, Any]) -> list[str]:
     """config.json (with ``revffn`` and ``auto_map``), the loader shim and the model card."""
     config = {k: v for k, v in config.items() if k not in ("revffn", "auto_map")}
     config["revffn"] = section

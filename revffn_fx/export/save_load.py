@@ -13,18 +13,25 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import ExportError, LoadError, RevFFNError
-from ..loading import _check_config, _quiet, load_model
+from ..loading import check_config, load_model, quiet
 from ..model import RevModel
 from ..outdir import writing
 from .checkpoint import (
-    _blob_entries,
-    _checkpoint_entries,
-    _copy_extras,
-    _write_safetensors,
-    _write_shards,
     check_sha256,
+    checkpoint_tensors,
+    copy_extra_files,
+    memory_tensors,
+    write_safetensors,
+    write_shards,
 )
-from .layout import ADAPTER_FILE, FORMAT_VERSION, _count_params, _section, _write_meta, parse_size
+from .layout import (
+    ADAPTER_FILE,
+    FORMAT_VERSION,
+    count_params,
+    parse_size,
+    revffn_section,
+    write_meta,
+)
 
 
 def _adapter_tensors(rev: RevModel) -> dict[str, torch.Tensor]:
@@ -55,21 +62,21 @@ def save(rev: RevModel, out_dir: str | os.PathLike[str], *, max_shard_size: int 
     adapters = _adapter_tensors(rev)
     with writing(out, force=False, merge=True) as tmp:
         base = tmp / ".base"
-        with _quiet():
+        with quiet():
             rev.model.save_pretrained(base, max_shard_size="1000GB")
-        _, entries = _checkpoint_entries(base)
+        _, entries = checkpoint_tensors(base)
         digests: dict[str, str] = {}
-        _write_shards(tmp, entries, limit, digests=digests)
+        write_shards(tmp, entries, limit, digests=digests)
         if adapters:
-            digests[ADAPTER_FILE] = _write_safetensors(tmp / ADAPTER_FILE,
-                                                       _blob_entries(adapters))
+            digests[ADAPTER_FILE] = write_safetensors(tmp / ADAPTER_FILE,
+                                                       memory_tensors(adapters))
         config = json.loads((base / "config.json").read_text())
         dtype = next(rev.model.parameters()).dtype
-        section = _section(rev, {k: list(v.shape) for k, v in adapters.items()}, dtype,
-                           _count_params(rev.model))
+        section = revffn_section(rev, {k: list(v.shape) for k, v in adapters.items()}, dtype,
+                           count_params(rev.model))
         section["sha256"] = digests
-        _write_meta(tmp, config, section)
-        _copy_extras(base, tmp)
+        write_meta(tmp, config, section)
+        copy_extra_files(base, tmp)
         shutil.rmtree(base)
 
 
@@ -127,7 +134,7 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
         raise LoadError(f"{path}: missing: a killed revffn-transform left the complete previous "
                         f"directory at {aside[0]} (the next run into {path.name} restores it; or "
                         "rename it back)")
-    config_path, model_type = _check_config(path)
+    config_path, model_type = check_config(path)
     raw = json.loads(config_path.read_text())
     section = _read_section(config_path, raw)
     options = section["transform"]
@@ -138,7 +145,7 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
 
     clean = {k: v for k, v in raw.items() if k not in ("revffn", "auto_map")}
     try:
-        with _quiet():
+        with quiet():
             config = CONFIG_MAPPING[model_type].from_dict(clean)
     except (ValueError, TypeError, KeyError) as e:
         raise LoadError(f"{config_path}: invalid config: {e}") from e

@@ -8,32 +8,33 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..calibration import calibration_batches
 from ..errors import ConversionError, ExportError, LoadError
-from ..loading import _check_config, _quiet
+from ..loading import check_config, quiet
 from ..model import RevModel, parse_layers, wider_stream_dtype
 from ..outdir import check_out_dir, writing
 from ..output import human_bytes
 from ..passes.couple_momentum import SCALED_COUPLINGS
 from ..registry import facts_for
 from .checkpoint import (
-    _DTYPES,
+    SAFETENSORS_DTYPES,
     Progress,
-    _blob_entries,
-    _checkpoint_entries,
-    _copy_extras,
-    _extras,
-    _Tensor,
-    _write_safetensors,
-    _write_shards,
+    TensorEntry,
+    checkpoint_tensors,
+    copy_extra_files,
+    extra_files,
+    memory_tensors,
+    write_safetensors,
+    write_shards,
 )
-from .layout import ADAPTER_FILE, _count_params, _layer_span, _section, _write_meta, parse_size
+from .layout import ADAPTER_FILE, count_params, layer_span, parse_size, revffn_section, write_meta
 from .save_load import load
 
 # ------------------------------------------------------------------------------ transform_dir
@@ -91,10 +92,10 @@ class TransformSummary:
                        "under activation checkpointing, with the lean loss head")
         else:
             out.append(f"converted {len(self.converted)} of {self.num_layers} layers to "
-                       f"{self.coupling} couplings: {_layer_span(self.converted) or '-'}")
+                       f"{self.coupling} couplings: {layer_span(self.converted) or '-'}")
         out += [f"  layer {i} not converted: {why}" for i, why in self.refused]
         if self.not_selected:
-            out.append(f"  left out by --layers: {_layer_span(self.not_selected)}")
+            out.append(f"  left out by --layers: {layer_span(self.not_selected)}")
         pct = 100 * self.params_added / max(self.params_before, 1)
         out.append(f"parameters added: {self.params_added:,} ({pct:.2f}%)"
                    + (" (revffn adapters)" if self.params_added else ""))
@@ -125,7 +126,7 @@ class TransformSummary:
 _SD_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
-def _checkpoint_dtype(config: Any, entries: Sequence[_Tensor]) -> torch.dtype:
+def _checkpoint_dtype(config: Any, entries: Sequence[TensorEntry]) -> torch.dtype:
     """The dtype ``from_pretrained`` picks by default ("auto"): config's, else the weights'."""
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
@@ -133,7 +134,7 @@ def _checkpoint_dtype(config: Any, entries: Sequence[_Tensor]) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     first = next((t for t in entries if t.dtype in _SD_DTYPES), None)
-    return _DTYPES[first.dtype] if first else torch.get_default_dtype()
+    return SAFETENSORS_DTYPES[first.dtype] if first else torch.get_default_dtype()
 
 
 _WIDENS = {("F16", torch.float32), ("BF16", torch.float32), ("F16", torch.float64),
@@ -141,16 +142,16 @@ _WIDENS = {("F16", torch.float32), ("BF16", torch.float32), ("F16", torch.float6
 log = logging.getLogger("revffn_fx.export")
 
 
-def _check_dtypes(model: torch.nn.Module, entries: Sequence[_Tensor], weights: Path,
+def _check_dtypes(model: torch.nn.Module, entries: Sequence[TensorEntry], weights: Path,
                   dtype: torch.dtype) -> None:
     """Tensors stored in another dtype than the model loads them in: a widening cast is
     exact (a warning naming the tensor), a rounding one or ints for floats is refused."""
     keep32 = [*(getattr(model, "_keep_in_fp32_modules", None) or ()),
               *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]
     ints = {k for k, v in model.state_dict().items() if not v.is_floating_point()}
-    widened: list[_Tensor] = []
+    widened: list[TensorEntry] = []
     for t in entries:
-        stored = _DTYPES.get(t.dtype)
+        stored = SAFETENSORS_DTYPES.get(t.dtype)
         if stored is None or stored == dtype or t.name in ints:
             continue
         if not stored.is_floating_point:
@@ -170,7 +171,7 @@ def _check_dtypes(model: torch.nn.Module, entries: Sequence[_Tensor], weights: P
                     widened[0].name, widened[0].dtype)
 
 
-def _check_fits(model: torch.nn.Module, entries: Sequence[_Tensor], weights: Path,
+def _check_fits(model: torch.nn.Module, entries: Sequence[TensorEntry], weights: Path,
                 dtype: torch.dtype) -> None:
     """Load the checkpoint's names and shapes into the meta model with HF's own rules.
 
@@ -184,11 +185,12 @@ def _check_fits(model: torch.nn.Module, entries: Sequence[_Tensor], weights: Pat
         from transformers.modeling_utils import LoadStateDictConfig
     except ImportError:  # pragma: no cover - a transformers outside the supported range
         return
-    state = {t.name: torch.empty(t.shape, dtype=_DTYPES.get(t.dtype, dtype), device="meta")
+    state = {t.name: torch.empty(t.shape, dtype=SAFETENSORS_DTYPES.get(t.dtype, dtype),
+                                 device="meta")
              for t in entries}
     load_config = LoadStateDictConfig(device_map={"": "meta"}, dtype=dtype,
                                       weight_mapping=get_model_conversion_mapping(model))
-    with _quiet():
+    with quiet():
         info, _ = convert_and_load_state_dict_in_model(model, state, load_config)
         adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
         if adjust is not None:
@@ -221,7 +223,7 @@ def _meta_model(model_dir: Path, config_path: Path, model_type: str,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        with _quiet():
+        with quiet():
             config = AutoConfig.from_pretrained(model_dir, local_files_only=True,
                                                 trust_remote_code=False)
     except (ValueError, TypeError, KeyError, OSError) as e:
@@ -229,7 +231,7 @@ def _meta_model(model_dir: Path, config_path: Path, model_type: str,
         raise LoadError(f"{config_path}: invalid config: {detail}") from e
     dtype = dtype_of(config)
     try:
-        with _quiet(), torch.device("meta"):
+        with quiet(), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                      **facts_for(model_type).load_kwargs)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
@@ -274,9 +276,9 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         raise ConversionError(f"fixed_point_tol must be a positive number, not {fixed_point_tol}")
     src, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
     limit = parse_size(max_shard_size)
-    config_path, model_type = _check_config(src)
-    weights, entries = _checkpoint_entries(src)
-    _extras(src)  # a tokenizer file linking out of MODEL_DIR stops us before any work
+    config_path, model_type = check_config(src)
+    weights, entries = checkpoint_tensors(src)
+    extra_files(src)  # a tokenizer file linking out of MODEL_DIR stops us before any work
     check_out_dir(out, force, src)
     model, dtype = _meta_model(src, config_path, model_type,
                                lambda cfg: _checkpoint_dtype(cfg, entries))
@@ -324,7 +326,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         batches = calibration_batches(src, calibrate, calibration_tokens)
         if not dry_run:
             adapters, calibration = _calibrated_adapters(src, rev, batches, adapters)
-    params_before = _count_params(model)
+    params_before = count_params(model)
     summary = TransformSummary(
         str(src), str(out), model_type, rev.coupling, n, list(rev.converted), refused,
         not_selected, params_before, sum(v.numel() for v in adapters.values()),
@@ -336,14 +338,14 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         return summary
     with writing(out, force=force, model_dir=src) as tmp:
         digests: dict[str, str] = {}
-        shards = _write_shards(tmp, entries, limit, progress, digests)
+        shards = write_shards(tmp, entries, limit, progress, digests)
         files = list(shards)
         if adapters:
-            digests[ADAPTER_FILE] = _write_safetensors(tmp / ADAPTER_FILE,
-                                                       _blob_entries(adapters))
+            digests[ADAPTER_FILE] = write_safetensors(tmp / ADAPTER_FILE,
+                                                       memory_tensors(adapters))
             files.append(ADAPTER_FILE)
         config = json.loads(config_path.read_text())
-        section = _section(rev, {k: list(v.shape) for k, v in adapters.items()},
+        section = revffn_section(rev, {k: list(v.shape) for k, v in adapters.items()},
                            next(model.parameters()).dtype, params_before)
         section["sha256"] = digests  # rf.load and `revffn verify` check every weight file
         if calibration is not None:
@@ -354,67 +356,14 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                                                         round(f.rel_err_after, 4)]
                                          for f in calibration.layers}}
             summary.calibration = calibration
-        files += _write_meta(tmp, config, section)
-        files += _copy_extras(src, tmp)
+        files += write_meta(tmp, config, section)
+        files += copy_extra_files(src, tmp)
         if verify:
             summary.verify = _verify_dir(tmp)
         summary.files, summary.shards = files, shards
         summary.checkpoint_bytes = sum(t.nbytes for t in entries)
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def calibration_batches(model_dir: Path, path: str | os.PathLike[str], tokens: int,
-                        seq: int = 512, batch: int = 8) -> list[torch.Tensor]:
-    """The first ``tokens`` tokens of a text or JSONL file, as ``(batch, seq)`` windows.
-
-    The file is streamed: JSONL rows are read until the budget is filled, and of a plain
-    text file at most 32 characters per token of the budget (a token is rarely longer).
-    """
-    file = Path(path).expanduser()
-    if not file.exists():
-        raise LoadError(f"calibration file {file} does not exist")
-    if not file.is_file():
-        raise LoadError(f"calibration file {file} is not a regular file")
-    texts = _calibration_texts(file, tokens)
-    try:
-        with _quiet():
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # noqa: BLE001 -- any tokenizer failure is the same user error
-        raise LoadError(f"--calibrate needs the tokenizer in {model_dir}: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    from ..calibration import token_windows
-
-    try:
-        windows = token_windows(tok, texts, tokens, seq, batch)
-    except (OSError, UnicodeDecodeError) as e:
-        raise LoadError(f"calibration file {file} cannot be read as text: {e}") from None
-    if not windows:
-        raise LoadError(f"calibration file {file} holds fewer than 2 tokens")
-    return windows
-
-
-def _calibration_texts(file: Path, tokens: int) -> Iterator[str]:
-    """The texts of a calibration file, read lazily (``token_windows`` stops early)."""
-    with open(file, encoding="utf-8") as f:
-        if file.suffix != ".jsonl":
-            yield f.read(max(32 * tokens, 1 << 16))
-            return
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise LoadError(f"{file}:{n}: not JSON ({getattr(e, 'msg', e)})") from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if text is None and isinstance(row, dict) and "prompt" in row:
-                text = str(row["prompt"]) + str(row.get("completion", ""))
-            if not isinstance(text, str):
-                raise LoadError(f"{file}:{n}: needs a 'text' or 'prompt' field")
-            yield text
 
 
 def _calibrated_adapters(src: Path, meta_rev: RevModel, batches: list[torch.Tensor],
