@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from revffn_fx.errors import RevFFNError
+from revffn_fx.exits import Command  # the exit statuses of every revffn command
 
 if TYPE_CHECKING:
     import torch
@@ -571,28 +572,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 # -------------------------------------------------------------------------------------- CLI
 
-class _BenchCommand(click.Command):
-    """Exit statuses as in :mod:`revffn_fx.cli` when run on its own: 2 and one line for bad
-    input; registered on ``revffn``'s group, the group maps them the same way."""
-
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            super().main(*args, standalone_mode=False, **kwargs)
-        except click.UsageError as e:
-            _die(e.format_message())
-        except RevFFNError as e:
-            _die(str(e) or type(e).__name__)
-        sys.exit(0)
-
-
-def _die(message: str) -> None:
-    click.echo("error: " + " ".join(p.strip() for p in message.splitlines() if p.strip()),
-               err=True)
-    sys.exit(2)
-
-
 def _parse_depths(spec: str) -> list[int]:
     try:
         depths = [int(p) for p in spec.split(",") if p.strip()]
@@ -603,7 +582,7 @@ def _parse_depths(spec: str) -> list[int]:
     return depths
 
 
-@click.command("bench", cls=_BenchCommand, short_help="Measure memory and time of a training step.",
+@click.command("bench", cls=Command, short_help="Measure memory and time of a training step.",
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model_dir", required=False, type=click.Path(path_type=str))
 @click.option("--synthetic", metavar="NAME",

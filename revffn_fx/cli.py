@@ -2,7 +2,7 @@
 ``revffn-transform``.
 
 A thin layer over the library: parse arguments, call library functions, print. Exit
-statuses are decided in one place (:class:`_ExitStatus`): 0 success; 2 bad input or a check
+statuses are decided in one place (:mod:`revffn_fx.exits`): 0 success; 2 bad input or a check
 that failed (any :class:`revffn_fx.errors.RevFFNError`, or a usage error), one line on
 stderr; 1 anything else, which is a bug (set ``REVFFN_DEBUG=1`` for the full traceback).
 """
@@ -10,11 +10,9 @@ stderr; 1 anything else, which is a bug (set ``REVFFN_DEBUG=1`` for the full tra
 from __future__ import annotations
 
 import json
-import os
 import sys
-import traceback
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 from rich.console import Console
@@ -24,89 +22,16 @@ from rich.text import Text
 from revffn_fx import __version__
 from revffn_fx.bench import bench_command
 from revffn_fx.errors import RevFFNError
+from revffn_fx.exits import EXIT_HELP, Command, Group
 from revffn_fx.output import check_model_dir as _check_model_dir
 from revffn_fx.output import human_bytes, parse_bytes, progress_reporter
 
-EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
-# click >= 8.2 raises this for a bare ``revffn``; older click printed the help and exited 0
-_NO_ARGS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 _WIDTH = 120  # rich's width when the output is not a terminal: stable for pipes and tests
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-_EXIT_HELP = """\b
-Exit status:
-  0  success
-  2  bad input or a check that failed (one line on stderr, "error: ...")
-  1  a bug in revffn-fx (set REVFFN_DEBUG=1 for the full traceback)"""
 
 
 class VerificationFailed(RevFFNError):
     """``revffn verify`` found errors above tolerance."""
-
-
-def _one_line(text: str) -> str:
-    """``text`` with its lines joined, so an error is always one line."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {_one_line(message)}", err=True)
-    sys.exit(code)
-
-
-def _bug(exc: BaseException) -> NoReturn:
-    """Report an unexpected exception: one line, where it happened, and how to see more."""
-    if os.environ.get("REVFFN_DEBUG"):
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in " \
-            f"{frames[-1].name})" if frames else ""
-    click.echo(f"error: internal error, a bug in revffn-fx: {type(exc).__name__}: "
-               f"{_one_line(str(exc)) or '(no message)'}{where}", err=True)
-    if not os.environ.get("REVFFN_DEBUG"):
-        click.echo("hint: rerun with REVFFN_DEBUG=1 for the full traceback, and report it",
-                   err=True)
-    sys.exit(EXIT_BUG)
-
-
-class _ExitStatus:
-    """Mixin for click commands: maps exceptions to the documented exit statuses."""
-
-    def main(self, args: Any = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True,
-             **extra: Any) -> Any:
-        try:
-            rv = super().main(args, prog_name, complete_var,  # type: ignore[misc]
-                              standalone_mode=False, **extra)
-        except _NO_ARGS as e:  # bare ``revffn``: the help, as for --help
-            click.echo(e.format_message())
-            rv = EXIT_OK
-        except click.UsageError as e:
-            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            _fail(e.format_message() + hint, EXIT_BAD_INPUT)
-        except click.ClickException as e:
-            _fail(e.format_message(), e.exit_code)
-        except RevFFNError as e:
-            _fail(str(e) or type(e).__name__, EXIT_BAD_INPUT)
-        except (click.Abort, KeyboardInterrupt):
-            _fail("interrupted", 130)
-        except OSError as e:  # the environment (a full disk, a permission), not a bug
-            _fail(f"{e.filename or 'error'}: {e.strerror or e}", EXIT_BAD_INPUT)
-        except MemoryError:
-            _fail("out of memory", EXIT_BAD_INPUT)
-        except Exception as e:  # anything else is a bug
-            _bug(e)
-        if not standalone_mode:
-            return rv
-        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
-
-
-class Command(_ExitStatus, click.Command):
-    """A click command with revffn's exit statuses."""
-
-
-class Group(_ExitStatus, click.Group):
-    """A click group with revffn's exit statuses; its subcommands are plain commands."""
 
 
 def _console(stderr: bool = False, wide: bool = False) -> Console:
@@ -141,7 +66,7 @@ def _human(n: int | float) -> str:
 
 # ------------------------------------------------------------------------------------ transform
 
-@click.command("transform", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP,
+@click.command("transform", cls=Command, context_settings=_CONTEXT, epilog=EXIT_HELP,
                short_help="Rewrite a model dir into reversible layers.")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.argument("out_dir", type=click.Path(path_type=str))
@@ -289,7 +214,7 @@ def _plan_table(plan: Any) -> Table:
     return table
 
 
-@click.command("inspect", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP,
+@click.command("inspect", cls=Command, context_settings=_CONTEXT, epilog=EXIT_HELP,
                short_help="What the analysis finds in each layer.")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True,
@@ -336,7 +261,7 @@ def _load_rev(out_dir: str) -> Any:
     return load(out_dir)
 
 
-@click.command("verify", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP,
+@click.command("verify", cls=Command, context_settings=_CONTEXT, epilog=EXIT_HELP,
                short_help="Check a transformed dir's generated backward.")
 @click.argument("out_dir", type=click.Path(path_type=str))
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True,
@@ -399,7 +324,7 @@ def _print_diff(text: str) -> None:
         console.print(Text(line, style=styles.get(line[:1], "")))
 
 
-@click.command("diff", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP,
+@click.command("diff", cls=Command, context_settings=_CONTEXT, epilog=EXIT_HELP,
                short_help="Show the graphs the transform changes.")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("--coupling", type=click.Choice(["revffn", "revnet", "momentum", "meft"]),
@@ -486,7 +411,7 @@ def plan_table(rows: Any, title: str, budget: int, wide: bool = False) -> Table:
     return table
 
 
-@click.command("plan", cls=Command, context_settings=_CONTEXT, epilog=_EXIT_HELP,
+@click.command("plan", cls=Command, context_settings=_CONTEXT, epilog=EXIT_HELP,
                short_help="Estimate whether fine-tuning fits a GPU.")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("--gpu-mem", default="80GB", show_default=True, metavar="SIZE",
@@ -545,7 +470,7 @@ def plan(model_dir: str, gpu_mem: str, batch: int, seq: int, optimizer: str,
         click.echo(_PLAN_NOTE)
 
 
-@click.group("revffn", cls=Group, context_settings=_CONTEXT, epilog=_EXIT_HELP)
+@click.group("revffn", cls=Group, context_settings=_CONTEXT, epilog=EXIT_HELP)
 @click.version_option(__version__, "-V", "--version", prog_name="revffn")
 def main() -> None:
     """revffn-fx: rewrite Hugging Face MoE causal LMs into reversible couplings.

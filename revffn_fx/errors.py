@@ -1,7 +1,8 @@
 """Exceptions raised for problems a user can act on.
 
-Every exception here carries a one-line message; the CLI prints it and exits with status 2.
-Anything else that escapes is a bug (exit status 1).
+Every :class:`RevFFNError` carries a one-line message; the CLI prints it and exits with
+status 2. Anything else that escapes is a bug (exit status 1), :class:`InternalError` among
+them.
 """
 
 from __future__ import annotations
@@ -29,3 +30,9 @@ class FixedPointError(RevFFNError, RuntimeError):
 
 class ExportError(RevFFNError):
     """A transformed model could not be written or read back."""
+
+
+class InternalError(RuntimeError):
+    """An invariant of revffn-fx's own code broke, e.g. a built-in pass failed or left a graph
+    the next pass cannot read: a bug (exit status 1), never the user's input. Deliberately
+    not a :class:`RevFFNError`."""

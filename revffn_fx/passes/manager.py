@@ -5,6 +5,11 @@ A pass is either a ``torch.fx.passes.infra.pass_base.PassBase`` (its ``requires`
 returning a ``PassResult``, a GraphModule, or None (modified in place). This follows
 ``torch.fx.passes.infra.pass_manager`` but also records a before/after snapshot of every
 pass, from which diffs are rendered.
+
+Who is to blame when a pass fails decides the exit status: a :class:`RevFFNError` (a
+refusal of the user's model) passes through; any other exception, or an invalid graph, is
+an :class:`InternalError` (a bug, exit 1) after a built-in pass (one defined in revffn_fx)
+and a RevFFNError (the user's code, exit 2) after a user's pass.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..errors import RevFFNError
+from ..errors import InternalError, RevFFNError
 
 Pass = PassBase | Callable[[fx.GraphModule], Any]
 
@@ -34,6 +39,19 @@ class PassRecord:
 
 def pass_name(p: Pass) -> str:
     return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
+
+
+def is_builtin(p: Pass) -> bool:
+    """Whether ``p`` is revffn-fx's own pass (defined in the package), not a user's."""
+    module = getattr(p, "__module__", None) or type(p).__module__
+    return module == "revffn_fx" or module.startswith("revffn_fx.")
+
+
+def _failure(p: Pass, what: str) -> Exception:
+    """The error for pass ``p`` failing: a bug in ours, the user's problem in theirs."""
+    if is_builtin(p):
+        return InternalError(f"built-in pass {pass_name(p)} {what}")
+    return RevFFNError(f"pass {pass_name(p)} {what}")
 
 
 def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
@@ -73,7 +91,7 @@ class PassManager:
             except RevFFNError:
                 raise
             except Exception as exc:
-                raise RevFFNError(f"pass {name} failed: {type(exc).__name__}: {exc}") from exc
+                raise _failure(p, f"failed: {type(exc).__name__}: {exc}") from exc
             if isinstance(result, PassResult):
                 gm, modified = result.graph_module, result.modified
             elif isinstance(result, fx.GraphModule):
@@ -81,13 +99,13 @@ class PassManager:
             elif result is None:
                 modified = True
             else:
-                raise RevFFNError(f"pass {name} returned {type(result).__name__}; "
-                                  "expected a PassResult, a GraphModule or None")
+                raise _failure(p, f"returned {type(result).__name__}; expected a PassResult, "
+                                  "a GraphModule or None")
             if self.lint:
                 try:
                     gm.graph.lint()
                 except Exception as exc:
-                    raise RevFFNError(f"pass {name} left an invalid graph: {exc}") from exc
+                    raise _failure(p, f"left an invalid graph: {exc}") from exc
                 gm.recompile()
             if isinstance(p, PassBase):
                 p.ensures(gm)
