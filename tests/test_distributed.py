@@ -191,6 +191,13 @@ def _worker(rank: int, tmp: str) -> None:
         out["refuse_fsdp1"] = ""
     except RevFFNError as e:
         out["refuse_fsdp1"] = str(e)
+    rev = _model("revffn")
+    rev(local(0), labels=local(0)).loss.backward()  # compiled before wrapping
+    try:
+        FSDP1(rev, device_id=torch.device("cpu"))(local(0), labels=local(0)).loss.backward()
+        out["refuse_fsdp1_compiled"] = ""
+    except RevFFNError as e:
+        out["refuse_fsdp1_compiled"] = str(e)
     Path(tmp, f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
@@ -247,3 +254,21 @@ def test_unsupported_wrappers_are_refused(results: list[dict[str, Any]]) -> None
         assert "fuse_optimizer(ddp_model" in r["refuse_ddp_inner"]
         assert r["ddp_attached"] <= 1e-10
         assert "FSDP1" in r["refuse_fsdp1"]
+        assert "FSDP1" in r["refuse_fsdp1_compiled"]
+
+
+def test_parameters_swapped_after_forward_get_their_gradients() -> None:
+    """What FSDP2 does between the forward and the backward, without a process group: the
+    registered parameter objects change; the stack finds the new ones on their modules."""
+    ids = _ids(0)
+    ref = _model("revffn")
+    ref(ids, labels=ids).loss.backward()
+    rev = _model("revffn")
+    loss = rev(ids, labels=ids).loss
+    attn = rev.model.model.layers[0].self_attn.q_proj
+    old = attn.weight
+    attn.weight = torch.nn.Parameter(old.detach().clone())
+    loss.backward()
+    want = ref.model.model.layers[0].self_attn.q_proj.weight.grad
+    assert old.grad is None
+    torch.testing.assert_close(attn.weight.grad, want, rtol=1e-12, atol=1e-14)
