@@ -132,6 +132,16 @@ def _worker(rank: int, tmp: str) -> None:
                                                  rev.adapters[str(i)] if str(i) in rev.adapters
                                                  else torch.nn.Module())
              for p in m.parameters()])
+    # gradient accumulation: the first micro-batch without reduction, the second with it
+    ref = _model("revffn")
+    for step in (0, 1):
+        ref(_ids(step), labels=_ids(step)).loss.backward()
+    rev = rd.shard(_model("revffn"), mesh)
+    for step in (0, 1):
+        rev.set_requires_gradient_sync(step == 1)
+        rev(local(step), labels=local(step)).loss.backward()
+    out["fsdp_accumulate"] = _max_err({n: p.grad for n, p in rev.named_parameters()},
+                                      {n: p.grad for n, p in ref.named_parameters()})
     # the FSDP2 recipe applied by hand (or by accelerate): fully_shard on each decoder layer,
     # then on the RevModel; the stacks adopt those units
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -228,6 +238,11 @@ def test_three_steps_equal_one_process_adamw(results: list[dict[str, Any]], case
         if case == "fsdp_fused":  # every gradient was stepped and freed; the layers'
             assert r[f"fsdp_fused_grads_left_{coupling}"] == 0  # inside the backward
             assert r[f"fsdp_fused_in_backward_{coupling}"] == 1.0
+
+
+def test_fsdp_gradient_accumulation(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        assert r["fsdp_accumulate"] <= 1e-10
 
 
 def test_fully_shard_recipe_is_adopted(results: list[dict[str, Any]]) -> None:
