@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="FSDP2 mixed precision: bf16 parameters for compute, fp32 reduce")
     p.add_argument("--offload", action="store_true",
                    help="FSDP2 CPUOffloadPolicy (sharded parameters on the CPU; CUDA only)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="FSDP2: do not all-gather the next layer during this one's compute")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps")
     p.add_argument("--batch", type=int, default=2, help="rows per rank")
     p.add_argument("--seq", type=int, default=128, help="tokens per row")
@@ -113,7 +115,7 @@ def wrap(model: torch.nn.Module, args: argparse.Namespace, mesh: Any) -> torch.n
     if args.offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     if isinstance(model, RevModel):
-        return rd.shard(model, mesh, **kw)
+        return rd.shard(model, mesh, prefetch=not args.no_prefetch, **kw)
     # the original model: FSDP2's usual recipe, one unit per decoder layer + root
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, **kw)

@@ -41,14 +41,17 @@ def _fully_shard() -> Any:
 
 
 def shard(rev: RevModel, mesh: Any = None, *, reshard_after_forward: bool | int = True,
-          layers_left_out: bool = True, **fsdp_kwargs: Any) -> RevModel:
+          layers_left_out: bool = True, prefetch: bool = True,
+          **fsdp_kwargs: Any) -> RevModel:
     """Shard ``rev`` with FSDP2, one unit per decoder layer, plus the root.
 
     ``mesh``: a 1-D DeviceMesh (default: FSDP2's, over the whole world). Other keyword
     arguments go to every ``fully_shard`` call: ``mp_policy=MixedPrecisionPolicy(
     param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``, ``offload_policy=
     CPUOffloadPolicy()``, ... Build the optimizer (or ``fuse_optimizer``) after this, on
-    ``rev.parameters()`` (now sharded DTensors). Returns ``rev`` (sharded in place).
+    ``rev.parameters()`` (now sharded DTensors). ``prefetch``: issue the next layer's
+    all-gather before computing this one (overlap; two layers gathered at a time). Returns
+    ``rev`` (sharded in place).
     """
     if not isinstance(rev, RevModel):
         raise RevFFNError(f"shard() takes a RevModel, not {type(rev).__name__}")
@@ -78,6 +81,7 @@ def shard(rev: RevModel, mesh: Any = None, *, reshard_after_forward: bool | int 
     # the root keeps its parameters gathered from forward to backward, as FSDP2's root does
     fully_shard(rev, **dict(kw, reshard_after_forward=False))
     rev.options.shard_units = units
+    rev.options.prefetch = prefetch
     return rev
 
 

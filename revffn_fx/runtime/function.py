@@ -83,11 +83,12 @@ class RevFunction(torch.autograd.Function):
         states, counts, logits = [], [], []
         lost: list[torch.Tensor] = []  # exact_streams: the bits the scaled updates dropped
         layer_now, units = None, []
+        layers = list(stack.layers)
         for _, u, layer in _updates(stack):
             if layer is not layer_now:  # FSDP2: gather one layer's parameters at a time
                 reshard(units, forward=True)
                 layer_now, units = layer, layer.units(opts)
-                unshard(units)
+                unshard(units, _next_units(layers, layer, 1, opts))
             states.append(rng.capture(devices))
             if record:
                 with tap.recording() as rec:  # type: ignore[union-attr]
@@ -144,6 +145,7 @@ class RevFunction(torch.autograd.Function):
                     first_use.setdefault(id(p), j)
         pending: dict[int, torch.Tensor] = {}  # sink path: partial gradients by id
         layer_now, units = None, []
+        layers = list(stack.layers)
         for j in reversed(range(len(updates))):
             name, u, layer = updates[j]
             if layer is not layer_now:
@@ -151,7 +153,7 @@ class RevFunction(torch.autograd.Function):
                 # gather this layer's parameters for its reconstruction and recompute
                 reduce_grads(units, opts.reduced_sink)
                 layer_now, units = layer, layer.units(opts)
-                unshard(units)
+                unshard(units, _next_units(layers, layer, -1, opts))
             t = u.target
             with torch.no_grad(), rng.replay(fctx.states[j]), _autocast(fctx.amp):
                 if not u.closed_form:
@@ -222,6 +224,15 @@ class RevFunction(torch.autograd.Function):
                         sink(p, pending.pop(id(p)))
         reduce_grads(units, opts.reduced_sink)
         return (None,) * 6 + tuple(gy) + tuple(cgrads) + tuple(pgrads)
+
+
+def _next_units(layers: list[Any], layer: Any, step: int, opts: Any) -> list[Any]:
+    """The FSDP2 units of the layer after ``layer`` in walking order (``step`` 1: forward,
+    -1: backward), to prefetch; none at the end of the stack or without prefetching."""
+    if not (opts.prefetch and opts.shard_units):
+        return []
+    i = next(k for k, lay in enumerate(layers) if lay is layer) + step
+    return layers[i].units(opts) if 0 <= i < len(layers) else []
 
 
 def _rebuild(leaves: list[Any], spec: Any, pos: list[int], tensors: Any) -> dict[str, Any]:

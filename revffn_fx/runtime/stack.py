@@ -54,6 +54,8 @@ class RuntimeOptions:
     # called once at the start of each generated backward (the fused optimizer under FSDP2
     # queues its step of the parameters FSDP reduces at the end of the backward)
     backward_start: Any = None
+    # all-gather the next layer's FSDP2 units while this layer computes (two layers gathered)
+    prefetch: bool = True
     # called when a layer's parameters turn out to be DTensors of FSDP2 units this model did
     # not register (fully_shard applied by the user or accelerate): registers them (set by
     # revffn_fx.distributed.check_wrappers when a graph is compiled)
@@ -199,9 +201,14 @@ def check_params(stack: RevStack, adopt: bool = True) -> None:
             "revffn_fx.distributed.shard(rev) (FSDP2) or use DDP")
 
 
-def unshard(units: list[Any]) -> None:
+def unshard(units: list[Any], prefetch: list[Any] | None = None) -> None:
+    """All-gather ``units`` (waiting for an all-gather issued earlier), then issue the
+    all-gather of ``prefetch`` (the next layer's units) without waiting, so it overlaps
+    this layer's compute."""
     for unit in units:
         unit.unshard()
+    for unit in prefetch or ():
+        unit.unshard(async_op=True)
 
 
 def reshard(units: list[Any], forward: bool = False) -> None:
