@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .estimate import Estimate, _dtype_bytes, estimate
+from .estimate import Dims, Estimate, _dtype_bytes, estimate
 from .output import parse_bytes
 
 __all__ = ["PlanRow", "activation_peak", "memory_plan", "parse_bytes"]
@@ -35,7 +35,8 @@ OPTIMIZERS = {"adamw": 2.0, "adamw8bit": 2.0, "sgd": 1.0}  # states per paramete
 METHODS = (("plain fine-tuning", "none", "original"),
            ("gradient checkpointing", "checkpoint", "original"),
            ("reversible (revffn)", "revffn", "original"),
-           ("reversible + lean loss head", "revffn", "chunked"))
+           ("reversible + lean loss head", "revffn", "chunked"),
+           ("exact mode (checkpointing + lean head)", "checkpoint", "chunked"))
 _HEAD_PARTS = ("head input + fp32 log-softmax", "labels", "head gradients (hidden, weight)")
 
 
@@ -98,6 +99,61 @@ def activation_peak(config: Any, batch: int, seq: int, method: str = "revffn",
     return act + head
 
 
+def _head_transient(config: Any, batch: int, seq: int, e: int, head: str) -> int:
+    """Bytes the loss head holds at its own peak, while the loss is computed.
+
+    The original head: its input, the logits in the model's dtype (when not fp32), their
+    fp32 copy and log-softmax, and in its backward the two fp32 gradients (3 fp32 copies of
+    ``tokens x vocab`` at once, as measured). The lean head: its input, the gradients it
+    computes in forward (hidden, weight) and one chunk (about the hidden states' bytes).
+    """
+    m = Dims.of(config)
+    t = batch * seq
+    td = t * m.hidden * e
+    if head == "chunked":
+        return 3 * td + m.vocab * m.hidden * e
+    return td + t * m.vocab * (12 + (e if e != 4 else 0))
+
+
+def whole_step(config: Any, batch: int, seq: int, method: str, head: str, fused: bool,
+               n: int, biggest: int, optimizer: str = "adamw",
+               dtype: torch.dtype | str | None = None,
+               layers: Sequence[int] | None = None) -> PlanRow:
+    """The peak of a whole step (forward, loss, backward, optimizer step), as the larger of
+    its two candidate moments (what ``revffn bench --step`` measures):
+
+    - the loss: parameters, optimizer states, everything saved before the head and the
+      head's own peak (:func:`_head_transient`); no gradient exists yet;
+    - the end of the backward and the optimizer step (ordinary optimizer: every gradient,
+      the last recomputation or the step's temporaries, two of the largest parameter), or
+      with the fused optimizer the larger of one parameter's step (its gradient and the
+      step's temporaries) and the start of the backward (everything saved, one
+      recomputation, the lean head's gradients).
+    """
+    e = _dtype_bytes(config, dtype)
+    state_bytes = 1 if optimizer == "adamw8bit" else e
+    params, states = n * e, int(OPTIMIZERS[optimizer] * n * state_bytes)
+    est = estimate(config, batch, seq, method, dtype, head, layers)
+    head_saved = sum(est.parts.get(k, 0) for k in _HEAD_PARTS)
+    saved_rest = est.saved_bytes - head_saved
+    loss = PlanRow("", fused, params, 0, states, max(saved_rest, 0),
+                   _head_transient(config, batch, seq, e, head))
+    step_temps = 2 * biggest * e
+    recompute = est.recompute_bytes or est.peak_activation_bytes
+    if fused:  # the larger of: one parameter stepped; the start of the backward
+        start = max(saved_rest, 0) + (recompute if method != "none" else 0) + (
+            head_saved if head == "chunked" else 0)
+        end = (PlanRow("", True, params, biggest * e, states + step_temps, 0, 0)
+               if biggest * e + step_temps >= start else
+               PlanRow("", True, params, 0, states, start - (head_saved if head == "chunked"
+                                                              else 0),
+                       head_saved if head == "chunked" else 0))
+    else:
+        end = PlanRow("", False, params, n * e, states,
+                      max(recompute if method != "none" else 0, step_temps), 0)
+    return max(loss, end, key=lambda r: r.total)
+
+
 def memory_plan(config: Any, batch: int, seq: int, optimizer: str = "adamw",
                 dtype: torch.dtype | str | None = None,
                 layers: Sequence[int] | None = None) -> list[PlanRow]:
@@ -105,18 +161,13 @@ def memory_plan(config: Any, batch: int, seq: int, optimizer: str = "adamw",
     ``layers``: the decoder layers the reversible methods convert (None: all)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    e = _dtype_bytes(config, dtype)
-    state_bytes = 1 if optimizer == "adamw8bit" else e
     stats = {m: _param_stats(config, m, layers) for m in ("none", "revffn")}
     rows = []
     for label, method, head in METHODS:
         n, biggest = stats["revffn" if method == "revffn" else "none"]
-        est = estimate(config, batch, seq, method, dtype, head,
-                       layers if method == "revffn" else None)
         for fused in (False, True):
-            act, head_bytes = _activations(est, method, fused)
-            grads = biggest * e if fused else n * e
-            rows.append(PlanRow(label, fused, n * e, grads,
-                                int(OPTIMIZERS[optimizer] * n * state_bytes), act,
-                                head_bytes))
+            row = whole_step(config, batch, seq, method, head, fused, n, biggest, optimizer,
+                             dtype, layers if method == "revffn" else None)
+            row.method = label
+            rows.append(row)
     return rows

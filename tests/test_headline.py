@@ -169,6 +169,17 @@ def test_step_bench_splits_what_each_part_contributes() -> None:
     # and gradient are what the original head adds on top
     assert rows["revffn/no-head"].peak_bytes > rows["revffn"].peak_bytes + 2 * 2 ** 20
     assert rows["revffn"].head_chunk is not None and rows["ckpt"].head_chunk is None
+    # revffn plan counts the same step: within 10% of the measured peaks
+    from revffn_fx.planner import memory_plan
+
+    plan = {(r.method, r.fused): r.total for r in memory_plan(config, 2, 64)}
+    for m, key in (("sft", ("plain fine-tuning", False)),
+                   ("ckpt", ("gradient checkpointing", False)),
+                   ("exact", ("exact mode (checkpointing + lean head)", True)),
+                   ("revffn", ("reversible + lean loss head", True)),
+                   ("revffn/no-fusion", ("reversible + lean loss head", False))):
+        assert abs(plan[key] / rows[m].peak_bytes - 1) <= 0.10, (m, plan[key],
+                                                                rows[m].peak_bytes)
 
 
 def test_bench_step_cli_writes_json_and_plot(tmp_path: Path) -> None:
