@@ -17,7 +17,7 @@ import revffn_fx as rf
 from revffn_fx.errors import RevFFNError, TraceError
 from revffn_fx.ir import logits_and_loss
 
-HAND = ["gpt", "tokens", "parallel", "three"]
+HAND = ["gpt", "tokens", "parallel", "three", "skip"]
 
 
 def _ids(batch: int = 2, seq: int = 8, seed: int = 1) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_converted_fp64_backward_matches_autograd(name: str, coupling: str) -> N
     model = tiny_model(name, dtype=torch.float64)
     rev = rf.transform(model, coupling=coupling)
     assert rev.converted == [0, 1]
-    n_updates = 3 if name == "three" else 2
+    n_updates = 3 if name in ("three", "skip") else 2
     assert all(len(rev.specs(True)[i].updates) == n_updates for i in (0, 1))
     ids = _ids()
     out = _call(rev, name, ids)
@@ -295,3 +295,13 @@ def test_object_and_dict_outputs_keep_their_structure() -> None:
         out = rev(ids, targets=ids) if cls is DictLM else rev(ids, labels=ids)
         logits_and_loss(out)[1].backward()  # the model's own loss, through the stacks
         assert rev.adapters["0"]["F_up"].weight.grad is not None
+
+
+def test_shortcut_that_skips_a_sublayer_converts() -> None:
+    """``h = x + attn(n1(x)); out = h + mlp(n2(h)) + moe(n3(x))``: the MoE reads the layer
+    input, skipping two updates; coupled as the third update in sequence."""
+    lp = rf.analyze(rf.trace(tiny_model("skip"))).layers[0]
+    assert lp.convertible and lp.kinds == ["attention", "mlp", "moe"]
+    assert [s.residual_node for s in lp.sublayers] == ["x", "add", "x"]
+    assert "a shortcut (moe reads the stream from before the attention and mlp updates)" \
+        in lp.pairing

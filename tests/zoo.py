@@ -275,6 +275,23 @@ class ThreeBlock(nn.Module):
         return x + self.moe(self.norm3(x))
 
 
+class SkipBlock(nn.Module):
+    """A MoE shortcut that skips a sublayer: attention, a dense MLP, and a MoE that reads
+    the layer input, ``h = x + attn(n1(x)); out = h + mlp(n2(h)) + moe(n3(x))``."""
+
+    def __init__(self, hidden: int, heads: int, inner: int, n_experts: int,
+                 top_k: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(hidden) for _ in range(3))
+        self.attn = HandAttention(hidden, heads)
+        self.mlp = HandExpert(hidden, inner)
+        self.moe = HandMoEBlock(hidden, inner, n_experts, top_k)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.norm1(x), mask)
+        return h + self.mlp(self.norm2(h)) + self.moe(self.norm3(x))
+
+
 class GPTMoE(nn.Module):
     """A GPT-style MoE LM: ``forward(input_ids, labels=None) -> (logits, loss)``; learned
     positions, a causal mask from a buffer, loss computed by the model itself."""
@@ -331,8 +348,15 @@ class ThreeMoE(GPTMoE):
     block_class = ThreeBlock
 
 
+class SkipMoE(GPTMoE):
+    """GPT-style LM whose MoE skips a sublayer (:class:`SkipBlock`)."""
+
+    block_class = SkipBlock
+
+
 HAND_LMS: dict[str, type[nn.Module]] = {"gpt": GPTMoE, "tokens": TokensMoE,
-                                        "parallel": ParallelMoE, "three": ThreeMoE}
+                                        "parallel": ParallelMoE, "three": ThreeMoE,
+                                        "skip": SkipMoE}
 
 
 # Hugging Face dense architectures with a parallel residual (x + attn(n(x)) + mlp(n'(x))),

@@ -93,10 +93,30 @@ def _sum_terms(node: fx.Node, g: nx.DiGraph) -> tuple[list[Any], list[fx.Node]]:
     return terms, adds
 
 
-def _step(v: fx.Node, g: nx.DiGraph, idom: dict[fx.Node, fx.Node]
-          ) -> tuple[fx.Node, list[fx.Node], list[fx.Node]] | None:
-    """``v = r + b_1 + ... + b_k`` where every ``b_i`` reads the layer input only through
-    ``r`` (``r`` dominates it): ``(r, [b_i], add nodes)``, else None."""
+Step = tuple[fx.Node, list[tuple[fx.Node, fx.Node]], list[fx.Node]]
+
+
+def _chain(r: fx.Node, g: nx.DiGraph, idom: dict[fx.Node, fx.Node],
+           memo: dict[fx.Node, Step | None]) -> list[fx.Node]:
+    """The residual stream values from ``r`` back as far as it is a chain of sums."""
+    out = [r]
+    while True:
+        step = _step(out[-1], g, idom, memo)
+        if step is None:
+            return out
+        out.append(step[0])
+
+
+def _step(v: fx.Node, g: nx.DiGraph, idom: dict[fx.Node, fx.Node],
+          memo: dict[fx.Node, Step | None] | None = None) -> Step | None:
+    """``v = r + b_1 + ... + b_k``, each ``b_i`` reading the layer input only through one
+    value ``c_i`` of the residual stream: ``r`` itself (``r`` dominates ``b_i``), or an
+    earlier value of the chain that leads to ``r`` with no later value in between (a
+    shortcut that skips updates). Returns ``(r, [(c_i, b_i)], add nodes)``, else None."""
+    memo = {} if memo is None else memo
+    if v in memo:
+        return memo[v]
+    memo[v] = None  # a cycle cannot be a chain
     if not is_add(v):
         return None
     terms, adds = _sum_terms(v, g)
@@ -104,8 +124,23 @@ def _step(v: fx.Node, g: nx.DiGraph, idom: dict[fx.Node, fx.Node]
     order = list(v.graph.nodes)
     for r in sorted(dependent, key=order.index):
         others = [t for t in dependent if t is not r]
-        if others and all(_dominates(idom, r, t) for t in others):
-            return r, sorted(others, key=order.index), adds
+        if not others:
+            continue
+        branches: list[tuple[fx.Node, fx.Node]] = []
+        chain: list[fx.Node] | None = None
+        for t in others:
+            if _dominates(idom, r, t):
+                branches.append((r, t))
+                continue
+            chain = chain if chain is not None else _chain(r, g, idom, memo)
+            k = next((k for k in range(1, len(chain)) if _dominates(idom, chain[k], t)), 0)
+            # the branch reads that earlier value only: no later stream value feeds it
+            if not k or nx.ancestors(g, t) & set(chain[:k]):
+                break
+            branches.append((chain[k], t))
+        if len(branches) == len(others):
+            memo[v] = (r, sorted(branches, key=lambda cb: order.index(cb[1])), adds)
+            return memo[v]
     return None
 
 
@@ -137,20 +172,21 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
     trunk_adds = {n for n in trunk if is_add(n)
                   and any(isinstance(a, fx.Node) and a in g and idom.get(n) is a
                           for a in n.args[:2])}
-    steps: list[tuple[fx.Node, list[fx.Node], list[fx.Node]]] = []
+    steps: list[Step] = []
+    memo: dict[fx.Node, Step | None] = {}
     v = result
     reason = ""
     while isinstance(v, fx.Node) and v is not hidden:
-        step = _step(v, g, idom) if v in g else None
+        step = _step(v, g, idom, memo) if v in g else None
         if step is None:
             break
         steps.append(step)
         v = step[0]
     steps.reverse()
     sublayers: list[Sublayer] = []
-    for r, branches, adds in steps:
-        for b in branches:
-            sublayers.append(_sublayer(gm, modules, g, hidden, r, b, _updates_of(adds, g, b),
+    for _, branches, adds in steps:
+        for c, b in branches:
+            sublayers.append(_sublayer(gm, modules, g, hidden, c, b, _updates_of(adds, g, b),
                                        overrides, routers))
     if v is not hidden:
         upstream = (isinstance(v, fx.Node) and v in g
@@ -158,7 +194,7 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
         # a sum with a residual sum among its terms, whose other terms also read the input
         # some other way: a branch that reads the stream before and after an update
         two_points = (isinstance(v, fx.Node) and v in g and is_add(v) and any(
-            isinstance(t, fx.Node) and _step(t, g, idom) is not None
+            isinstance(t, fx.Node) and _step(t, g, idom, memo) is not None
             for t in _sum_terms(v, g)[0]))
         if two_points or (steps and isinstance(v, fx.Node) and v in g and is_add(v)):
             terms = [t.name for t in _sum_terms(v, g)[0] if isinstance(t, fx.Node) and t in g]
@@ -204,14 +240,22 @@ def describe_pairing(plan: LayerPlan, start: int = 0) -> str:
     targets = update_targets(plan, start)
     parts = [f"{s.kind} -> X{t + 1} (reads X{2 - t})" for s, t in zip(plan.sublayers, targets)]
     text = ", ".join(parts)
-    groups: dict[str, list[str]] = {}
-    for s in plan.sublayers:
-        groups.setdefault(s.residual_node, []).append(s.kind)
-    parallel = [kinds for kinds in groups.values() if len(kinds) > 1]
-    for kinds in parallel:
-        text += (f"; parallel residual ({' and '.join(kinds)} read the same input): coupled "
-                 f"as updates in sequence, each reading the stream the one before updated (the "
-                 "function changes slightly, as every coupling changes it)")
+    groups: dict[str, list[int]] = {}
+    for j, s in enumerate(plan.sublayers):
+        groups.setdefault(s.residual_node, []).append(j)
+    kinds = plan.kinds
+    for members in (m for m in groups.values() if len(m) > 1):
+        run = [j for k, j in enumerate(members) if k == 0 or j == members[k - 1] + 1]
+        if len(run) > 1:
+            text += (f"; parallel residual ({' and '.join(kinds[j] for j in run)} read the "
+                     "same input)")
+        for k, j in enumerate(members[1:], 1):
+            if j != members[k - 1] + 1:
+                skipped = " and ".join(kinds[i] for i in range(members[0], j))
+                text += (f"; a shortcut ({kinds[j]} reads the stream from before the "
+                         f"{skipped} updates)")
+        text += (": coupled as updates in sequence, each reading the stream the one before "
+                 "updated (the function changes slightly, as every coupling changes it)")
     if len(targets) % 2:
         text += f"; odd number of updates: the next layer starts on X{2 - targets[-1]}"
     return text
