@@ -93,8 +93,13 @@ def prepare(rev: RevModel) -> RevModel:
     policy they fail; without one they gather parameters during tracing). :func:`shard`
     calls this; call it yourself before applying ``fully_shard`` by hand or through
     accelerate."""
-    for training in (True, False):
-        rev.specs(training)
+    from .errors import ConversionError
+
+    rev.specs(True)
+    try:
+        rev.specs(False)
+    except ConversionError:  # eval mode is compiled (and refused) when it is first used
+        pass
     return rev
 
 

@@ -108,6 +108,10 @@ def _worker(rank: int, tmp: str) -> None:
         rev(local(0), labels=local(0)).loss.backward()
         out[f"fsdp_grad_{coupling}"] = _max_err(
             {n: p.grad for n, p in rev.named_parameters()}, ref_grads)
+        with torch.no_grad():  # eval: each layer gathered, run as plain modules, resharded
+            got = rev.eval()(local(0)).logits
+            want = _model(coupling).eval()(local(0)).logits
+        out[f"fsdp_eval_{coupling}"] = float((got - want).abs().max() / want.abs().max())
         rev = rd.shard(_model(coupling), mesh)
         opt = torch.optim.AdamW(rev.parameters(), lr=1e-2, weight_decay=0.1)
         for step in range(STEPS):
@@ -227,6 +231,8 @@ def test_gradients_equal_one_process(results: list[dict[str, Any]], wrapper: str
                                      coupling: str) -> None:
     for r in results:
         assert r[f"{wrapper}_grad_{coupling}"] <= 1e-10
+        if wrapper == "fsdp":
+            assert r[f"fsdp_eval_{coupling}"] <= 1e-12
 
 
 @pytest.mark.parametrize("coupling", COUPLINGS)
