@@ -21,7 +21,14 @@ from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .errors import ConversionError, RevFFNError
-from .ir import HF_OUTPUT, TracedModel, call_arguments, rebuild_output, trace
+from .ir import (
+    HF_OUTPUT,
+    TracedModel,
+    call_arguments,
+    logits_and_loss,
+    rebuild_output,
+    trace,
+)
 from .options import parse_layer_spec
 from .passes.analyze import (
     analyze,
@@ -561,7 +568,7 @@ class RevModel(nn.Module):
             ids = input_ids
             done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
             for _ in range(max_new_tokens):
-                nxt = self(ids).logits[:, -1].argmax(-1)
+                nxt = logits_and_loss(self(ids))[0][:, -1].argmax(-1)  # any output structure
                 if eos_token_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                     done |= nxt == eos_token_id

@@ -79,6 +79,8 @@ def test_own_argument_names_and_errors() -> None:
         torch.testing.assert_close(rev(tokens=ids), rev(ids))
     with pytest.raises(RevFFNError, match="takes no labels"):
         rev(ids, labels=ids)
+    out = rev.generate(ids[:, :4], max_new_tokens=3)  # greedy decoding reads its logits
+    assert out.shape == (2, 7) and torch.equal(out[:, :4], ids[:, :4])
     gpt = rf.transform(tiny_model("gpt"))
     logits, loss = gpt(ids, ids)  # positional labels, as GPTMoE.forward(input_ids, labels)
     assert logits is None or logits.shape == (2, 8, 128)
