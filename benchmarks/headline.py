@@ -115,7 +115,7 @@ def main() -> None:
 
 #: bench --step method -> the ``revffn plan`` row that predicts it (label, fused)
 PLAN_ROWS = {"sft": ("plain fine-tuning", False), "ckpt": ("gradient checkpointing", False),
-             "ckpt+fused": ("gradient checkpointing", True),
+             "ckpt+fused": ("gradient checkpointing", True), "exact": ("exact mode", True),
              "revffn/no-head": ("reversible (revffn)", True),
              "revffn/no-fusion": ("reversible + lean loss head", False),
              "revffn": ("reversible + lean loss head", True)}

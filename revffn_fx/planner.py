@@ -36,7 +36,7 @@ METHODS = (("plain fine-tuning", "none", "original"),
            ("gradient checkpointing", "checkpoint", "original"),
            ("reversible (revffn)", "revffn", "original"),
            ("reversible + lean loss head", "revffn", "chunked"),
-           ("exact mode (checkpointing + lean head)", "checkpoint", "chunked"))
+           ("exact mode", "checkpoint", "chunked"))
 _HEAD_PARTS = ("head input + fp32 log-softmax", "labels", "head gradients (hidden, weight)")
 
 

@@ -175,7 +175,7 @@ def test_step_bench_splits_what_each_part_contributes() -> None:
     plan = {(r.method, r.fused): r.total for r in memory_plan(config, 2, 64)}
     for m, key in (("sft", ("plain fine-tuning", False)),
                    ("ckpt", ("gradient checkpointing", False)),
-                   ("exact", ("exact mode (checkpointing + lean head)", True)),
+                   ("exact", ("exact mode", True)),
                    ("revffn", ("reversible + lean loss head", True)),
                    ("revffn/no-fusion", ("reversible + lean loss head", False))):
         assert abs(plan[key] / rows[m].peak_bytes - 1) <= 0.10, (m, plan[key],
