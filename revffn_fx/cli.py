@@ -153,22 +153,23 @@ def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | Non
     if fixed_point_tol is not None and not 0 < fixed_point_tol < float("inf"):
         raise click.BadParameter(f"must be a positive number, not {fixed_point_tol}",
                                  param_hint="'--fixed-point-tol'")
-    from revffn_fx.outdir import check_out_dir  # torch-free: a bad OUT_DIR is answered at once
+    from revffn_fx.options import TransformOptions  # torch-free, like check_out_dir
+    from revffn_fx.outdir import check_out_dir
 
+    # every option checked now, before the heavy imports: bad input is answered at once
+    options = TransformOptions(coupling=coupling, layers=layers, attention=attention,
+                               fixed_point_iters=fixed_point_iters,
+                               fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype,
+                               momentum=momentum, exact_streams=exact_streams)
     check_out_dir(Path(out_dir).expanduser(), force, Path(model_dir).expanduser())
     from revffn_fx.export import transform_dir  # lazy: the heavy part of the package
 
     with progress_reporter("shards") as progress:
-        summary = transform_dir(model_dir, out_dir, coupling=coupling, layers=layers,
-                                verify=verify, force=force, dry_run=dry_run,
-                                max_shard_size=max_shard_size, progress=progress,
-                                attention=attention, fixed_point_iters=fixed_point_iters,
-                                fixed_point_tol=fixed_point_tol, calibrate=calibrate,
+        summary = transform_dir(model_dir, out_dir, options=options, verify=verify,
+                                force=force, dry_run=dry_run, max_shard_size=max_shard_size,
+                                progress=progress, calibrate=calibrate,
                                 calibration_tokens=calibration_tokens,
-                                stream_dtype=stream_dtype, momentum=momentum,
-                                exact_streams=exact_streams,
-                                estimate_batch=estimate_batch,
-                                estimate_seq=estimate_seq)
+                                estimate_batch=estimate_batch, estimate_seq=estimate_seq)
     for line in summary.lines():
         click.echo(line)
 

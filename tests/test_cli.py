@@ -28,6 +28,7 @@ from zoo import tiny_model
 import revffn_fx
 from revffn_fx import cli
 from revffn_fx.errors import ExportError
+from revffn_fx.options import TransformOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny-mixtral"
@@ -242,7 +243,7 @@ def stub_export(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def test_transform_passes_options(stub_export: dict[str, Any]) -> None:
-    res = run("transform", "in", "out", "--coupling", "revnet", "--layers", "0-1", "--verify",
+    res = run("transform", "in", "out", "--coupling", "revffn", "--layers", "0-1", "--verify",
               "--force", "--dry-run", "--max-shard-size", "10MB", "--attention", "cross",
               "--fixed-point-iters", "80", "--fixed-point-tol", "1e-9", "--calibrate", "c.txt",
               "--calibration-tokens", "512", "--stream-dtype", "float32")
@@ -250,22 +251,29 @@ def test_transform_passes_options(stub_export: dict[str, Any]) -> None:
     assert res.stdout.splitlines() == ["converted 4 of 4 layers", "parameters added: 1,024"]
     progress = stub_export.pop("progress")
     assert callable(progress)
-    expected = dict(model_dir="in", out_dir="out", coupling="revnet", layers="0-1",
-                    verify=True, force=True, dry_run=True, max_shard_size="10MB",
-                    attention="cross", fixed_point_iters=80, fixed_point_tol=1e-9,
-                    calibrate="c.txt", calibration_tokens=512, stream_dtype="float32",
-                    estimate_batch=8, estimate_seq=2048, momentum=None)
-    # options other issues add (with their defaults) may be passed too: check these ones
+    expected = dict(model_dir="in", out_dir="out", verify=True, force=True, dry_run=True,
+                    max_shard_size="10MB", calibrate="c.txt", calibration_tokens=512,
+                    estimate_batch=8, estimate_seq=2048)
     assert {k: stub_export.get(k) for k in expected} == expected
+    # the transform's options travel as one value, every field from its flag
+    assert stub_export["options"] == TransformOptions(
+        coupling="revffn", layers=(0, 1), attention="cross", fixed_point_iters=80,
+        fixed_point_tol=1e-9, stream_dtype="float32")
+
+
+def test_transform_refuses_bad_option_combinations_at_once(stub_export: dict[str, Any]) -> None:
+    res = run("transform", "in", "out", "--coupling", "revnet", "--attention", "cross")
+    assert res.exit_code == 2 and "model_dir" not in stub_export
+    assert res.stderr == "error: cross-branch attention is an option of the revffn coupling\n"
 
 
 def test_transform_defaults_standalone(stub_export: dict[str, Any]) -> None:
     res = CliRunner().invoke(cli.transform_main, ["in", "out"])
     assert res.exit_code == 0, res.stderr
-    assert stub_export["coupling"] == "revffn" and stub_export["layers"] is None
+    assert stub_export["options"] == TransformOptions(stream_dtype="auto")
     assert stub_export["verify"] is False and stub_export["force"] is False
     assert stub_export["dry_run"] is False and stub_export["max_shard_size"] == "2GB"
-    assert stub_export["calibrate"] is None and stub_export["stream_dtype"] == "auto"
+    assert stub_export["calibrate"] is None
 
 
 def test_transform_error_exit_2(stub_export: dict[str, Any]) -> None:

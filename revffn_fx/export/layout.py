@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ExportError
 from ..model import RevModel
+from ..options import TransformOptions
 
 FORMAT_VERSION = 1
 ADAPTER_FILE = "revffn_adapters.safetensors"
@@ -70,31 +71,15 @@ def revffn_section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: t
                    params_before: int) -> dict[str, Any]:
     """The ``revffn`` config section: everything :func:`load` needs to replay the transform."""
     custom = [getattr(p, "__name__", type(p).__name__) for p in rev.user_passes]
-    leaf = list(getattr(getattr(rev, "traced", None), "leaf_modules", ()) or ())
-    checkpoint_rest = bool(getattr(rev, "checkpoint_rest", False))
-    loss_head = getattr(rev, "loss_head", None)
-    options: dict[str, Any] = {"coupling": rev.coupling, "layers": list(rev.converted),
-                               "leaf_modules": leaf, "checkpoint_rest": checkpoint_rest}
-    if loss_head is not None:
-        options["loss_head"] = loss_head
-    stream_dtype = getattr(getattr(rev, "options", None), "stream_dtype", None)
-    if stream_dtype is not None:
-        options["stream_dtype"] = str(stream_dtype).replace("torch.", "")
-    if getattr(rev, "momentum", None) is not None:  # momentum / meft couplings
-        options["momentum"] = rev.momentum
-    if getattr(getattr(rev, "options", None), "exact_streams", False):
-        options["exact_streams"] = True
-    if getattr(rev, "attention", "plain") != "plain":
-        options["attention"] = rev.attention
-        options["fixed_point_iters"] = rev.options.fixed_point_iters
-        options["fixed_point_tol"] = rev.options.fixed_point_tol
+    options = recorded_options(rev)
+    checkpoint_rest, loss_head = options.checkpoint_rest, options.loss_head
     return {
         "format_version": FORMAT_VERSION,
         "coupling": rev.coupling,
         "layers": list(rev.converted),
         "num_layers": len(rev.plan.layers),
         "hidden_size": rev.hidden_size,
-        "transform": options,
+        "transform": options.to_dict(),  # every option: load replays them all
         "passes": [
             {"name": "analyze", "scope": "model"},
             {"name": "couple", "scope": "layer", "options": {"coupling": rev.coupling}},
@@ -110,6 +95,27 @@ def revffn_section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: t
                        "added": sum(_numel(s) for s in adapter_shapes.values())},
         "versions": _versions(),
     }
+
+
+def recorded_options(rev: RevModel) -> TransformOptions:
+    """The options that rebuild ``rev`` from its base model: the layers it converted, its
+    stream dtype, and with cross-branch attention the fixed point's iterations and
+    tolerance as resolved for its dtype."""
+    given = getattr(rev, "transform_options", None)
+    if given is None:  # a RevModel that does not hold its options: read them off it
+        given = TransformOptions(
+            coupling=rev.coupling, attention=getattr(rev, "attention", "plain"),
+            loss_head=getattr(rev, "loss_head", None) or "chunked",
+            momentum=getattr(rev, "momentum", None),
+            exact_streams=bool(getattr(rev.options, "exact_streams", False)),
+            leaf_modules=list(getattr(getattr(rev, "traced", None), "leaf_modules", ()) or ()))
+    stream_dtype = getattr(rev.options, "stream_dtype", None)
+    cross = given.attention == "cross"
+    return given.replace(
+        layers=list(rev.converted), checkpoint_rest=bool(getattr(rev, "checkpoint_rest", False)),
+        stream_dtype=None if stream_dtype is None else str(stream_dtype),
+        fixed_point_iters=rev.options.fixed_point_iters if cross else given.fixed_point_iters,
+        fixed_point_tol=rev.options.fixed_point_tol if cross else given.fixed_point_tol)
 
 
 def _numel(shape: Sequence[int]) -> int:

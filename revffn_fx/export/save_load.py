@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from ..errors import ExportError, LoadError, RevFFNError
 from ..loading import check_config, load_model, quiet
 from ..model import RevModel
+from ..options import TransformOptions
 from ..outdir import writing
 from .checkpoint import (
     check_sha256,
@@ -150,14 +151,9 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
     except (ValueError, TypeError, KeyError) as e:
         raise LoadError(f"{config_path}: invalid config: {e}") from e
     model = load_model(path, config=config, dtype=dtype)
-    # options added to transform after format 1 are passed only when recorded
-    kw = {k: options[k] for k in ("checkpoint_rest", "loss_head", "attention",
-                                  "fixed_point_iters", "fixed_point_tol", "stream_dtype",
-                                  "momentum", "exact_streams")
-          if k in options}
-    try:
-        rev = RevModel(model, options["coupling"], options["layers"], custom,
-                       options.get("leaf_modules", ()), **kw)
+    try:  # every recorded option (older files lack some: they take their defaults)
+        recorded = TransformOptions.from_dict(options)
+        rev = RevModel(model, passes=custom, **recorded.to_kwargs())
     except RevFFNError as e:
         raise LoadError(f"{config_path}: cannot replay the recorded transform: {e}") from e
     if rev.converted != sorted(options["layers"]):

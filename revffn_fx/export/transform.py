@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,10 +17,10 @@ import torch
 from ..calibration import calibration_batches
 from ..errors import ConversionError, ExportError, LoadError
 from ..loading import check_config, quiet
-from ..model import RevModel, parse_layers, wider_stream_dtype
+from ..model import RevModel, parse_layers
+from ..options import TransformOptions
 from ..outdir import check_out_dir, writing
 from ..output import human_bytes
-from ..passes.couple_momentum import SCALED_COUPLINGS
 from ..registry import facts_for
 from .checkpoint import (
     SAFETENSORS_DTYPES,
@@ -252,7 +251,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                   calibration_tokens: int = 16384,
                   stream_dtype: str | torch.dtype | None = None,
                   momentum: float | None = None, exact_streams: bool = False,
-                  estimate_batch: int = 8, estimate_seq: int = 2048) -> TransformSummary:
+                  estimate_batch: int = 8, estimate_seq: int = 2048,
+                  options: TransformOptions | None = None) -> TransformSummary:
     """Transform the checkpoint in ``model_dir`` into a revffn-fx directory ``out_dir``.
 
     The model is never materialised (meta device; tensors are copied shard by shard), so
@@ -267,13 +267,19 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     ``stream_dtype`` (recorded, see :func:`revffn_fx.transform`): "auto" widens the
     streams one step (fp32 -> fp64, 16-bit -> fp32) when calibrating, else keeps them.
     ``estimate_batch`` x ``estimate_seq``: the batch the summary's activation estimate
-    assumes (nothing else uses them).
+    assumes (nothing else uses them). ``options``: the transform's options as one
+    :class:`~revffn_fx.options.TransformOptions` (what the CLI passes); when given it
+    replaces the option keywords (coupling, layers, attention, fixed_point_*,
+    stream_dtype, momentum, exact_streams).
     Every problem raises a one-line :class:`~revffn_fx.errors.RevFFNError`
     (LoadError, ConversionError, ExportError) and leaves no ``out_dir`` behind.
     """
     start = time.perf_counter()
-    if fixed_point_tol is not None and not 0 < fixed_point_tol < math.inf:
-        raise ConversionError(f"fixed_point_tol must be a positive number, not {fixed_point_tol}")
+    if options is None:  # checked now: bad options stop us before any file is read
+        options = TransformOptions(coupling=coupling, layers=layers, attention=attention,
+                                   fixed_point_iters=fixed_point_iters,
+                                   fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype,
+                                   momentum=momentum, exact_streams=exact_streams)
     src, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
     limit = parse_size(max_shard_size)
     config_path, model_type = check_config(src)
@@ -287,24 +293,12 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     # the cross-branch split needs an example forward, which a meta model cannot run: the
     # structure and adapters do not depend on it, so plan with plain attention here and
     # record the option; rf.load (and --verify) build the cross-branch attention for real
-    if stream_dtype == "auto":
-        # the momentum / meft inverses divide by g: wide streams keep them exact
-        wide = calibrate is not None or coupling in SCALED_COUPLINGS
-        stream_dtype = wider_stream_dtype(dtype) if wide else None
-    if exact_streams:  # the fixed-point grid lives in float64
-        stream_dtype = "float64"
-    rev = RevModel(model, coupling, layers, fixed_point_iters=fixed_point_iters,
-                   fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype,
-                   momentum=momentum, exact_streams=exact_streams)
-    if attention != "plain":
-        if coupling != "revffn":
-            raise ConversionError("cross-branch attention is an option of the revffn coupling")
-        if attention != "cross":
-            raise ConversionError(f"unknown attention {attention!r}; choose plain or cross")
-        rev.attention = attention
+    options = options.resolved(str(dtype), calibrating=calibrate is not None)  # "auto"
+    rev = RevModel(model, **options.replace(attention="plain").to_kwargs())
+    rev.attention = options.attention
     rev.specs(True)  # run every pass now (on meta): a failure must stop us before writing
     n = len(rev.plan.layers)
-    wanted = parse_layers(layers, n)
+    wanted = parse_layers(None if options.layers is None else list(options.layers), n)
     refused = [(lp.index, lp.reason or "not convertible") for lp in rev.plan.layers
                if not lp.convertible]
     not_selected = [lp.index for lp in rev.plan.layers
