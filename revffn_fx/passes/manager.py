@@ -68,10 +68,14 @@ class PassManager:
     before/after graphs are kept in :attr:`records`.
     """
 
-    def __init__(self, passes: Sequence[Pass], lint: bool = True, snapshots: bool = True) -> None:
+    def __init__(self, passes: Sequence[Pass], lint: bool = True, snapshots: bool = True,
+                 invariant: Callable[[fx.GraphModule], str | None] | None = None) -> None:
         self.passes = list(passes)
         self.lint = lint
         self.snapshots = snapshots
+        # ``invariant(gm)``: what is wrong with the graph, or None; once it holds (before
+        # the passes or after one), every later pass must keep it, or is named as the culprit
+        self.invariant = invariant
         self.records: list[PassRecord] = []
 
     def add_pass(self, p: Pass) -> None:
@@ -79,6 +83,7 @@ class PassManager:
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         modified_any = False
+        holds = self.invariant is not None and self.invariant(gm) is None
         for p in self.passes:
             name = pass_name(p)
             before = snapshot(gm) if self.snapshots else gm
@@ -109,6 +114,11 @@ class PassManager:
                 gm.recompile()
             if isinstance(p, PassBase):
                 p.ensures(gm)
+            if self.invariant is not None:
+                why = self.invariant(gm)
+                if why is not None and holds:
+                    raise _failure(p, f"broke the coupling: {why}")
+                holds = why is None
             modified_any |= modified
             if self.snapshots:
                 self.records.append(PassRecord(name, before, snapshot(gm), modified))
