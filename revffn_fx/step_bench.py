@@ -567,6 +567,14 @@ def step_command(model_dir: str | None, synthetic: str | None, layers: str, batc
         raise RevFFNError(f"unknown method {unknown[0]!r}; choose from "
                           f"{', '.join(STEP_METHODS)}")
     depths: list[int | None] = [None] if model_dir is not None else _parse_depths(layers)
+    # the cheap checks before torch and transformers are imported
+    from revffn_fx.bench import SYNTHETIC
+
+    if synthetic is not None and synthetic not in PRESETS and synthetic not in SYNTHETIC:
+        raise RevFFNError(f"unknown synthetic model {synthetic!r}; choose from "
+                          f"{', '.join([*PRESETS, *SYNTHETIC])}")
+    if hidden is not None and (hidden < 16 or hidden % 16):
+        raise RevFFNError(f"--hidden must be a positive multiple of 16, got {hidden}")
     torch_dtype = _dtype(dtype)
     import torch
 
