@@ -29,7 +29,7 @@ from .ir import (
     rebuild_output,
     trace,
 )
-from .options import parse_layer_spec
+from .options import TransformOptions, parse_layer_spec
 from .passes.analyze import (
     analyze,
     analyze_layer,
@@ -38,7 +38,6 @@ from .passes.analyze import (
     update_targets,
 )
 from .passes.couple import COUPLINGS, couple_layer, make_adapters
-from .passes.couple_momentum import DEFAULT_MOMENTUM, SCALED_COUPLINGS, check_momentum
 from .passes.cross_branch import attention_calls, cross_attentions
 from .passes.fuse import fuse_stacks
 from .passes.inverse import FIXED_POINT_TOL, ReversibleSpec, generate_inverse
@@ -101,35 +100,33 @@ class RevModel(nn.Module):
                  attention: str = "plain", fixed_point_iters: int | None = None,
                  fixed_point_tol: float | None = None,
                  stream_dtype: torch.dtype | str | None = None,
-                 momentum: float | None = None, exact_streams: bool = False) -> None:
+                 momentum: float | None = None, exact_streams: bool = False,
+                 options: TransformOptions | None = None) -> None:
         super().__init__()
-        if attention not in ("plain", "cross"):
-            raise RevFFNError(f"unknown attention {attention!r}; choose plain or cross")
-        if attention == "cross" and coupling != "revffn":
-            raise RevFFNError("cross-branch attention is an option of the revffn coupling")
+        if options is None:  # the keywords are the options, checked once, in one place
+            options = TransformOptions(
+                coupling=coupling, layers=layers, attention=attention, loss_head=loss_head,
+                stream_dtype=stream_dtype, checkpoint_rest=checkpoint_rest,
+                fixed_point_iters=fixed_point_iters, fixed_point_tol=fixed_point_tol,
+                momentum=momentum, exact_streams=exact_streams, leaf_modules=leaf_modules)
+        if options.stream_dtype == "auto":
+            options = options.resolved(str(next(model.parameters()).dtype))
+        self.transform_options = options  # what rebuilds this model (export records it)
+        coupling, attention, loss_head = options.coupling, options.attention, options.loss_head
+        layers = None if options.layers is None else list(options.layers)
         self.attention = attention
         # per converted layer: "cross", or "closed form: <why the attention was not split>"
         self.cross_status: dict[int, str] = {}
         self.__dict__["_cross"] = {}  # index -> CrossAttention or reason (not submodules)
-        if loss_head not in ("chunked", "original"):
-            raise RevFFNError(f"unknown loss head {loss_head!r}; choose chunked or original")
-        self.checkpoint_rest = checkpoint_rest or coupling == EXACT
+        self.checkpoint_rest = options.checkpoint_rest or coupling == EXACT
         self.loss_head = loss_head
         self.loss_head_status = "not compiled yet"
-        if coupling not in COUPLINGS and coupling != EXACT:
-            raise RevFFNError(f"unknown coupling {coupling!r}; choose from "
-                              f"{', '.join([*COUPLINGS, EXACT])}")
         self.model = model
         self.coupling = coupling
         # the fraction of the overwritten stream kept by the momentum and meft couplings
-        self.momentum: float | None = None
-        if coupling in SCALED_COUPLINGS:
-            self.momentum = check_momentum(DEFAULT_MOMENTUM if momentum is None else momentum)
-        elif momentum is not None:
-            raise RevFFNError(f"momentum is an option of the {' and '.join(SCALED_COUPLINGS)} "
-                              f"couplings, not of {coupling!r}")
+        self.momentum: float | None = options.momentum
         self.user_passes = list(passes or [])
-        traced = trace(model, leaf_modules)
+        traced = trace(model, options.leaf_modules)
         self.__dict__["traced"] = traced  # not a submodule: it shares self.model
         self.plan: Plan = analyze(traced)
         n = len(traced.layers)
@@ -176,12 +173,12 @@ class RevModel(nn.Module):
             traced, {i: self.plan.layers[i] for i in chosen}) if attention == "cross" else {}
         # the fixed point's default tolerance follows the dtype the branches compute in;
         # fp64's 1e-11 takes more steps of a slow contraction than fp32's 1e-6
-        self.options.fixed_point_iters = (fixed_point_iters if fixed_point_iters is not None
+        iters, tol = options.fixed_point_iters, options.fixed_point_tol
+        self.options.fixed_point_iters = (iters if iters is not None
                                           else 200 if p.dtype == torch.float64 else 50)
-        self.options.fixed_point_tol = (fixed_point_tol if fixed_point_tol is not None
-                                        else fixed_point_tolerance(p.dtype))
-        self.options.stream_dtype = parse_stream_dtype(stream_dtype)
-        self.options.exact_streams = bool(exact_streams)
+        self.options.fixed_point_tol = tol if tol is not None else fixed_point_tolerance(p.dtype)
+        self.options.stream_dtype = parse_stream_dtype(options.stream_dtype)
+        self.options.exact_streams = options.exact_streams
         self.__dict__["_graphs"] = {}
         self.__dict__["_specs"] = {}
         self.pass_records: dict[str, list[PassRecord]] = {}
@@ -665,8 +662,13 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
               fixed_point_iters: int | None = None,
               fixed_point_tol: float | None = None,
               stream_dtype: torch.dtype | str | None = None,
-              momentum: float | None = None, exact_streams: bool = False) -> RevModel:
+              momentum: float | None = None, exact_streams: bool = False,
+              options: TransformOptions | None = None) -> RevModel:
     """Rewrite a causal LM (or a local model directory) into a :class:`RevModel`.
+
+    The keywords after ``passes`` are the transform's options; they build one checked
+    :class:`~revffn_fx.options.TransformOptions` (``rev.transform_options``), which can be
+    given instead as ``options`` (then those keywords are not read).
 
     ``coupling``: "revffn" (halves + adapters, the paper's block), "revnet" (two
     full-width copies, no new parameters), or "momentum" / "meft" (no new parameters;
@@ -699,7 +701,7 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
         model = load_model(model)
     return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head,
                     attention, fixed_point_iters, fixed_point_tol, stream_dtype, momentum,
-                    exact_streams)
+                    exact_streams, options)
 
 
 def fixed_point_tolerance(dtype: torch.dtype) -> float:

@@ -101,11 +101,6 @@ class TransformOptions:
             dtype = "float64"
         return self.replace(stream_dtype=dtype)
 
-    def to_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`revffn_fx.transform` (and RevModel) these
-        options stand for."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready (tuples as lists): what config.json records."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v

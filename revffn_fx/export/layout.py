@@ -101,14 +101,7 @@ def recorded_options(rev: RevModel) -> TransformOptions:
     """The options that rebuild ``rev`` from its base model: the layers it converted, its
     stream dtype, and with cross-branch attention the fixed point's iterations and
     tolerance as resolved for its dtype."""
-    given = getattr(rev, "transform_options", None)
-    if given is None:  # a RevModel that does not hold its options: read them off it
-        given = TransformOptions(
-            coupling=rev.coupling, attention=getattr(rev, "attention", "plain"),
-            loss_head=getattr(rev, "loss_head", None) or "chunked",
-            momentum=getattr(rev, "momentum", None),
-            exact_streams=bool(getattr(rev.options, "exact_streams", False)),
-            leaf_modules=list(getattr(getattr(rev, "traced", None), "leaf_modules", ()) or ()))
+    given: TransformOptions = rev.transform_options
     stream_dtype = getattr(rev.options, "stream_dtype", None)
     cross = given.attention == "cross"
     return given.replace(

@@ -153,7 +153,7 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
     model = load_model(path, config=config, dtype=dtype)
     try:  # every recorded option (older files lack some: they take their defaults)
         recorded = TransformOptions.from_dict(options)
-        rev = RevModel(model, passes=custom, **recorded.to_kwargs())
+        rev = RevModel(model, passes=custom, options=recorded)
     except RevFFNError as e:
         raise LoadError(f"{config_path}: cannot replay the recorded transform: {e}") from e
     if rev.converted != sorted(options["layers"]):

@@ -294,8 +294,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     # structure and adapters do not depend on it, so plan with plain attention here and
     # record the option; rf.load (and --verify) build the cross-branch attention for real
     options = options.resolved(str(dtype), calibrating=calibrate is not None)  # "auto"
-    rev = RevModel(model, **options.replace(attention="plain").to_kwargs())
-    rev.attention = options.attention
+    rev = RevModel(model, options=options.replace(attention="plain"))
+    rev.attention, rev.transform_options = options.attention, options
     rev.specs(True)  # run every pass now (on meta): a failure must stop us before writing
     n = len(rev.plan.layers)
     wanted = parse_layers(None if options.layers is None else list(options.layers), n)
