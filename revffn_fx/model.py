@@ -37,16 +37,24 @@ from .passes.analyze import (
     router_ids,
     update_targets,
 )
-from .passes.couple import COUPLINGS, couple_layer, make_adapters
+from .passes.couple import COUPLINGS, make_adapters
 from .passes.cross_branch import attention_calls, cross_attentions
-from .passes.fuse import fuse_stacks
 from .passes.inverse import FIXED_POINT_TOL, ReversibleSpec, generate_inverse
-from .passes.loss_head import chunk_loss_head
 from .passes.manager import Pass, PassManager, PassRecord, snapshot
+from .passes.pipeline import (
+    CheckpointRest,
+    ChunkLossHead,
+    Couple,
+    CutAtHead,
+    Fuse,
+    coupling_problem,
+    layer_pipeline,
+    model_pipeline,
+)
 from .plan import Plan
 from .registry import facts_for
 from .runtime.router import RouterTap, find_routers
-from .runtime.stack import Checkpointed, RevStack, RuntimeOptions
+from .runtime.stack import RevStack, RuntimeOptions
 
 _BENIGN_KWARGS = {"use_cache", "return_dict"}
 #: the coupling name of the exact mode: no coupling, every decoder layer as it is under
@@ -291,13 +299,12 @@ class RevModel(nn.Module):
                 lg = self.traced.layers[i]
                 adapters = self.adapters[str(i)] if self.coupling == "revffn" else None
 
-                def couple(gm: fx.GraphModule, _p: Any = plan, _a: Any = adapters,
-                           _c: Any = cross.get(i)) -> fx.GraphModule:
-                    return couple_layer(gm, _p, self.coupling, _a, _c, self.momentum,
-                                        self.update_targets[_p.index][0])
-
-                couple.__name__ = f"couple_{self.coupling}"
-                pm = PassManager([couple, *self.user_passes])
+                couple = Couple(plan, self.coupling, adapters, cross.get(i), self.momentum,
+                                self.update_targets[i][0])
+                # the coupling invariant is checked after every pass: a user's pass that
+                # breaks it is named here, not met as a generic error in the inverse
+                pm = PassManager(layer_pipeline(couple, self.user_passes),
+                                 invariant=coupling_problem)
                 gm = pm(snapshot(lg.trace(mode))).graph_module
                 self.pass_records[f"layer{i}"] = pm.records
                 out[i] = generate_inverse(gm)
@@ -328,46 +335,17 @@ class RevModel(nn.Module):
             def bind(node: fx.Node) -> tuple[Any, dict[str, Any]]:
                 return call_arguments(node, by_target[node.target])
 
-            def fuse(gm: fx.GraphModule) -> fx.GraphModule:
-                return fuse_stacks(gm, layers, bind, split, self.options)[0]
-
-            def checkpoint_rest(gm: fx.GraphModule) -> fx.GraphModule:
-                for node in gm.graph.nodes:
-                    if node.op == "call_module" and node.target in by_target:
-                        name = "revffn_ckpt_" + node.target.replace(".", "_")
-                        gm.add_submodule(name, Checkpointed(by_target[node.target]))
-                        node.target = name
-                        node.meta["revffn"] = "checkpoint"
-                        node.meta["from_node"] = node.name
-                return gm
-
-            def chunk_head(gm: fx.GraphModule) -> fx.GraphModule:
-                gm, why = chunk_loss_head(gm, self._lm_head_target(), self.options)
-                self.loss_head_status = why or "chunked"
-                return gm
-
-            def cut_at_head(gm: fx.GraphModule) -> fx.GraphModule:
-                target = self._lm_head_target()
-                head = next((n for n in gm.graph.nodes
-                             if n.op == "call_module" and n.target == target), None)
-                if head is None:
-                    raise RevFFNError(f"no call of the output embeddings {target} in the "
-                                      "model graph: cannot return the final hidden states")
-                out = next(n for n in gm.graph.nodes if n.op == "output")
-                out.args = ((head.args[0], None),)
-                gm.graph.eliminate_dead_code()
-                return gm
-
-            passes: list[Pass] = [fuse]
-            if self.checkpoint_rest:
-                passes.append(checkpoint_rest)
-            if key[3]:
-                passes.append(chunk_head)
-            if hidden_only:
-                passes.append(cut_at_head)
+            head = self._lm_head_target()
+            chunk = ChunkLossHead(head, self.options) if key[3] else None
+            passes = model_pipeline(
+                Fuse(layers, bind, split, self.options),
+                CheckpointRest(by_target) if self.checkpoint_rest else None,
+                chunk, CutAtHead(head) if hidden_only else None)
             pm = PassManager(passes)
             gm = pm(snapshot(self.traced.trace(mode, has_mask, has_labels))).graph_module
             self.pass_records["model"] = pm.records
+            if chunk is not None:
+                self.loss_head_status = chunk.status
             for stack in (m for m in gm.modules() if isinstance(m, RevStack)):
                 stack.training = mode  # not gm.train(): that would reach the shared layers
             self._graphs[key] = gm

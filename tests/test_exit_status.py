@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from click.testing import CliRunner
 
-import revffn_fx.model
+import revffn_fx.passes.pipeline
 from revffn_fx import cli
 from revffn_fx.bench import bench_command
 from revffn_fx.errors import InternalError, RevFFNError
@@ -65,7 +65,7 @@ def test_bug_in_the_couple_pass_exits_1(monkeypatch: pytest.MonkeyPatch, tmp_pat
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyError("no such node")
 
-    monkeypatch.setattr(revffn_fx.model, "couple_layer", crash)
+    monkeypatch.setattr(revffn_fx.passes.pipeline, "couple_layer", crash)
     res = CliRunner().invoke(cli.main, ["transform", str(EXAMPLE), str(tmp_path / "out"),
                                         "--dry-run"])
     assert res.exit_code == 1, res.output
