@@ -100,9 +100,36 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         depth, seq = _load("depth"), _load("seq")
-        for name, res, x in (("depth", depth, "layers"), ("seq", seq, "seq")):
-            if res:
-                plot_sweep(res, x, OUT / f"{name}.png", SWEEP)
+        fig, axes = plt.subplots(2, 2, figsize=(13, 8.5), height_ratios=[3, 2])
+        for col, res, x in ((0, depth, "layers"), (1, seq, "seq")):
+            if not res:
+                continue
+            r = res[0]
+            what = (f"batch {r.batch} x seq {r.seq}" if x == "layers"
+                    else f"{r.layers} layers, batch {r.batch}")
+            plot_sweep(res, x, None, SWEEP, ax=axes[0][col], title=(
+                f"{r.model}, hidden {r.hidden}, vocab {r.vocab}, {what}, {r.dtype}, "
+                "MemTracker peak"))
+            # what reversibility adds beyond the exact mode, against the checkpoint
+            # boundaries the exact mode keeps (layers x tokens x hidden x 4 bytes)
+            ax = axes[1][col]
+            xs = [getattr(q, x) for q in res]
+            for m in ("revffn", "revnet"):
+                ax.plot(xs, [(q.get(m).peak_bytes - q.get("exact").peak_bytes) / 2**20
+                             for q in res], marker="o", label=f"{m} - exact")
+            ax.plot(xs, [-q.layers * q.batch * q.seq * q.hidden * 4 / 2**20 for q in res],
+                    ls="--", color="gray", label="- checkpoint boundaries")
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(v) for v in xs])
+            ax.set_xlabel(axes[0][col].get_xlabel())
+            ax.set_ylabel("peak minus exact mode (MiB)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("Peak of a whole training step (forward, loss, backward, AdamW step)",
+                     fontsize=10)
+        fig.tight_layout()
+        fig.savefig(OUT / "sweep.png", dpi=110)
         plt.close("all")
     else:
         for name in ("main", "qwen", "depth", "seq"):

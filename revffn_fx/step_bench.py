@@ -482,16 +482,19 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def plot_sweep(results: Sequence[StepResult], x: str, path: str | os.PathLike[str],
-               methods: Sequence[str] | None = None, title: str = "") -> None:
-    """PNG: peak (MiB) against ``x`` ("layers" or "seq"), one line per method."""
+def plot_sweep(results: Sequence[StepResult], x: str, path: str | os.PathLike[str] | None,
+               methods: Sequence[str] | None = None, title: str = "", ax: Any = None) -> None:
+    """PNG: peak (MiB) against ``x`` ("layers" or "seq"), one line per method; with
+    ``ax``, draw on that matplotlib axis instead (``path`` None)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(methods or dict.fromkeys(r.method for res in results for r in res.rows))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
         pts = sorted((getattr(res, x), row.peak_bytes / MiB) for res in results
                      if (row := res.get(m)) is not None and row.peak_bytes)
@@ -505,9 +508,10 @@ def plot_sweep(results: Sequence[StepResult], x: str, path: str | os.PathLike[st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or (results[0].title() if results else ""), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    if fig is not None:
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=110)
+        plt.close(fig)
 
 
 def source_config(model_dir: str | None, synthetic: str | None, layers: int | None,
