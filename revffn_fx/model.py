@@ -20,11 +20,11 @@ import torch.fx as fx
 from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
+from .compiled import CompiledModel
 from .errors import ConversionError, RevFFNError
 from .ir import (
     HF_OUTPUT,
     TracedModel,
-    call_arguments,
     logits_and_loss,
     rebuild_output,
     trace,
@@ -32,27 +32,14 @@ from .ir import (
 from .options import TransformOptions, parse_layer_spec
 from .passes.analyze import (
     analyze,
-    analyze_layer,
     describe_pairing,
-    router_ids,
     update_targets,
 )
-from .passes.couple import COUPLINGS, make_adapters
-from .passes.cross_branch import attention_calls, cross_attentions
-from .passes.inverse import FIXED_POINT_TOL, ReversibleSpec, generate_inverse
-from .passes.manager import Pass, PassManager, PassRecord, snapshot
-from .passes.pipeline import (
-    CheckpointRest,
-    ChunkLossHead,
-    Couple,
-    CutAtHead,
-    Fuse,
-    coupling_problem,
-    layer_pipeline,
-    model_pipeline,
-)
+from .passes.couple import make_adapters
+from .passes.cross_branch import attention_calls
+from .passes.inverse import FIXED_POINT_TOL, ReversibleSpec
+from .passes.manager import Pass
 from .plan import Plan
-from .registry import facts_for
 from .runtime.router import RouterTap, find_routers
 from .runtime.stack import RevStack, RuntimeOptions
 
@@ -122,13 +109,7 @@ class RevModel(nn.Module):
         self.transform_options = options  # what rebuilds this model (export records it)
         coupling, attention, loss_head = options.coupling, options.attention, options.loss_head
         layers = None if options.layers is None else list(options.layers)
-        self.attention = attention
-        # per converted layer: "cross", or "closed form: <why the attention was not split>"
-        self.cross_status: dict[int, str] = {}
-        self.__dict__["_cross"] = {}  # index -> CrossAttention or reason (not submodules)
-        self.checkpoint_rest = options.checkpoint_rest or coupling == EXACT
         self.loss_head = loss_head
-        self.loss_head_status = "not compiled yet"
         self.model = model
         self.coupling = coupling
         # the fraction of the overwritten stream kept by the momentum and meft couplings
@@ -177,7 +158,7 @@ class RevModel(nn.Module):
         self.options = RuntimeOptions(router_tap=tap)
         # example attention calls for the cross-branch split, taken now: a forward during a
         # later lazy compile would fire the user's hooks
-        self.__dict__["_cross_calls"] = attention_calls(
+        cross_calls = attention_calls(
             traced, {i: self.plan.layers[i] for i in chosen}) if attention == "cross" else {}
         # the fixed point's default tolerance follows the dtype the branches compute in;
         # fp64's 1e-11 takes more steps of a slow contraction than fp32's 1e-6
@@ -187,12 +168,12 @@ class RevModel(nn.Module):
         self.options.fixed_point_tol = tol if tol is not None else fixed_point_tolerance(p.dtype)
         self.options.stream_dtype = parse_stream_dtype(options.stream_dtype)
         self.options.exact_streams = options.exact_streams
-        self.__dict__["_graphs"] = {}
-        self.__dict__["_specs"] = {}
-        self.pass_records: dict[str, list[PassRecord]] = {}
-        # layer index -> why its cross-branch attention fell back to the plain coupling
-        # (the fixed point did not converge on the sample batch probed at transform time)
-        self.cross_fallbacks: dict[int, str] = {}
+        # the compiled artefact (specs, graphs per mode, caches): not a submodule, it
+        # shares self.model and self.adapters
+        self.__dict__["compiled"] = CompiledModel(
+            model, traced, chosen, self.update_targets, self.adapters, self.options, coupling,
+            self.momentum, attention, options.checkpoint_rest or coupling == EXACT,
+            self.user_passes, cross_calls)
         if attention == "cross" and p.device.type != "meta":
             self.probe_fixed_points()
 
@@ -234,8 +215,7 @@ class RevModel(nn.Module):
             warnings.warn(f"layer {i} ({name}): cross-branch attention falls back to the plain "
                           f"coupling: {out[i]}", stacklevel=3)
         if out:  # recompile those layers with the plain coupling
-            self._specs.clear()
-            self._graphs.clear()
+            self.compiled.clear()
             self.cross_fallbacks.update(out)
         return out
 
@@ -278,38 +258,7 @@ class RevModel(nn.Module):
 
     def specs(self, training: bool | None = None) -> dict[int, ReversibleSpec]:
         """The compiled coupling of every converted layer, for one mode."""
-        mode = self.training if training is None else training
-        if mode not in self._specs:
-            overrides = facts_for(getattr(self.config, "model_type", None)).kind_overrides
-            out: dict[int, ReversibleSpec] = {}
-            routers = router_ids(self.model)
-            plans = {}
-            for i in self.converted:
-                plan = analyze_layer(self.traced.layers[i], overrides, mode, routers)
-                if not plan.convertible:
-                    raise ConversionError(f"layer {i} is not convertible in "
-                                          f"{'train' if mode else 'eval'} mode: {plan.reason}")
-                plans[i] = plan
-            cross: dict[int, Any] = {}
-            if self.attention == "cross":
-                cross, status = cross_attentions(self.traced, plans, self._cross, mode,
-                                                 self._cross_calls)
-                self.cross_status.update(status)
-            for i, plan in plans.items():
-                lg = self.traced.layers[i]
-                adapters = self.adapters[str(i)] if self.coupling == "revffn" else None
-
-                couple = Couple(plan, self.coupling, adapters, cross.get(i), self.momentum,
-                                self.update_targets[i][0])
-                # the coupling invariant is checked after every pass: a user's pass that
-                # breaks it is named here, not met as a generic error in the inverse
-                pm = PassManager(layer_pipeline(couple, self.user_passes),
-                                 invariant=coupling_problem)
-                gm = pm(snapshot(lg.trace(mode))).graph_module
-                self.pass_records[f"layer{i}"] = pm.records
-                out[i] = generate_inverse(gm)
-            self._specs[mode] = out
-        return self._specs[mode]
+        return self.compiled.specs(self.training if training is None else training)
 
     def graph(self, training: bool | None = None, has_mask: bool = True,
               has_labels: bool = True, chunked_head: bool = False,
@@ -317,55 +266,47 @@ class RevModel(nn.Module):
         """The compiled model-level graph (reversible stacks in place of layer runs; with
         ``chunked_head``, the memory-lean loss head in place of lm_head + loss; with
         ``hidden_only``, cut before lm_head: it returns ``(final hidden states, None)``)."""
-        mode = self.training if training is None else training
-        has_labels = has_labels and not hidden_only
-        key = (mode, has_mask, has_labels, chunked_head and has_labels, hidden_only)
-        if key not in self._graphs:
-            from .distributed import check_wrappers
+        from .distributed import check_wrappers
 
-            check_wrappers(self)  # compiled under FSDP1 it would train the original layers
-            specs = self.specs(mode)
-            layers = {}
-            for i, spec in specs.items():
-                lg = self.traced.layers[i]
-                layers["model." + lg.qualname] = (spec.layer(lg.qualname), lg.call.inputs)
-            split = COUPLINGS.get(self.coupling, "copies")  # exact mode: no stack
-            by_target = {"model." + lg.qualname: lg.module for lg in self.traced.layers}
-
-            def bind(node: fx.Node) -> tuple[Any, dict[str, Any]]:
-                return call_arguments(node, by_target[node.target])
-
-            head = self._lm_head_target()
-            chunk = ChunkLossHead(head, self.options) if key[3] else None
-            passes = model_pipeline(
-                Fuse(layers, bind, split, self.options),
-                CheckpointRest(by_target) if self.checkpoint_rest else None,
-                chunk, CutAtHead(head) if hidden_only else None)
-            pm = PassManager(passes)
-            gm = pm(snapshot(self.traced.trace(mode, has_mask, has_labels))).graph_module
-            self.pass_records["model"] = pm.records
-            if chunk is not None:
-                self.loss_head_status = chunk.status
-            for stack in (m for m in gm.modules() if isinstance(m, RevStack)):
-                stack.training = mode  # not gm.train(): that would reach the shared layers
-            self._graphs[key] = gm
-        return self._graphs[key]
+        # compiled under FSDP1 it would train the original layers: checked before compiling
+        return self.compiled.graph(self.training if training is None else training, has_mask,
+                                   has_labels, chunked_head, hidden_only,
+                                   check=lambda: check_wrappers(self))
 
     @property
     def graph_module(self) -> fx.GraphModule:
         return self.graph()
 
     def _lm_head_target(self) -> str:
-        head = self.model.get_output_embeddings() if hasattr(
-            self.model, "get_output_embeddings") else None
-        for name, mod in self.model.named_modules():
-            if mod is head or (head is None and name.split(".")[-1] == "lm_head"):
-                return "model." + name
-        return "model.lm_head"
+        return self.compiled.lm_head_target()
 
     def stacks(self, training: bool | None = None) -> list[RevStack]:
         gm = self.graph(training)
         return [m for m in gm.modules() if isinstance(m, RevStack)]
+
+    # -- the compiled artefact's state, read (and for two settings written) through here --
+    attention = property(lambda self: self.compiled.attention,
+                         lambda self, v: setattr(self.compiled, "attention", v),
+                         doc="'plain' or 'cross' (cross-branch attention)")
+
+    @property
+    def checkpoint_rest(self) -> bool:
+        """Whether the layers outside the stacks run under activation checkpointing."""
+        return self.compiled.checkpoint_rest
+
+    @checkpoint_rest.setter
+    def checkpoint_rest(self, on: bool) -> None:
+        if on != self.compiled.checkpoint_rest:
+            self.compiled.checkpoint_rest = on
+            self.compiled.clear(specs=False)
+
+    cross_status = property(lambda self: self.compiled.cross_status)
+    cross_fallbacks = property(lambda self: self.compiled.cross_fallbacks)
+    pass_records = property(lambda self: self.compiled.pass_records)
+    loss_head_status = property(lambda self: self.compiled.loss_head_status)
+    _specs = property(lambda self: self.compiled.specs_by_mode)
+    _graphs = property(lambda self: self.compiled.graphs)
+    _cross = property(lambda self: self.compiled.cross)
 
     # -- running -----------------------------------------------------------------------
     @contextmanager
@@ -506,14 +447,10 @@ class RevModel(nn.Module):
         if offload:
             raise RevFFNError("activation offloading is not supported on a RevModel; the "
                               "reversible stacks already keep no per-layer activations")
-        if not self.checkpoint_rest:
-            self.checkpoint_rest = True
-            self._graphs.clear()
+        self.checkpoint_rest = True  # drops the graphs compiled without it
 
     def activation_checkpointing_disable(self) -> None:
-        if self.checkpoint_rest:
-            self.checkpoint_rest = False
-            self._graphs.clear()
+        self.checkpoint_rest = False
 
     gradient_checkpointing_enable = activation_checkpointing_enable  # the pre-v5 names
     gradient_checkpointing_disable = activation_checkpointing_disable
