@@ -136,6 +136,22 @@ def _worker(rank: int, tmp: str) -> None:
                                                  rev.adapters[str(i)] if str(i) in rev.adapters
                                                  else torch.nn.Module())
              for p in m.parameters()])
+    # a layer left out between two stacks, under checkpointing: an ordinary FSDP2 unit
+    from zoo import tiny_model
+
+    import revffn_fx as rf
+
+    def partial() -> torch.nn.Module:
+        m = tiny_model("mixtral", dtype=torch.float64, num_hidden_layers=3)
+        return rf.transform(m, layers="0,2", checkpoint_rest=True).train()
+
+    ref = partial()
+    ref(_ids(0), labels=_ids(0)).loss.backward()
+    rev = rd.shard(partial(), mesh)
+    rev(local(0), labels=local(0)).loss.backward()
+    out["fsdp_partial_stacks"] = len(rev.stacks())
+    out["fsdp_partial"] = _max_err({n: p.grad for n, p in rev.named_parameters()},
+                                   {n: p.grad for n, p in ref.named_parameters()})
     # gradient accumulation: the first micro-batch without reduction, the second with it
     ref = _model("revffn")
     for step in (0, 1):
@@ -158,10 +174,6 @@ def _worker(rank: int, tmp: str) -> None:
     rev(local(0), labels=local(0)).loss.backward()
     out["recipe_grad"] = _max_err({n: p.grad for n, p in rev.named_parameters()}, ref_grads)
     # mixed precision: bf16 parameters for compute, fp32 gradients reduced in fp32
-    from zoo import tiny_model
-
-    import revffn_fx as rf
-
     ref = rf.transform(tiny_model("mixtral")).train()  # fp32 (an fp64 model cast to fp32
     ref(_ids(0), labels=_ids(0)).loss.backward()  # routes some tokens differently in bf16)
     mp32 = {n: p.grad for n, p in ref.named_parameters()}
@@ -249,6 +261,12 @@ def test_three_steps_equal_one_process_adamw(results: list[dict[str, Any]], case
 def test_fsdp_gradient_accumulation(results: list[dict[str, Any]]) -> None:
     for r in results:
         assert r["fsdp_accumulate"] <= 1e-10
+
+
+def test_fsdp_with_a_checkpointed_layer_between_stacks(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        assert r["fsdp_partial_stacks"] == 2
+        assert r["fsdp_partial"] <= 1e-10
 
 
 def test_fully_shard_recipe_is_adopted(results: list[dict[str, Any]]) -> None:
