@@ -17,8 +17,8 @@ import pytest
 import torch
 
 dist = pytest.importorskip("torch.distributed")
-if not dist.is_available():
-    pytest.skip("torch.distributed is not built", allow_module_level=True)
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not built", allow_module_level=True)
 
 WORLD = 2
 STEPS = 3
