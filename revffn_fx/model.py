@@ -37,9 +37,11 @@ from .passes.analyze import (
 )
 from .passes.couple import make_adapters
 from .passes.cross_branch import attention_calls
-from .passes.inverse import FIXED_POINT_TOL, ReversibleSpec
+from .passes.inverse import ReversibleSpec
 from .passes.manager import Pass
 from .plan import Plan
+from .runtime import fixed_point as fixed_points
+from .runtime.fixed_point import fixed_point_tolerance  # noqa: F401 (was defined here)
 from .runtime.router import RouterTap, find_routers
 from .runtime.stack import RevStack, RuntimeOptions
 
@@ -164,8 +166,9 @@ class RevModel(nn.Module):
         # fp64's 1e-11 takes more steps of a slow contraction than fp32's 1e-6
         iters, tol = options.fixed_point_iters, options.fixed_point_tol
         self.options.fixed_point_iters = (iters if iters is not None
-                                          else 200 if p.dtype == torch.float64 else 50)
-        self.options.fixed_point_tol = tol if tol is not None else fixed_point_tolerance(p.dtype)
+                                          else fixed_points.fixed_point_iters(p.dtype))
+        self.options.fixed_point_tol = (tol if tol is not None
+                                        else fixed_points.fixed_point_tolerance(p.dtype))
         self.options.stream_dtype = parse_stream_dtype(options.stream_dtype)
         self.options.exact_streams = options.exact_streams
         # the compiled artefact (specs, graphs per mode, caches): not a submodule, it
@@ -617,12 +620,6 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
     return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head,
                     attention, fixed_point_iters, fixed_point_tol, stream_dtype, momentum,
                     exact_streams, options)
-
-
-def fixed_point_tolerance(dtype: torch.dtype) -> float:
-    """The relative residual a fixed-point reconstruction iterates to by default: near the
-    rounding level of ``dtype`` (1e-11 in fp64, 1e-6 in fp32, 1e-2 in 16-bit)."""
-    return FIXED_POINT_TOL.get(dtype, 1e-2)
 
 
 def wider_stream_dtype(dtype: torch.dtype) -> torch.dtype:

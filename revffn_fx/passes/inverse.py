@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
-import torch
 import torch.fx as fx
 
-from ..errors import ConversionError, FixedPointError
-from ..runtime.function import fixed_point
+from ..errors import ConversionError
+from ..runtime.fixed_point import solve_fixed_point
 from ..runtime.stack import RevLayer, Update
 from ..runtime.streams import MERGES, SPLITS
 
@@ -177,22 +176,3 @@ def _inverse_graph(updates: list[Update], n: int) -> fx.GraphModule:
             cur[u.target] = graph.call_function(solve_fixed_point, (mod, tuple(cur), kw))
     graph.output(tuple(cur))
     return fx.GraphModule(root, graph, class_name="Inverse")
-
-
-# default relative residual of a fixed-point reconstruction, by the dtype branches compute in
-FIXED_POINT_TOL = {torch.float64: 1e-11, torch.float32: 1e-6, torch.bfloat16: 1e-2,
-                   torch.float16: 1e-2}
-
-
-def solve_fixed_point(update: Update, streams: tuple[torch.Tensor, ...],
-                      ctx: dict[str, Any], iters: int = 100,
-                      tol: float | None = None) -> torch.Tensor:
-    """The fixed-point inverse step of an update that reads the stream it writes (the
-    default tolerance follows the dtype; the training backward uses RuntimeOptions)."""
-    if tol is None:
-        tol = FIXED_POINT_TOL.get(streams[update.target].dtype, 1e-2)
-    x, n, res = fixed_point(update, list(streams), ctx, iters, tol)
-    if not res <= tol:
-        raise FixedPointError(f"fixed-point inverse of stream {update.target} did not "
-                              f"converge: residual {res:.3g} after {n} iterations")
-    return x

@@ -1,0 +1,49 @@
+"""Fixed-point reconstruction of an update that reads the stream it writes (cross-branch
+attention), with its one default rule: the iteration budget and the relative residual to
+reach both follow the dtype the branches compute in.
+
+The training backward (:mod:`.function`, budget and tolerance from ``RuntimeOptions``,
+which the transform sets from this rule or the user's values) and the emitted inverse
+graphs (:func:`solve_fixed_point`, used by verification) run the same solver.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import FixedPointError
+from .function import fixed_point
+from .stack import Update
+
+# default relative residual of a fixed-point reconstruction, by the dtype branches compute
+# in: near its rounding level (fp64's 1e-11 takes more steps of a slow contraction)
+FIXED_POINT_TOL = {torch.float64: 1e-11, torch.float32: 1e-6, torch.bfloat16: 1e-2,
+                   torch.float16: 1e-2}
+
+
+def fixed_point_tolerance(dtype: torch.dtype) -> float:
+    """The relative residual a fixed-point reconstruction iterates to by default: near the
+    rounding level of ``dtype`` (1e-11 in fp64, 1e-6 in fp32, 1e-2 in 16-bit)."""
+    return FIXED_POINT_TOL.get(dtype, 1e-2)
+
+
+def fixed_point_iters(dtype: torch.dtype) -> int:
+    """The most iterations by default: 200 in fp64 (its tighter tolerance), else 50."""
+    return 200 if dtype == torch.float64 else 50
+
+
+def solve_fixed_point(update: Update, streams: tuple[torch.Tensor, ...],
+                      ctx: dict[str, Any], iters: int | None = None,
+                      tol: float | None = None) -> torch.Tensor:
+    """The fixed-point inverse step of ``update``; FixedPointError when it does not reach
+    ``tol`` within ``iters`` (defaults: the dtype rule above)."""
+    dtype = streams[update.target].dtype
+    iters = fixed_point_iters(dtype) if iters is None else iters
+    tol = fixed_point_tolerance(dtype) if tol is None else tol
+    x, n, res = fixed_point(update, list(streams), ctx, iters, tol)
+    if not res <= tol:
+        raise FixedPointError(f"fixed-point inverse of stream {update.target} did not "
+                              f"converge: residual {res:.3g} after {n} iterations")
+    return x
