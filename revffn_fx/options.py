@@ -147,8 +147,11 @@ def _momentum(coupling: str, g: Any) -> float | None:
                                   f"{' and '.join(SCALED_COUPLINGS)} couplings, not of "
                                   f"{coupling!r}")
         return None
-    if g is None:
-        return DEFAULT_MOMENTUM
+    return DEFAULT_MOMENTUM if g is None else check_momentum(g)
+
+
+def check_momentum(g: Any) -> float:
+    """``g`` as a float in (0, 1), or a ConversionError naming the valid range."""
     try:
         g = float(g)
     except (TypeError, ValueError):

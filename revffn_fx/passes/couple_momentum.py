@@ -30,23 +30,12 @@ from typing import Any
 import torch.fx as fx
 
 from ..errors import ConversionError
+from ..options import check_momentum  # the one check (torch-free, for the CLI too)
 from ..plan import LayerPlan
 
 # coupling -> split kind (revffn_fx.runtime.streams)
 SCALED_COUPLINGS = {"momentum": "momentum", "meft": "copies_last"}
 DEFAULT_MOMENTUM = 0.125  # g = 1/8: step-0 loss within 0.1% (docs/quality.md), 3 bits lost
-
-
-def check_momentum(g: float) -> float:
-    """``g`` as a float in (0, 1), or a ConversionError naming the valid range."""
-    try:
-        g = float(g)
-    except (TypeError, ValueError):
-        raise ConversionError(f"momentum must be a number in (0, 1), got {g!r}") from None
-    if not 0.0 < g < 1.0:
-        raise ConversionError(f"momentum must be in (0, 1) (the fraction of the stream kept "
-                              f"by each update; 0 is not invertible), got {g}")
-    return g
 
 
 def _tag(node: fx.Node, tag: str) -> fx.Node:
