@@ -77,3 +77,25 @@ def test_couple_is_a_torch_fx_pass(rev: rf.RevModel) -> None:
     assert [r.name for r in pm.records] == ["couple_revffn"]
     want = _coupling(rev, i)
     assert [n.op for n in gm.graph.nodes] == [n.op for n in want.graph.nodes]
+
+
+def test_the_compiled_artefact_is_apart_from_the_module(rev: rf.RevModel) -> None:
+    """RevModel holds a CompiledModel (specs, graphs, records): not a submodule, no
+    parameters of its own; turning checkpointing on drops only the model graphs."""
+    from torch import nn
+
+    from revffn_fx.compiled import CompiledModel
+
+    assert isinstance(rev.compiled, CompiledModel) and not isinstance(rev.compiled, nn.Module)
+    assert not any(n.startswith("compiled") for n, _ in rev.named_modules())
+    assert set(rev.state_dict()) == ({f"model.{k}" for k in rev.model.state_dict()}
+                                     | {f"adapters.{k}" for k in rev.adapters.state_dict()})
+    rev.graph(True)
+    specs = rev.specs(True)
+    assert rev._graphs and rev.pass_records["model"]
+    rev.activation_checkpointing_enable()
+    assert not rev._graphs and rev.specs(True) is specs and rev.checkpoint_rest
+    rev.graph(True)
+    assert [r.name for r in rev.pass_records["model"]] == ["fuse", "checkpoint_rest"]
+    rev.activation_checkpointing_disable()
+    assert not rev._graphs and not rev.checkpoint_rest
