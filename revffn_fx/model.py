@@ -223,7 +223,7 @@ class RevModel(nn.Module):
         return out
 
     def _probe(self, input_ids: torch.Tensor) -> dict[str, tuple[int, float]]:
-        from .runtime.function import fixed_point
+        from .runtime.fixed_point import fixed_point
 
         seen: dict[str, tuple[Any, Any, Any]] = {}
         graph = self.graph(False, has_mask=False, has_labels=False)

@@ -13,7 +13,6 @@ its gradients into the recompute.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -23,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import FixedPointError, RevFFNError
 from . import rng
+from .fixed_point import fixed_point
 from .stack import RevLayer, RevStack, Update, branch_params, reduce_grads, reshard, unshard
 
 _AMP_DEVICES = ("cpu", "cuda")
@@ -40,28 +40,6 @@ def _autocast(state: list[tuple[str, bool, torch.dtype]]) -> Iterator[None]:
             if enabled or torch.is_autocast_enabled(dev):
                 stack.enter_context(torch.autocast(device_type=dev, dtype=dtype, enabled=enabled))
         yield
-
-
-def fixed_point(u: Update, y: list[torch.Tensor], ctx: dict[str, Any], iters: int,
-                tol: float) -> tuple[torch.Tensor, int, float]:
-    """Solve ``x = (y_t - f(..., x, ...)) / scale`` for the stream ``u`` updates (it reads
-    itself).
-
-    Starts at ``x = y_t``; returns (x, iterations, final relative residual). Stops early
-    when the residual is not finite (diverged): further steps cannot help.
-    """
-    t = u.target
-    x = y[t]
-    residual = float("inf")
-    for i in range(1, iters + 1):
-        streams = list(y)
-        streams[t] = x
-        new = u.invert(y[t], u.run(streams, ctx))
-        residual = float((new - x).norm() / x.norm().clamp_min(1e-30))
-        x = new
-        if residual <= tol or not math.isfinite(residual):
-            return x, i, residual
-    return x, iters, residual
 
 
 def _updates(stack: RevStack) -> list[tuple[str, Update, RevLayer]]:
@@ -110,120 +88,180 @@ class RevFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx: Any, *grads: torch.Tensor | None) -> Any:
-        stack: RevStack = fctx.stack
+        """Walk the updates in reverse. For ``y_t = scale * x_t + f(x_reads)``, with
+        ``gy = dL/dy``: reconstruct ``x``, recompute ``f`` with grad on, propagate
+        ``dL/dx`` through it, deliver the parameter and context gradients."""
+        walk = _Walk(fctx, grads)
+        layer_now = None
+        for j in reversed(range(len(walk.updates))):
+            name, u, layer = walk.updates[j]
+            if layer is not layer_now:
+                walk.next_layer(layer)
+                layer_now = layer
+            walk.reconstruct_by_fixed_point(j, name, u)
+            reads, out, logits = walk.recompute(j, u)
+            if u.closed_form:
+                walk.reconstruct_closed_form(u, out)
+            param_grads, ctx_grads = walk.propagate(j, u, reads, out, logits)
+            walk.deliver(j, u, param_grads, ctx_grads)
+        return walk.finish()
+
+
+#: RevFunction.forward's inputs before the tensors (stack, ctx_leaves, ctx_spec,
+#: tensor_pos, n, n_ctx): not differentiable, their gradients are None
+_NON_TENSOR_INPUTS = 6
+
+
+class _Walk:
+    """The state of one backward walk over a stack: the streams ``y`` (reconstructed into
+    the layer inputs as the walk goes), ``gy`` (dL/d of those streams), the gradients of
+    the context tensors and parameters, and the gradient sink's bookkeeping."""
+
+    def __init__(self, fctx: Any, grads: tuple[torch.Tensor | None, ...]) -> None:
+        self.fctx, self.stack, self.opts = fctx, fctx.stack, fctx.stack.options
         n, n_ctx = fctx.n, fctx.n_ctx
         saved = fctx.saved_tensors
-        y = [t.detach() for t in saved[:n]]
-        ctx_in = [t.detach().requires_grad_(t.requires_grad) for t in saved[n:n + n_ctx]]
-        lost = list(saved[n + n_ctx:])
-        ctx = _rebuild(*fctx.ctx_meta, ctx_in)
-        gy = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:n], y)]
-        glog = list(grads[n:])
-        params = fctx.params
-        where = {id(p): i for i, p in enumerate(params)}
-        pgrads: list[torch.Tensor | None] = [None] * len(params)
-        cgrads: list[torch.Tensor | None] = [None] * n_ctx
-        ctx_req = [i for i, t in enumerate(ctx_in) if t.requires_grad]
-        updates = _updates(stack)
-        ends = torch.tensor(fctx.counts).cumsum(0).tolist() if updates else []
-        opts = stack.options
-        sink = opts.grad_sink
-        if sink is not None and opts.shard_units:
+        self.y = [t.detach() for t in saved[:n]]
+        self.ctx_in = [t.detach().requires_grad_(t.requires_grad)
+                       for t in saved[n:n + n_ctx]]
+        self.lost = list(saved[n + n_ctx:])  # exact_streams: bits to put back, last first
+        self.ctx = _rebuild(*fctx.ctx_meta, self.ctx_in)
+        self.gy = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:n], self.y)]
+        self.g_logits = list(grads[n:])  # router logits' gradients (load-balancing loss)
+        self.where = {id(p): i for i, p in enumerate(fctx.params)}
+        self.param_grads: list[torch.Tensor | None] = [None] * len(fctx.params)
+        self.ctx_grads: list[torch.Tensor | None] = [None] * n_ctx
+        self.ctx_req = [i for i, t in enumerate(self.ctx_in) if t.requires_grad]
+        self.updates = _updates(self.stack)
+        self.logit_ends = torch.tensor(fctx.counts).cumsum(0).tolist() if self.updates else []
+        self.layers, self.units = list(self.stack.layers), []
+        self.sink = self.opts.grad_sink
+        if self.sink is not None and self.opts.shard_units:
             raise RevFFNError("the fused optimizer was built before revffn_fx.distributed."
                               "shard(): build it after sharding, on the sharded model")
-        if opts.backward_start is not None:
-            opts.backward_start()
+        if self.opts.backward_start is not None:
+            self.opts.backward_start()
         # with a gradient sink (the optimizer fused into backward) a parameter's gradient
         # is handed over as soon as it is complete: after the first update (in forward
         # order) that uses it, so gradients of the whole stack never coexist. Parameters
         # are read from the branch modules now (module identity), not from the forward's
         # inputs: a wrapper may have swapped the parameter objects since.
-        first_use: dict[int, int] = {}
-        if sink is not None:
-            for j, (_, u, _) in enumerate(updates):
+        self.first_use: dict[int, int] = {}
+        if self.sink is not None:
+            for j, (_, u, _) in enumerate(self.updates):
                 for p in branch_params(u):
-                    first_use.setdefault(id(p), j)
-        pending: dict[int, torch.Tensor] = {}  # sink path: partial gradients by id
-        layer_now, units = None, []
-        layers = list(stack.layers)
-        for j in reversed(range(len(updates))):
-            name, u, layer = updates[j]
-            if layer is not layer_now:
-                # FSDP2: the previous layer's gradients are complete: reduce-scatter them;
-                # gather this layer's parameters for its reconstruction and recompute
-                reduce_grads(units, opts.reduced_sink)
-                layer_now, units = layer, layer.units(opts)
-                unshard(units, _next_units(layers, layer, -1, opts))
-            t = u.target
-            with torch.no_grad(), rng.replay(fctx.states[j]), _autocast(fctx.amp):
-                if not u.closed_form:
-                    x_t, iters, res = fixed_point(u, y, ctx, opts.fixed_point_iters,
-                                                  opts.fixed_point_tol)
-                    stack.stats[name] = (iters, res)  # type: ignore[attr-defined]
-                    opts.fixed_point_stats[name] = (iters, res)
-                    logger.debug("%s: fixed point, %d iterations, residual %.3g", name,
-                                 iters, res)
-                    if not res <= opts.fixed_point_tol:  # NaN-safe
-                        layer, _, k = name.rpartition(".")
-                        raise FixedPointError(
-                            f"layer {layer} (update {k}, stream {t}): the fixed-point "
-                            f"reconstruction did not converge, residual {res:.3g} after "
-                            f"{iters} iterations (tolerance {opts.fixed_point_tol:.1g}); the "
-                            "branch is not a contraction in the stream it updates: use "
-                            "attention='plain' or raise fixed_point_iters/fixed_point_tol")
-                    y[t] = x_t
-            with torch.enable_grad(), rng.replay(fctx.states[j]), _autocast(fctx.amp):
-                reads = {i: y[i].detach().requires_grad_(True) for i in sorted(set(u.reads))}
-                streams = [reads.get(i, y[i]) for i in range(n)]
-                if fctx.record:
-                    with stack.options.router_tap.recording() as rec:  # type: ignore[union-attr]
-                        out = u.run(streams, ctx)
-                else:
-                    rec, out = [], u.run(streams, ctx)
-            if u.closed_form:
-                y[t] = u.invert(y[t], out, lost.pop() if u.keeps_bits else None).detach()
-            outs, gouts = [out], [gy[t]]
-            lo = ends[j] - fctx.counts[j]
-            for k, logit in enumerate(rec):
-                g = glog[lo + k]
-                if g is not None:
-                    outs.append(logit)
-                    gouts.append(g)
-            mine = branch_params(u)
-            inputs = [reads[i] for i in sorted(reads)] + mine + [ctx_in[i] for i in ctx_req]
-            got = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
-            if u.scale != 1.0:  # the old target value reached the new one times scale
-                gy[t] = gy[t] * u.scale
-            k = 0
-            for i in sorted(reads):
-                if got[k] is not None:
-                    gy[i] = gy[i] + got[k] if i != t else gy[t] + got[k]
-                k += 1
-            for p in mine:
-                g = got[k]
-                k += 1
-                if g is None:
-                    continue
-                if sink is not None:
-                    pending[id(p)] = g if id(p) not in pending else pending[id(p)] + g
-                elif id(p) in where:  # through the Function: DDP's and .grad hooks see it
-                    idx = where[id(p)]
-                    pgrads[idx] = g if pgrads[idx] is None else pgrads[idx] + g
-                else:
-                    # swapped in by a wrapper since the forward (FSDP2's unsharded
-                    # parameter): accumulate where its owner reduces it from
-                    p.grad = g if p.grad is None else p.grad + g
-            for i in ctx_req:
-                g = got[k]
-                k += 1
-                if g is not None:
-                    cgrads[i] = g if cgrads[i] is None else cgrads[i] + g
-            if sink is not None:
-                for p in mine:
-                    if first_use.get(id(p)) == j and id(p) in pending:
-                        sink(p, pending.pop(id(p)))
-        reduce_grads(units, opts.reduced_sink)
-        return (None,) * 6 + tuple(gy) + tuple(cgrads) + tuple(pgrads)
+                    self.first_use.setdefault(id(p), j)
+        self.pending: dict[int, torch.Tensor] = {}  # sink path: partial gradients by id
+
+    def next_layer(self, layer: RevLayer) -> None:
+        """FSDP2: the previous layer's gradients are complete: reduce-scatter them; gather
+        this layer's parameters for its reconstruction and recompute."""
+        reduce_grads(self.units, self.opts.reduced_sink)
+        self.units = layer.units(self.opts)
+        unshard(self.units, _next_units(self.layers, layer, -1, self.opts))
+
+    def _replayed(self, j: int) -> ExitStack:
+        """Update ``j``'s forward conditions: its RNG state and the autocast state."""
+        scope = ExitStack()
+        scope.enter_context(rng.replay(self.fctx.states[j]))
+        scope.enter_context(_autocast(self.fctx.amp))
+        return scope
+
+    def reconstruct_by_fixed_point(self, j: int, name: str, u: Update) -> None:
+        """``x_t = (y_t - f(x_reads)) / scale`` when ``f`` reads ``x_t`` itself: solved by
+        fixed-point iteration before the recompute (closed-form updates invert after it)."""
+        if u.closed_form:
+            return
+        opts, t = self.opts, u.target
+        with torch.no_grad(), self._replayed(j):
+            x_t, iters, res = fixed_point(u, self.y, self.ctx, opts.fixed_point_iters,
+                                          opts.fixed_point_tol)
+        self.stack.stats[name] = (iters, res)  # type: ignore[attr-defined]
+        opts.fixed_point_stats[name] = (iters, res)
+        logger.debug("%s: fixed point, %d iterations, residual %.3g", name, iters, res)
+        if not res <= opts.fixed_point_tol:  # NaN-safe
+            layer, _, k = name.rpartition(".")
+            raise FixedPointError(
+                f"layer {layer} (update {k}, stream {t}): the fixed-point reconstruction did "
+                f"not converge, residual {res:.3g} after {iters} iterations (tolerance "
+                f"{opts.fixed_point_tol:.1g}); the branch is not a contraction in the stream "
+                "it updates: use attention='plain' or raise fixed_point_iters/fixed_point_tol")
+        self.y[t] = x_t
+
+    def recompute(self, j: int, u: Update) -> tuple[dict[int, torch.Tensor], torch.Tensor,
+                                                     list[torch.Tensor]]:
+        """``f(x_reads)`` again, with grad on, in the forward's RNG and autocast state:
+        (the inputs it reads, as leaves; its output; the router logits it produced)."""
+        with torch.enable_grad(), self._replayed(j):
+            reads = {i: self.y[i].detach().requires_grad_(True) for i in sorted(set(u.reads))}
+            streams = [reads.get(i, y) for i, y in enumerate(self.y)]
+            if self.fctx.record:
+                with self.opts.router_tap.recording() as logits:  # type: ignore[union-attr]
+                    out = u.run(streams, self.ctx)
+            else:
+                logits, out = [], u.run(streams, self.ctx)
+        return reads, out, logits
+
+    def reconstruct_closed_form(self, u: Update, out: torch.Tensor) -> None:
+        """``x_t = (y_t - f(x_reads)) / scale`` from the recompute's ``f`` (and, on the
+        exact-streams grid, the bits the forward's division dropped)."""
+        t = u.target
+        self.y[t] = u.invert(self.y[t], out, self.lost.pop() if u.keeps_bits else None).detach()
+
+    def propagate(self, j: int, u: Update, reads: dict[int, torch.Tensor], out: torch.Tensor,
+                  logits: list[torch.Tensor]) -> tuple[list[Any], list[Any]]:
+        """``dL/dx_i = dL/dy_i + (df/dx_i)^T dL/dy_t`` for the streams ``f`` reads, and
+        ``dL/dx_t = scale * dL/dy_t + ...`` for the one it writes; returns the gradients
+        of the branch parameters and of the context tensors (one vector-Jacobian product,
+        the router logits' gradients included)."""
+        t = u.target
+        outs, g_outs = [out], [self.gy[t]]
+        first = self.logit_ends[j] - self.fctx.counts[j]
+        for k, logit in enumerate(logits):
+            if self.g_logits[first + k] is not None:
+                outs.append(logit)
+                g_outs.append(self.g_logits[first + k])
+        params = branch_params(u)
+        order = sorted(reads)
+        inputs = [reads[i] for i in order] + params + [self.ctx_in[i] for i in self.ctx_req]
+        got = torch.autograd.grad(outs, inputs, g_outs, allow_unused=True)
+        if u.scale != 1.0:  # the old target value reached the new one times scale
+            self.gy[t] = self.gy[t] * u.scale
+        for i, g in zip(order, got):
+            if g is not None:
+                self.gy[i] = self.gy[i] + g
+        return list(zip(params, got[len(order):len(order) + len(params)])), \
+            list(got[len(order) + len(params):])
+
+    def deliver(self, j: int, u: Update, param_grads: list[tuple[Any, Any]],
+                ctx_grads: list[Any]) -> None:
+        """Hand the branch's parameter gradients on (the fused optimizer's sink once
+        complete, else through the Function's outputs, else ``.grad`` of a parameter a
+        wrapper swapped in) and accumulate the context tensors' gradients."""
+        for p, g in param_grads:
+            if g is None:
+                continue
+            if self.sink is not None:
+                self.pending[id(p)] = g if id(p) not in self.pending else self.pending[id(p)] + g
+            elif id(p) in self.where:  # through the Function: DDP's and .grad hooks see it
+                k = self.where[id(p)]
+                self.param_grads[k] = g if self.param_grads[k] is None else \
+                    self.param_grads[k] + g
+            else:  # FSDP2's unsharded parameter: accumulate where its owner reduces it
+                p.grad = g if p.grad is None else p.grad + g
+        for i, g in zip(self.ctx_req, ctx_grads):
+            if g is not None:
+                self.ctx_grads[i] = g if self.ctx_grads[i] is None else self.ctx_grads[i] + g
+        if self.sink is not None:
+            for p, _ in param_grads:
+                if self.first_use.get(id(p)) == j and id(p) in self.pending:
+                    self.sink(p, self.pending.pop(id(p)))
+
+    def finish(self) -> tuple[torch.Tensor | None, ...]:
+        """The last layer's gradients reduced; the Function's input gradients, in order."""
+        reduce_grads(self.units, self.opts.reduced_sink)
+        return ((None,) * _NON_TENSOR_INPUTS + tuple(self.gy) + tuple(self.ctx_grads)
+                + tuple(self.param_grads))
 
 
 def _next_units(layers: list[Any], layer: Any, step: int, opts: Any) -> list[Any]:
