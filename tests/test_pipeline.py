@@ -99,3 +99,17 @@ def test_the_compiled_artefact_is_apart_from_the_module(rev: rf.RevModel) -> Non
     assert [r.name for r in rev.pass_records["model"]] == ["fuse", "checkpoint_rest"]
     rev.activation_checkpointing_disable()
     assert not rev._graphs and not rev.checkpoint_rest
+
+
+def test_the_runtime_knows_no_torch_fx() -> None:
+    """The runtime runs branches as plain modules: no module of it imports torch.fx (the
+    graph side wraps and inserts its helpers)."""
+    import ast
+    from pathlib import Path
+
+    runtime = Path(rf.__file__).parent / "runtime"
+    for file in sorted(runtime.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "torch.fx" or n.startswith("torch.fx.") for n in names), file

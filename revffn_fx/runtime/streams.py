@@ -1,57 +1,49 @@
-"""How a d-wide hidden state becomes two streams and back (graph-visible helpers)."""
+"""How a d-wide hidden state becomes two streams and back (graph-visible helpers: the
+coupling pass inserts them as call_function nodes; nothing here knows torch.fx)."""
 
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
 
-@fx.wrap
 def split_halves(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """revffn: H = [X1, X2] along features."""
     x1, x2 = h.chunk(2, dim=-1)
     return x1, x2
 
 
-@fx.wrap
 def merge_halves(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
     """revffn: [Y1, Y2] back to one d-wide hidden state."""
     return torch.cat((y1, y2), dim=-1)
 
 
-@fx.wrap
 def split_copies(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """revnet: two full-width copies of H."""
     return h, h
 
 
-@fx.wrap
 def merge_mean(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
     """revnet: the two streams merged by their mean where a reversible run ends."""
     return (y1 + y2) * 0.5
 
 
-@fx.wrap
 def split_momentum(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """momentum: the position stream X = H and a velocity stream V that starts at zero."""
     return h, torch.zeros_like(h)
 
 
-@fx.wrap
 def merge_first(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """momentum: the position stream is the hidden state (the velocity is dropped)."""
     del v
     return x
 
 
-@fx.wrap
 def split_copies_last(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """meft: two full-width copies of H (its own function: the inverse generator tells
     the split kinds apart by the function)."""
     return h, h
 
 
-@fx.wrap
 def merge_last(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
     """meft: the stream written last (the second) is the hidden state."""
     del y1
