@@ -12,8 +12,8 @@ import torch
 from zoo import tiny_model
 
 import revffn_fx as rf
-from revffn_fx.errors import RevFFNError
 from revffn_fx.calibration import calibration_batches
+from revffn_fx.errors import RevFFNError
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAINED = ROOT / "examples" / "tiny-moe-stdlib"
