@@ -144,7 +144,7 @@ class CompiledModel:
         passes = model_pipeline(
             Fuse(layers, bind, split, self.options),
             CheckpointRest(by_target) if self.checkpoint_rest else None,
-            chunk, CutAtHead(head) if hidden_only else None)
+            chunk, CutAtHead(head) if hidden_only else None, self.user_passes)
         pm = PassManager(passes)
         gm = pm(snapshot(self.traced.trace(training, has_mask, has_labels))).graph_module
         self.pass_records["model"] = pm.records

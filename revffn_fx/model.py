@@ -39,6 +39,7 @@ from .passes.couple import make_adapters
 from .passes.cross_branch import attention_calls
 from .passes.inverse import ReversibleSpec
 from .passes.manager import Pass
+from .passes.pipeline import scope_of
 from .plan import Plan
 from .runtime import fixed_point as fixed_points
 from .runtime.fixed_point import fixed_point_tolerance  # noqa: F401 (was defined here)
@@ -117,6 +118,8 @@ class RevModel(nn.Module):
         # the fraction of the overwritten stream kept by the momentum and meft couplings
         self.momentum: float | None = options.momentum
         self.user_passes = list(passes or [])
+        for user_pass in self.user_passes:
+            scope_of(user_pass)  # a bad scope is refused now, not at the first compile
         traced = trace(model, options.leaf_modules)
         self.__dict__["traced"] = traced  # not a submodule: it shares self.model
         self.plan: Plan = analyze(traced)

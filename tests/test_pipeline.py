@@ -113,3 +113,30 @@ def test_the_runtime_knows_no_torch_fx() -> None:
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "torch.fx" or n.startswith("torch.fx.") for n in names), file
+
+
+def test_a_user_pass_between_two_builtin_model_passes(tmp_path) -> None:
+    """scope="model", after="fuse": runs between Fuse and CheckpointRest, sees the stacks,
+    and is recorded as a model pass (rf.load asks for it again)."""
+    seen: list[int] = []
+
+    def count_stacks(gm: fx.GraphModule) -> PassResult:
+        seen.append(sum(n.op == "call_module" and n.target.startswith("revffn_stack")
+                        for n in gm.graph.nodes))
+        return PassResult(gm, False)
+
+    count_stacks.scope, count_stacks.after = "model", "fuse"  # type: ignore[attr-defined]
+    rev = rf.transform(tiny_model("mixtral", num_hidden_layers=3), layers=[0, 2],
+                       checkpoint_rest=True, passes=[count_stacks])
+    rev.graph(True)
+    assert [r.name for r in rev.pass_records["model"]] == ["fuse", "count_stacks",
+                                                           "checkpoint_rest"]
+    assert seen == [2]  # layers 0 and 2: two stacks, layer 1 between them
+    assert [r.name for r in rev.pass_records["layer0"]] == ["couple_revffn"]
+    rev.save_pretrained(tmp_path)
+    with pytest.raises(rf.LoadError, match="count_stacks"):
+        rf.load(tmp_path)
+    assert rf.load(tmp_path, passes=[count_stacks]).user_passes == [count_stacks]
+    count_stacks.scope = "graph"  # type: ignore[attr-defined]
+    with pytest.raises(RevFFNError, match="scope must be 'layer' or 'model'"):
+        rf.transform(tiny_model("mixtral", num_hidden_layers=3), passes=[count_stacks])

@@ -70,7 +70,8 @@ def _versions() -> dict[str, str]:
 def revffn_section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: torch.dtype,
                    params_before: int) -> dict[str, Any]:
     """The ``revffn`` config section: everything :func:`load` needs to replay the transform."""
-    custom = [getattr(p, "__name__", type(p).__name__) for p in rev.user_passes]
+    custom = [(getattr(p, "__name__", type(p).__name__), getattr(p, "scope", "layer"))
+              for p in rev.user_passes]
     options = recorded_options(rev)
     checkpoint_rest, loss_head = options.checkpoint_rest, options.loss_head
     return {
@@ -83,7 +84,7 @@ def revffn_section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: t
         "passes": [
             {"name": "analyze", "scope": "model"},
             {"name": "couple", "scope": "layer", "options": {"coupling": rev.coupling}},
-            *({"name": n, "scope": "layer", "custom": True} for n in custom),
+            *({"name": n, "scope": scope, "custom": True} for n, scope in custom),
             {"name": "inverse", "scope": "layer"},
             {"name": "fuse", "scope": "model", "options": {"checkpoint_rest": checkpoint_rest}},
             *([{"name": "loss_head", "scope": "model", "options": {"loss_head": loss_head}}]

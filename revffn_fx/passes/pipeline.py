@@ -9,8 +9,10 @@ Per model graph (:func:`model_pipeline`)::
 
     Fuse -> CheckpointRest -> ChunkLossHead -> CutAtHead   (the last three when asked)
 
-A list is run by :class:`~revffn_fx.passes.manager.PassManager`; a user can insert a pass
-between any two. :func:`coupling_problem` is the invariant the layer pipeline keeps after
+A list is run by :class:`~revffn_fx.passes.manager.PassManager`; a user's pass
+(``rf.transform(..., passes=[...])``) runs on each layer graph after Couple, or with
+``scope = "model"`` on the model graph after the built-in its ``after`` names.
+:func:`coupling_problem` is the invariant the layer pipeline keeps after
 the coupling exists: one split of the hidden state, a chain of stream updates, one merge
 of the final streams; the PassManager names the pass that broke it.
 """
@@ -170,13 +172,34 @@ class CutAtHead(_Builtin):
         return PassResult(graph_module, True)
 
 
+def scope_of(p: Pass) -> str:
+    """Where a user's pass runs: ``p.scope`` "layer" (default: on each coupling graph,
+    after Couple) or "model" (on the model graph, after the built-in named by ``p.after``,
+    default "fuse")."""
+    scope = getattr(p, "scope", "layer")
+    if scope not in ("layer", "model"):
+        raise RevFFNError(f"pass {getattr(p, '__name__', type(p).__name__)}: scope must be "
+                          f"'layer' or 'model', not {scope!r}")
+    return scope
+
+
 def layer_pipeline(couple: Couple, user_passes: Sequence[Pass] = ()) -> list[Pass]:
     """The passes run on one layer graph, in order (the inverse is generated after)."""
-    return [couple, *user_passes]
+    return [couple, *(p for p in user_passes if scope_of(p) == "layer")]
 
 
 def model_pipeline(fuse: Fuse, checkpoint_rest: CheckpointRest | None = None,
                    chunk_head: ChunkLossHead | None = None,
-                   cut_at_head: CutAtHead | None = None) -> list[Pass]:
-    """The passes run on the model graph, in order; None leaves a pass out."""
-    return [p for p in (fuse, checkpoint_rest, chunk_head, cut_at_head) if p is not None]
+                   cut_at_head: CutAtHead | None = None,
+                   user_passes: Sequence[Pass] = ()) -> list[Pass]:
+    """The passes run on the model graph, in order; None leaves a pass out. A user's
+    model-scope pass goes right after the built-in its ``after`` names (default "fuse");
+    naming one that does not run here places it last."""
+    out: list[Pass] = []
+    mine = [p for p in user_passes if scope_of(p) == "model"]
+    for builtin in (fuse, checkpoint_rest, chunk_head, cut_at_head):
+        if builtin is None:
+            continue
+        out.append(builtin)
+        out += [p for p in mine if getattr(p, "after", "fuse") == builtin.name]
+    return out + [p for p in mine if p not in out]
