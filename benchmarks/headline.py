@@ -62,6 +62,7 @@ def main() -> None:
                     help="seq: the sequence lengths swept")
     ap.add_argument("--batch", type=int, default=None,
                     help="sequences per step (None: each part's own)")
+    ap.add_argument("--name", default=None, help="qwen: the JSON's name (default qwen)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     kw = dict(progress=_progress)
@@ -89,7 +90,7 @@ def main() -> None:
     elif args.part == "qwen":
         layers = int(args.layers or 8)
         config = preset_config("qwen1.5-moe-shaped", layers, args.hidden)
-        _save("qwen", [run_step_bench(config, args.batch or 2, 1024,
+        _save(args.name or "qwen", [run_step_bench(config, args.batch or 2, 1024,
                                       ["sft", "ckpt", "exact", "revffn", "revnet",
                                        "revffn/no-head", "revffn/no-fusion"],
                                       repeats=args.repeats, label="qwen1.5-moe-shaped", **kw)])
