@@ -1,16 +1,21 @@
 """``revffn plan``: will full fine-tuning fit? Peak memory by category, from a config alone.
 
-For plain fine-tuning, gradient checkpointing, the reversible stack, and the reversible
-stack with the lean loss head, each with an ordinary optimizer and with the optimizer fused
-into the backward (:mod:`revffn_fx.training.fused`), the peak of one training step is
+For plain fine-tuning, gradient checkpointing, the reversible stack, the reversible stack
+with the lean loss head and the exact mode (checkpointing + lean head), each with an
+ordinary optimizer and with the optimizer fused into the backward
+(:mod:`revffn_fx.training.fused`), the peak of one whole training step is
 
     parameters + gradients + optimizer states + activations + loss head
 
-- with an ordinary optimizer the peak is at the end of the backward: every gradient exists,
-  and the activations are those live then (:attr:`Estimate.peak_activation_bytes`);
-- with the fused optimizer gradients never coexist (the largest single gradient is
-  counted) and the peak moves to the start of the backward: everything saved for backward
-  plus one layer's (or one branch's) recomputation.
+at the larger of two moments (:func:`whole_step`, what ``revffn bench --step`` measures):
+
+- the loss: no gradient exists yet; everything saved before the head, and the head's own
+  peak (the original head holds three fp32 copies of the logits);
+- with an ordinary optimizer, the end of the backward and the optimizer step: every
+  gradient exists, with the last recomputation or the step's temporaries;
+- with the fused optimizer gradients never coexist: one parameter's step (its gradient and
+  the step's temporaries) or the start of the backward (everything saved for backward plus
+  one layer's or branch's recomputation), whichever is larger.
 
 Activations come from :mod:`revffn_fx.estimate`; parameters are counted on a meta-device
 model built from the config (no weights are read). Optimizer states: AdamW keeps two
