@@ -384,7 +384,8 @@ _SHORT = {"plain fine-tuning": "plain", "gradient checkpointing": "checkpointing
           "reversible (revffn)": "reversible", "reversible + lean loss head":
           "reversible + lean head"}
 _PLAN_NOTE = ("model state: parameters + gradients + optimizer states; activations\n"
-              "include the loss head; --wide: one column per category")
+              "include the loss head; --wide: one column per category; - : none held\n"
+              "at that method's peak (e.g. no gradients yet while the loss is computed)")
 
 
 def plan_table(rows: Any, title: str, budget: int, wide: bool = False) -> Table:
@@ -407,7 +408,7 @@ def plan_table(rows: Any, title: str, budget: int, wide: bool = False) -> Table:
                          r.activations + r.loss_head])
         table.add_row(r.method if wide else _SHORT.get(r.method, r.method),
                       "fused" if r.fused else "ordinary",
-                      *(human_bytes(v) for v in figures + [r.total]),
+                      *(human_bytes(v) if v else "-" for v in figures + [r.total]),
                       "yes" if r.total <= budget else "no")
     return table
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .estimate import Dims, Estimate, _dtype_bytes, estimate
+from .estimate import Dims, _dtype_bytes, estimate
 from .output import parse_bytes
 
 __all__ = ["PlanRow", "activation_peak", "memory_plan", "parse_bytes"]
@@ -80,28 +80,16 @@ def _param_stats(config: Any, method: str,
     return n, biggest
 
 
-def _activations(est: Estimate, method: str, fused: bool) -> tuple[int, int]:
-    """(activation bytes at the step's peak, loss-head bytes) for one method."""
-    head_bytes = sum(est.parts.get(k, 0) for k in _HEAD_PARTS)
-    saved_rest = est.saved_bytes - head_bytes
-    if method == "none":  # peak before any gradient: everything saved, and logits
-        act = est.peak_activation_bytes - head_bytes
-    elif fused:  # start of backward: all saved, plus one recomputation
-        act = saved_rest + (est.recompute_bytes or est.peak_activation_bytes)
-    else:  # end of backward: the last recomputation
-        act = est.peak_activation_bytes
-    return max(act, 0), head_bytes
-
-
 def activation_peak(config: Any, batch: int, seq: int, method: str = "revffn",
                     loss_head: str = "chunked", dtype: torch.dtype | str | None = None,
                     layers: Sequence[int] | None = None, fused: bool = False) -> int:
     """Activations + loss head at the step's peak: what ``revffn plan`` adds to the
     parameters, gradients and optimizer states for ``method`` (``none``, ``checkpoint``,
     ``revffn``, ``revnet``), with ``layers`` converted (None: all)."""
-    est = estimate(config, batch, seq, method, dtype, loss_head, layers)
-    act, head = _activations(est, method, fused)
-    return act + head
+    n, biggest = _param_stats(config, method, layers)
+    row = whole_step(config, batch, seq, method, loss_head, fused, n, biggest, dtype=dtype,
+                     layers=layers if method in ("revffn", "revnet") else None)
+    return row.activations + row.loss_head  # the same accounting as memory_plan's rows
 
 
 def _head_transient(config: Any, batch: int, seq: int, e: int, head: str) -> int:
