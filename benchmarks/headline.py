@@ -133,10 +133,10 @@ def main() -> None:
         fig.savefig(OUT / "sweep.png", dpi=110)
         plt.close("all")
     else:
-        for name in ("main", "qwen", "depth", "seq"):
+        for name in ("main", "qwen", "qwen8", "depth", "seq"):
             for r in _load(name):
                 print(f"{name}: {r.title()}\n\n{r.to_markdown()}\n")
-        for name in ("main", "qwen"):
+        for name in ("main", "qwen", "qwen8"):
             for r in _load(name):
                 print(f"plan against {name}:\n\n{plan_vs_measured(r)}\n")
 
