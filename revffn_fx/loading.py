@@ -23,6 +23,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
 from revffn_fx.errors import LoadError
+from revffn_fx.output import check_model_dir
 from revffn_fx.registry import SUPPORTED_TRANSFORMERS, facts_for
 
 # The weight files read, in from_pretrained's order of preference. Pickled checkpoints
@@ -99,16 +100,8 @@ def check_config(path: Path) -> tuple[Path, str]:
     Also checks the config's shape (types and ranges of the common fields) and that the
     files Hugging Face reads beside it do not lead outside ``path``.
     """
-    if not path.exists():
-        raise LoadError(f"{path}: no such directory (revffn-fx loads local model directories "
-                        "only; it never downloads from the hub)")
-    if not path.is_dir():
-        raise LoadError(f"{path}: not a directory (expected a model directory with "
-                        "config.json and weights)")
+    check_model_dir(str(path))  # exists, is a directory, holds a config.json
     config_path = path / "config.json"
-    if not config_path.is_file():
-        raise LoadError(f"{config_path}: missing: no config.json (not a Hugging Face model "
-                        "directory?)")
     inside(config_path, path)
     if (path / "generation_config.json").exists():
         inside(path / "generation_config.json", path)

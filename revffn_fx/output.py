@@ -105,4 +105,5 @@ def check_model_dir(path: str) -> None:
         raise LoadError(f"{p}: not a directory (expected a model directory with config.json "
                         "and weights)")
     if not (p / "config.json").is_file():
-        raise LoadError(f"{p}: no config.json (expected a Hugging Face model directory)")
+        raise LoadError(f"{p / 'config.json'}: missing: no config.json (expected a Hugging "
+                        "Face model directory)")
