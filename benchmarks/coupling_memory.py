@@ -4,7 +4,7 @@ extra decoder layer adds (checkpointing: its layer boundary; exact_streams: the 
 bits). With ``--time``: also the forward + backward time at the larger depth, median of
 5 after a warm-up, relative to checkpointing.
 
-fp32 ``mixtral-like`` synthetic model (hidden 256, revffn_fx.bench), batch 4 x seq 256,
+fp32 ``mixtral-like`` synthetic model (hidden 256, revffn_fx.tools.bench), batch 4 x seq 256,
 lean (chunked) loss head for the couplings:
 
     python benchmarks/coupling_memory.py
@@ -19,8 +19,8 @@ import time
 import torch
 
 import revffn_fx as rf
-from revffn_fx.bench import build
-from revffn_fx.memory import saved_tensor_bytes
+from revffn_fx.tools.bench import build
+from revffn_fx.tools.measure_memory import saved_tensor_bytes
 
 MiB = 2**20
 

@@ -4,7 +4,7 @@ AdamW and with AdamW fused into the backward (revffn_fx.training.fuse_optimizer)
 
     python benchmarks/fused_peak.py [--layers 8,32,64] [--batch 4] [--seq 256]
 
-The tracker is revffn_fx.memory's TorchDispatchMode over storages (torch's MemTracker
+The tracker is revffn_fx.tools.measure_memory's TorchDispatchMode over storages (torch's MemTracker
 cannot follow modules called from inside a custom backward). Parameters and optimizer
 states exist before the measured step (a warm-up step creates the AdamW moments); at every
 new peak the gradients alive are summed, and the rest of what the step allocated is
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 import revffn_fx as rf
-from revffn_fx.bench import build
-from revffn_fx.memory import adamw_step_peak
+from revffn_fx.tools.bench import build
+from revffn_fx.tools.measure_memory import adamw_step_peak
 
 MiB = 2**20
 

@@ -3,7 +3,7 @@ cross-entropy) against RevModel's chunked head, on the hidden states of a final 
 
     python benchmarks/head_memory.py
 
-Measured with revffn_fx.memory: bytes saved for backward, and the peak of live tensors
+Measured with revffn_fx.tools.measure_memory: bytes saved for backward, and the peak of live tensors
 during forward + backward of the head alone (its input and weight excluded).
 """
 
@@ -14,9 +14,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from revffn_fx.memory import peak_live_bytes, saved_tensor_bytes
 from revffn_fx.runtime.loss import ChunkedLossHead
 from revffn_fx.runtime.stack import RuntimeOptions
+from revffn_fx.tools.measure_memory import peak_live_bytes, saved_tensor_bytes
 
 MiB = 2**20
 

@@ -24,7 +24,7 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from revffn_fx.step_bench import StepResult, plot_sweep, preset_config, run_step_bench
+from revffn_fx.tools.step_bench import StepResult, plot_sweep, preset_config, run_step_bench
 
 OUT = Path(__file__).resolve().parent / "headline"
 SWEEP = ["ckpt", "exact", "revffn", "revnet"]
@@ -151,7 +151,7 @@ PLAN_ROWS = {"sft": ("plain fine-tuning", False), "ckpt": ("gradient checkpointi
 
 def plan_vs_measured(res: StepResult) -> str:
     """Markdown: ``revffn plan``'s estimate beside each measured peak it predicts."""
-    from revffn_fx.planner import memory_plan
+    from revffn_fx.tools.memory_plan import memory_plan
 
     config = preset_config(res.model, res.layers, res.hidden)
     plan = {(r.method, r.fused): r.total for r in memory_plan(config, res.batch, res.seq)}

@@ -3,7 +3,7 @@ against plain autograd (rf.verify) as depth grows, per momentum g and stream dty
 
 The inverse divides by g at every scaled update, so rounding error grows by about 1/g per
 residual sublayer (two per decoder layer). fp32 model weights, random ``mixtral-like``
-synthetic model (revffn_fx.bench), batch 2 x seq 64:
+synthetic model (revffn_fx.tools.bench), batch 2 x seq 64:
 
     python benchmarks/momentum_depth.py
     python benchmarks/momentum_depth.py --depths 2,4,8,16 --momentum 0.125 --streams float64,exact
@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import revffn_fx as rf
-from revffn_fx.bench import build
+from revffn_fx.tools.bench import build
 
 
 def main() -> None:

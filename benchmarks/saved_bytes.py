@@ -12,8 +12,8 @@ import argparse
 import torch
 
 import revffn_fx as rf
-from revffn_fx.bench import build
-from revffn_fx.memory import saved_tensor_bytes
+from revffn_fx.tools.bench import build
+from revffn_fx.tools.measure_memory import saved_tensor_bytes
 
 MiB = 2**20
 

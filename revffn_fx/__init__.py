@@ -22,14 +22,14 @@ _WHERE = {
     "LoadError": ".errors", "RevFFNError": ".errors", "TraceError": ".errors",
     "GraphDiff": ".diffs", "diff": ".diffs",
     "TransformSummary": ".export", "load": ".export", "transform_dir": ".export",
-    "LayerGraph": ".ir", "TracedModel": ".ir", "trace": ".ir",
-    "load_model": ".loading",
+    "LayerGraph": ".frontend.ir", "TracedModel": ".frontend.ir", "trace": ".frontend.ir",
+    "load_model": ".frontend.loading",
     "CalibrationReport": ".calibration", "calibrate": ".calibration",
     "RevModel": ".model", "transform": ".model",
     "analyze": ".passes.analyze",
     "PassManager": ".passes.manager", "PassRecord": ".passes.manager",
-    "LayerPlan": ".plan", "Plan": ".plan", "Sublayer": ".plan",
-    "VerifyReport": ".verification", "verify": ".verification",
+    "LayerPlan": ".frontend.plan", "Plan": ".frontend.plan", "Sublayer": ".frontend.plan",
+    "VerifyReport": ".checks.verification", "verify": ".checks.verification",
 }
 
 __all__ = [
@@ -59,6 +59,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs
     from . import passes
     from .calibration import CalibrationReport, calibrate
+    from .checks.verification import VerifyReport, verify
     from .diffs import GraphDiff, diff
     from .errors import (
         ConversionError,
@@ -69,10 +70,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         TraceError,
     )
     from .export import TransformSummary, load, transform_dir
-    from .ir import LayerGraph, TracedModel, trace
-    from .loading import load_model
+    from .frontend.ir import LayerGraph, TracedModel, trace
+    from .frontend.loading import load_model
+    from .frontend.plan import LayerPlan, Plan, Sublayer
     from .model import RevModel, transform
     from .passes.analyze import analyze
     from .passes.manager import PassManager, PassRecord
-    from .plan import LayerPlan, Plan, Sublayer
-    from .verification import VerifyReport, verify

@@ -33,12 +33,12 @@ import torch
 import torch.fx as fx
 
 from .errors import LoadError, RevFFNError
-from .ir import _forward_params
-from .loading import quiet
+from .frontend.ir import _forward_params
+from .frontend.loading import quiet
+from .frontend.registry import facts_for
 from .model import RevModel
 from .passes.analyze import analyze_layer, router_ids
 from .passes.couple import UPDATE_NAMES
-from .registry import facts_for
 from .runtime.streams import MERGES, SPLITS
 
 BRANCHES = UPDATE_NAMES  # adapter prefixes of the updates of a coupling (F, G, H, ...)

@@ -20,11 +20,11 @@ from rich.table import Table
 from rich.text import Text
 
 from revffn_fx import __version__
-from revffn_fx.bench import bench_command
 from revffn_fx.errors import RevFFNError
 from revffn_fx.exits import EXIT_HELP, Command, Group
 from revffn_fx.output import check_model_dir as _check_model_dir
 from revffn_fx.output import human_bytes, parse_bytes, progress_reporter
+from revffn_fx.tools.bench import bench_command
 
 _WIDTH = 120  # rich's width when the output is not a terminal: stable for pipes and tests
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -119,8 +119,9 @@ def _human(n: int | float) -> str:
               show_default=True,
               help="Dtype of the coupled streams inside the reversible stacks (branches still "
                    "compute in the model's dtype). auto: one step wider than the weights "
-                   "when --calibrate is given (calibrated adapters have larger gains, and "
-                   "wide streams keep the reconstruction exact), else the model's own.")
+                   "when --calibrate is given or the coupling is momentum/meft (calibrated "
+                   "adapters have larger gains, and the scaled couplings' inverse divides by "
+                   "G: wide streams keep the reconstruction exact), else the model's own.")
 @click.option("--estimate-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Batch size the report's activation estimate assumes (nothing else).")
 @click.option("--estimate-seq", type=click.IntRange(min=1), default=2048, show_default=True,
@@ -359,7 +360,7 @@ def diff_command(model_dir: str, coupling: str, layer: int | None, fmt: str,
         raise click.BadParameter(f"{output}: its folder does not exist",
                                  param_hint="'-o' / '--output'")
     from revffn_fx.diffs import render_html, transform_diffs
-    from revffn_fx.loading import load_model
+    from revffn_fx.frontend.loading import load_model
     from revffn_fx.model import transform
 
     rev = transform(load_model(model_dir), coupling=coupling)
@@ -454,9 +455,9 @@ def plan(model_dir: str, gpu_mem: str, batch: int, seq: int, optimizer: str,
         raise click.BadParameter(str(e), param_hint="'--gpu-mem'") from None
     _check_model_dir(model_dir)
     _check_layer_spec(layers)
-    from revffn_fx.loading import load_config
+    from revffn_fx.frontend.loading import load_config
     from revffn_fx.model import parse_layers
-    from revffn_fx.planner import memory_plan
+    from revffn_fx.tools.memory_plan import memory_plan
 
     config = load_config(model_dir)
     n = int(getattr(config, "num_hidden_layers", 0) or 0)

@@ -16,7 +16,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
-from .ir import TracedModel, call_arguments
+from .frontend.ir import TracedModel, call_arguments
+from .frontend.registry import facts_for
 from .passes.analyze import analyze_layer, router_ids
 from .passes.couple import COUPLINGS
 from .passes.cross_branch import cross_attentions
@@ -32,7 +33,6 @@ from .passes.pipeline import (
     layer_pipeline,
     model_pipeline,
 )
-from .registry import facts_for
 from .runtime.stack import RevStack, RuntimeOptions
 
 GraphKey = tuple[bool, bool, bool, bool, bool]  # training, mask, labels, chunked, hidden

@@ -22,13 +22,14 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from .compiled import CompiledModel
 from .errors import ConversionError, RevFFNError
-from .ir import (
+from .frontend.ir import (
     HF_OUTPUT,
     TracedModel,
     logits_and_loss,
     rebuild_output,
     trace,
 )
+from .frontend.plan import Plan
 from .options import TransformOptions, parse_layer_spec
 from .passes.analyze import (
     analyze,
@@ -40,7 +41,6 @@ from .passes.cross_branch import attention_calls
 from .passes.inverse import ReversibleSpec
 from .passes.manager import Pass
 from .passes.pipeline import scope_of
-from .plan import Plan
 from .runtime import fixed_point as fixed_points
 from .runtime.fixed_point import fixed_point_tolerance  # noqa: F401 (was defined here)
 from .runtime.router import RouterTap, find_routers
@@ -617,7 +617,7 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
     gains (after :func:`revffn_fx.calibrate`); costs one wider copy of the streams.
     """
     if isinstance(model, (str, os.PathLike)):
-        from .loading import load_model
+        from .frontend.loading import load_model
 
         model = load_model(model)
     return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head,

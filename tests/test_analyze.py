@@ -8,8 +8,8 @@ from torch import nn
 from zoo import ARCHS, HandMoE, tiny_config, tiny_model
 
 import revffn_fx as rf
-from revffn_fx import registry
-from revffn_fx.registry import ArchFacts
+from revffn_fx.frontend import registry
+from revffn_fx.frontend.registry import ArchFacts
 
 PRE = ("attention", "pre_norm"), ("moe", "pre_norm")
 EXPECTED = {

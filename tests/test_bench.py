@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from revffn_fx.bench import METHODS, bench_command, build, synthetic_config
-from revffn_fx.estimate import estimate, estimate_saved_bytes
-from revffn_fx.memory import saved_tensor_bytes
+from revffn_fx.tools.bench import METHODS, bench_command, build, synthetic_config
+from revffn_fx.tools.estimate_memory import estimate, estimate_saved_bytes
+from revffn_fx.tools.measure_memory import saved_tensor_bytes
 
 FIELDS = ("saved_bytes", "peak_bytes", "peak_fused_bytes", "param_bytes", "step_s", "cpu_s",
           "tokens_per_s", "ratio")
@@ -103,7 +103,7 @@ CASES = [("tiny", 2, 2, 32), ("mixtral-like", 1, 2, 64), ("mixtral-like", 3, 2, 
 @pytest.mark.parametrize("name, layers, batch, seq", CASES)
 def test_estimate_within_15_percent_of_probe(name: str, layers: int, batch: int,
                                              seq: int) -> None:
-    from revffn_fx.bench import _Runner
+    from revffn_fx.tools.bench import _Runner
 
     model = build(name, layers)
     config = synthetic_config(name, layers)

@@ -11,9 +11,9 @@ import torch
 from zoo import RANDOM, tiny_model
 
 import revffn_fx as rf
-from revffn_fx.memory import saved_tensor_bytes
 from revffn_fx.runtime import function as rev_function
 from revffn_fx.runtime import rng
+from revffn_fx.tools.measure_memory import saved_tensor_bytes
 
 CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe",
         "phimoe", "dbrx", "jetmoe", "hand"]

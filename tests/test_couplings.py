@@ -13,8 +13,8 @@ from zoo import tiny_model
 
 import revffn_fx as rf
 from revffn_fx.errors import RevFFNError
-from revffn_fx.memory import saved_tensor_bytes
 from revffn_fx.passes.couple_momentum import DEFAULT_MOMENTUM
+from revffn_fx.tools.measure_memory import saved_tensor_bytes
 
 SCALED = ["momentum", "meft"]
 

@@ -55,7 +55,7 @@ def test_exact_mode_is_the_same_function(name: str) -> None:
 
 
 def test_exact_mode_checkpoints_every_layer_and_keeps_less() -> None:
-    from revffn_fx.memory import saved_tensor_bytes
+    from revffn_fx.tools.measure_memory import saved_tensor_bytes
 
     model = tiny_model("mixtral", num_hidden_layers=4)
     rev = rf.transform(model, coupling="none").train()
@@ -128,7 +128,7 @@ def test_exact_mode_refuses_a_layer_selection() -> None:
 # -- the whole-step benchmark -----------------------------------------------------------------
 
 def test_presets_have_the_real_shapes_and_narrow_consistently() -> None:
-    from revffn_fx.step_bench import preset_config
+    from revffn_fx.tools.step_bench import preset_config
 
     q = preset_config("qwen1.5-moe-shaped")
     assert (q.hidden_size, q.num_experts, q.num_experts_per_tok, q.moe_intermediate_size,
@@ -145,7 +145,7 @@ def test_presets_have_the_real_shapes_and_narrow_consistently() -> None:
 
 
 def test_step_bench_splits_what_each_part_contributes() -> None:
-    from revffn_fx.step_bench import preset_config, run_step_bench
+    from revffn_fx.tools.step_bench import preset_config, run_step_bench
 
     config = preset_config("mixtral-shaped", layers=2, hidden=64, vocab=4096)
     methods = ["sft", "ckpt", "exact", "revffn", "revffn/no-head", "revffn/no-fusion"]
@@ -169,7 +169,7 @@ def test_step_bench_splits_what_each_part_contributes() -> None:
     assert rows["revffn/no-head"].peak_bytes > rows["revffn"].peak_bytes + 2 * 2 ** 20
     assert rows["revffn"].head_chunk is not None and rows["ckpt"].head_chunk is None
     # revffn plan counts the same step: within 10% of the measured peaks
-    from revffn_fx.planner import memory_plan
+    from revffn_fx.tools.memory_plan import memory_plan
 
     plan = {(r.method, r.fused): r.total for r in memory_plan(config, 2, 64)}
     for m, key in (("sft", ("plain fine-tuning", False)),
@@ -184,7 +184,7 @@ def test_step_bench_splits_what_each_part_contributes() -> None:
 def test_bench_step_cli_writes_json_and_plot(tmp_path: Path) -> None:
     import json
 
-    from revffn_fx.bench import bench_command
+    from revffn_fx.tools.bench import bench_command
 
     out, png = tmp_path / "s.json", tmp_path / "s.png"
     res = CliRunner().invoke(bench_command, [
@@ -220,7 +220,7 @@ def test_child_process_entry_reports_rss_and_the_tracker(capsys: pytest.CaptureF
     # then only a smoke test), one JSON line out
     import json
 
-    from revffn_fx.step_bench import _child_main, preset_config
+    from revffn_fx.tools.step_bench import _child_main, preset_config
 
     config = preset_config("mixtral-shaped", layers=1, hidden=32, vocab=512)
     _child_main(json.dumps(dict(config=config.to_dict(), batch=1, seq=16, dtype="float32",

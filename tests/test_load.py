@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from revffn_fx.errors import LoadError
-from revffn_fx.loading import load_model
+from revffn_fx.frontend.loading import load_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = EXAMPLES / "tiny-mixtral"
@@ -85,8 +85,8 @@ def test_dtype_is_applied() -> None:
 
 
 def test_registry_load_kwargs_are_applied(monkeypatch: pytest.MonkeyPatch) -> None:
-    import revffn_fx.loading
-    from revffn_fx.registry import ArchFacts, facts_for
+    import revffn_fx.frontend.loading
+    from revffn_fx.frontend.registry import ArchFacts, facts_for
 
     assert load_model(TINY).config._attn_implementation != "eager"
     assert facts_for("gpt_oss").load_kwargs == {"attn_implementation": "eager"}
@@ -96,7 +96,7 @@ def test_registry_load_kwargs_are_applied(monkeypatch: pytest.MonkeyPatch) -> No
         seen.append(model_type)
         return ArchFacts(load_kwargs={"attn_implementation": "eager"})
 
-    monkeypatch.setattr(revffn_fx.loading, "facts_for", fake_facts_for)
+    monkeypatch.setattr(revffn_fx.frontend.loading, "facts_for", fake_facts_for)
     assert load_model(TINY).config._attn_implementation == "eager"
     assert seen == ["mixtral"]
 

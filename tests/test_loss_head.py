@@ -7,8 +7,8 @@ import torch
 from zoo import tiny_model
 
 import revffn_fx as rf
-from revffn_fx.memory import saved_tensor_bytes
 from revffn_fx.runtime.loss import chunked_linear_cross_entropy
+from revffn_fx.tools.measure_memory import saved_tensor_bytes
 
 
 def _batch(seq: int = 10, vocab: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -189,7 +189,7 @@ def test_chunk_tokens_follow_vocab_and_bytes() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_working_set_is_twice_the_hidden_states(dtype: torch.dtype) -> None:
-    from revffn_fx.memory import peak_live_bytes
+    from revffn_fx.tools.measure_memory import peak_live_bytes
 
     tokens, d, vocab = 1024, 64, 4096
     torch.manual_seed(0)

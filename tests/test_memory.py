@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from revffn_fx.memory import peak_live_bytes, saved_tensor_bytes
+from revffn_fx.tools.measure_memory import peak_live_bytes, saved_tensor_bytes
 
 N = 1000  # floats: 4000 bytes
 

@@ -12,8 +12,8 @@ from zoo import tiny_model
 
 import revffn_fx as rf
 from revffn_fx import cli
-from revffn_fx.memory import adamw_step_peak
-from revffn_fx.planner import memory_plan, parse_bytes
+from revffn_fx.tools.measure_memory import adamw_step_peak
+from revffn_fx.tools.memory_plan import memory_plan, parse_bytes
 
 LABELS = {"checkpoint": "gradient checkpointing", "revffn": "reversible + lean loss head"}
 

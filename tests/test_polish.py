@@ -18,8 +18,8 @@ from rich.console import Console
 
 import revffn_fx as rf
 from revffn_fx import cli
-from revffn_fx.bench import BenchResult, Measurement
 from revffn_fx.output import human_bytes, progress_reporter
+from revffn_fx.tools.bench import BenchResult, Measurement
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = ROOT / "examples" / "tiny-moe-stdlib"  # tied embeddings: 3,871,872 parameters
@@ -30,8 +30,8 @@ STDLIB_PARAMS = 3_871_872
 # ----------------------------------------------------------------------------- the figures
 
 def test_activation_estimate_follows_layers_and_agrees_with_plan(tmp_path: Path) -> None:
-    from revffn_fx.loading import load_config
-    from revffn_fx.planner import memory_plan
+    from revffn_fx.frontend.loading import load_config
+    from revffn_fx.tools.memory_plan import memory_plan
 
     config = load_config(STDLIB)
     seen = {}
@@ -143,7 +143,7 @@ def test_bench_table_fits_80_columns(device: str) -> None:
 def test_plan_table_fits_80_columns(tmp_path: Path) -> None:
     from transformers import Qwen2MoeConfig
 
-    from revffn_fx.planner import memory_plan
+    from revffn_fx.tools.memory_plan import memory_plan
 
     # a big model: figures in GiB with the budget saying no
     cfg = Qwen2MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=5632,

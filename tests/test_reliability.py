@@ -30,7 +30,7 @@ import revffn_fx as rf
 from revffn_fx.cli import main, transform
 from revffn_fx.errors import LoadError
 from revffn_fx.export import ADAPTER_FILE, transform_dir
-from revffn_fx.loading import load_model
+from revffn_fx.frontend.loading import load_model
 from revffn_fx.outdir import recover
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny-mixtral"

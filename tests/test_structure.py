@@ -76,5 +76,5 @@ def test_the_checker_sees_a_cycle(tmp_path: Path) -> None:
     imports shows up as an edge."""
     graph = import_graph()
     assert graph.number_of_edges() > 20
-    assert graph.has_edge("revffn_fx.verification", "revffn_fx.runtime.stack")
+    assert graph.has_edge("revffn_fx.checks.verification", "revffn_fx.runtime.stack")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revffn_fx.registry import facts_for
+from revffn_fx.frontend.registry import facts_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from configs, never fetched
 

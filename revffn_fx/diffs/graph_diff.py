@@ -276,7 +276,7 @@ def _match(before: fx.Graph, after: fx.Graph
 
 def _model_graph(obj: Any, layer: int | None) -> tuple[Graphish, str, Any] | None:
     """A TracedModel's or RevModel's graph: (graph, title, the TracedModel), else None."""
-    from ..ir import TracedModel
+    from ..frontend.ir import TracedModel
     from ..model import RevModel
 
     if isinstance(obj, TracedModel):

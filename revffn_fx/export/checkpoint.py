@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 
 from ..errors import LoadError
-from ..loading import check_weights, index_shards, inside
+from ..frontend.loading import check_weights, index_shards, inside
 from ..outdir import pause
 from .layout import EXTRA_FILES, INDEX_NAME, TOKENIZER_FILES, WEIGHTS_NAME
 

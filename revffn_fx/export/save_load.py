@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import ExportError, LoadError, RevFFNError
-from ..loading import check_config, load_model, quiet
+from ..frontend.loading import check_config, load_model, quiet
 from ..model import RevModel
 from ..options import TransformOptions
 from ..outdir import writing

@@ -16,12 +16,12 @@ import torch
 
 from ..calibration import calibration_batches
 from ..errors import ConversionError, ExportError, LoadError
-from ..loading import check_config, quiet
+from ..frontend.loading import check_config, quiet
+from ..frontend.registry import facts_for
 from ..model import RevModel, parse_layers
 from ..options import TransformOptions
 from ..outdir import check_out_dir, writing
 from ..output import human_bytes
-from ..registry import facts_for
 from .checkpoint import (
     SAFETENSORS_DTYPES,
     Progress,
@@ -43,7 +43,7 @@ def _activation_estimate(config: Any, rev: RevModel, batch: int = 8,
     """Activations + loss head at a step's peak, plain fine-tuning and ``rev`` (its coupling,
     loss head and converted layers), as ``revffn plan`` counts them (ordinary optimizer);
     None when the config lacks what the estimator reads."""
-    from ..planner import activation_peak
+    from ..tools.memory_plan import activation_peak
 
     try:
         return (batch, seq,
@@ -365,7 +365,7 @@ def _calibrated_adapters(src: Path, meta_rev: RevModel, batches: list[torch.Tens
                                                                      Any]:
     """Load the model for real, fit the adapters on ``batches``; same keys and dtypes."""
     from ..calibration import calibrate
-    from ..loading import load_model
+    from ..frontend.loading import load_model
 
     model = load_model(src)
     rev = RevModel(model, meta_rev.coupling, list(meta_rev.converted),
@@ -378,8 +378,9 @@ def _calibrated_adapters(src: Path, meta_rev: RevModel, batches: list[torch.Tens
 
 
 def _verify_dir(path: Path, batch: int = 2, seq: int = 16, seed: int = 0) -> Any:
-    """Load ``path`` for real and run :func:`revffn_fx.verification.verify` on random tokens."""
-    from ..verification import verify
+    """Load ``path`` for real and run :func:`revffn_fx.checks.verification.verify` on
+    random tokens."""
+    from ..checks.verification import verify
 
     rev = load(path)
     vocab = getattr(rev.config, "vocab_size", None) or 128

@@ -17,9 +17,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..ir import LayerGraph, TracedModel
-from ..plan import LayerPlan, Plan, Sublayer
-from ..registry import facts_for
+from ..frontend.ir import LayerGraph, TracedModel
+from ..frontend.plan import LayerPlan, Plan, Sublayer
+from ..frontend.registry import facts_for
 from ..runtime.router import find_routers
 from .classify import branch_kind, module_kind
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from ..tracer import is_norm
+from ..frontend.tracer import is_norm
 
 KINDS = ("attention", "moe", "mlp", "norm", "other")
 

@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConversionError
-from ..plan import LayerPlan
+from ..frontend.plan import LayerPlan
 from ..runtime.streams import MERGES, SPLITS
 from .analyze import update_targets
 from .couple_momentum import DEFAULT_MOMENTUM, SCALED_COUPLINGS, couple_scaled_layer

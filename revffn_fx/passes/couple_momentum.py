@@ -30,8 +30,8 @@ from typing import Any
 import torch.fx as fx
 
 from ..errors import ConversionError
+from ..frontend.plan import LayerPlan
 from ..options import check_momentum  # the one check (torch-free, for the CLI too)
-from ..plan import LayerPlan
 
 # coupling -> split kind (revffn_fx.runtime.streams)
 SCALED_COUPLINGS = {"momentum": "momentum", "meft": "copies_last"}

@@ -23,7 +23,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
+from ..errors import TraceError
 
 
 def is_norm(module: nn.Module) -> bool:

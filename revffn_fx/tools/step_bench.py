@@ -144,7 +144,7 @@ def build_model(config: Any, dtype: Any = None, seed: int = 0, device: str = "cp
     import torch
     from transformers import AutoModelForCausalLM
 
-    from revffn_fx.registry import facts_for
+    from revffn_fx.frontend.registry import facts_for
 
     torch.manual_seed(seed)
     kw: dict[str, Any] = dict(facts_for(config.model_type).load_kwargs)
@@ -415,7 +415,7 @@ def measure_method(method: str, config: Any, batch: int, seq: int, dtype: Any = 
 def _isolated(method: str, spec: dict[str, Any]) -> StepRow:
     """:func:`measure_method` in a fresh Python process (its own peak RSS)."""
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "revffn_fx.step_bench",
+    proc = subprocess.run([sys.executable, "-m", "revffn_fx.tools.step_bench",
                            json.dumps({**spec, "method": method})],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -432,7 +432,7 @@ def run_step_bench(config: Any, batch: int = 4, seq: int = 1024,
     """Measure a whole training step for each method; ratios are to ``ckpt``."""
     import torch
 
-    from revffn_fx.bench import machine_info
+    from revffn_fx.tools.bench import machine_info
 
     unknown = [m for m in methods if m not in STEP_METHODS]
     if unknown:
@@ -519,7 +519,7 @@ def source_config(model_dir: str | None, synthetic: str | None, layers: int | No
                   max_positions: int = 8192) -> tuple[Any, str]:
     """(config, label) for ``bench --step``: a local model directory's config (weights are
     not read: random weights have the same memory), a preset, or a bench synthetic model."""
-    from revffn_fx.bench import SYNTHETIC, synthetic_config
+    from revffn_fx.tools.bench import SYNTHETIC, synthetic_config
 
     if model_dir is not None:
         if not (Path(model_dir) / "config.json").is_file():
@@ -562,7 +562,7 @@ def step_command(model_dir: str | None, synthetic: str | None, layers: str, batc
 
     from rich.console import Console
 
-    from revffn_fx.bench import _dtype, _parse_depths
+    from revffn_fx.tools.bench import _dtype, _parse_depths
 
     wanted = [m.strip() for m in (methods or ",".join(DEFAULT_STEP_METHODS)).split(",")
               if m.strip()]
@@ -572,7 +572,7 @@ def step_command(model_dir: str | None, synthetic: str | None, layers: str, batc
                           f"{', '.join(STEP_METHODS)}")
     depths: list[int | None] = [None] if model_dir is not None else _parse_depths(layers)
     # the cheap checks before torch and transformers are imported
-    from revffn_fx.bench import SYNTHETIC
+    from revffn_fx.tools.bench import SYNTHETIC
 
     if synthetic is not None and synthetic not in PRESETS and synthetic not in SYNTHETIC:
         raise RevFFNError(f"unknown synthetic model {synthetic!r}; choose from "
@@ -608,7 +608,7 @@ def step_command(model_dir: str | None, synthetic: str | None, layers: str, batc
 
 
 def _child_main(arg: str) -> None:
-    """``python -m revffn_fx.step_bench SPEC_JSON``: one method, one JSON line out."""
+    """``python -m revffn_fx.tools.step_bench SPEC_JSON``: one method, one JSON line out."""
     import torch
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

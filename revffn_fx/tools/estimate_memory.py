@@ -1,7 +1,7 @@
 """Analytic estimate of activation memory from a config alone (no weights are read).
 
 ``estimate_saved_bytes(config, batch, seq, method)`` predicts what
-:func:`revffn_fx.memory.saved_tensor_bytes` measures for one training forward (bytes
+:func:`revffn_fx.tools.measure_memory.saved_tensor_bytes` measures for one training forward (bytes
 autograd keeps for backward, parameters excluded) under ``method``:
 
 - ``checkpoint``: one layer boundary (the layer's input, ``T*d``) per decoder layer, plus

@@ -150,7 +150,7 @@ def adamw_step_peak(model: torch.nn.Module, input_ids: torch.Tensor, fused: bool
                     lr: float = 1e-5) -> dict[str, int]:
     """:func:`step_breakdown` of a causal-LM training step with AdamW, ordinary or fused
     into the backward. A first step creates the optimizer states; the second is measured."""
-    from .training.fused import fuse_optimizer
+    from ..training.fused import fuse_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
     if fused:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .ir import logits_and_loss
-from .model import RevModel, input_embeddings
-from .runtime.stack import RevStack
-from .runtime.streams import MERGES
+from ..frontend.ir import logits_and_loss
+from ..model import RevModel, input_embeddings
+from ..runtime.stack import RevStack
+from ..runtime.streams import MERGES
 
 # (gradient, reconstruction) tolerances by dtype, relative
 TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4),

@@ -23,8 +23,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
 from revffn_fx.errors import LoadError
+from revffn_fx.frontend.registry import SUPPORTED_TRANSFORMERS, facts_for
 from revffn_fx.output import check_model_dir
-from revffn_fx.registry import SUPPORTED_TRANSFORMERS, facts_for
 
 # The weight files read, in from_pretrained's order of preference. Pickled checkpoints
 # (pytorch_model.bin) are refused everywhere: unpickling runs code.

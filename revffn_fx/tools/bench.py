@@ -10,13 +10,13 @@ training step on it (forward, causal-LM loss, backward; train mode; fixed inputs
   not in the default set, ask for it with ``--methods``.
 
 Per (depth, method) it measures the bytes saved for backward and the peak of live tensor
-bytes during the step (:mod:`revffn_fx.memory`, exact and machine-independent; parameters
-are the baseline), the same peak when each gradient is dropped as soon as it is complete
-(what an optimizer fused into the backward sees), the median step time after warm-up
-(methods interleaved, so load on the machine hits them alike) and, on CUDA,
-``torch.cuda.max_memory_allocated`` and tokens/s. Ratios are to ``checkpoint`` measured in
-the same run. Heavy imports (torch, transformers, matplotlib) happen inside functions, so
-``revffn --help`` stays fast.
+bytes during the step (:mod:`revffn_fx.tools.measure_memory`, exact and
+machine-independent; parameters are the baseline), the same peak when each gradient is
+dropped as soon as it is complete (what an optimizer fused into the backward sees), the
+median step time after warm-up (methods interleaved, so load on the machine hits them
+alike) and, on CUDA, ``torch.cuda.max_memory_allocated`` and tokens/s. Ratios are to
+``checkpoint`` measured in the same run. Heavy imports (torch, transformers, matplotlib)
+happen inside functions, so ``revffn --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def build(name: str, layers: int, dtype: torch.dtype | str | None = None,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from revffn_fx.registry import facts_for
+    from revffn_fx.frontend.registry import facts_for
 
     config = synthetic_config(name, layers)
     torch.manual_seed(seed)
@@ -411,7 +411,7 @@ def _measure_memory(runner: _Runner, ids: torch.Tensor, row: Measurement,
                     device: Any) -> None:
     import torch
 
-    from revffn_fx.memory import peak_live_bytes, saved_tensor_bytes
+    from revffn_fx.tools.measure_memory import peak_live_bytes, saved_tensor_bytes
 
     row.param_bytes = sum(p.numel() * p.element_size() for p in runner.params)
     with runner.active():
@@ -447,7 +447,7 @@ def run_bench(factory: Callable[[int], nn.Module] | str | os.PathLike[str],
     """Measure a training step per (depth, method); see the module docstring.
 
     ``factory``: ``depth -> model`` (e.g. :func:`synthetic_factory`), or a local model
-    directory (loaded with :func:`revffn_fx.loading.load_model`; ``depths`` is then the
+    directory (loaded with :func:`revffn_fx.frontend.loading.load_model`; ``depths`` is then the
     model's own layer count). ``progress(done, total, what)`` is called as cells finish.
     ``memory=False`` skips the memory probes (a timing-only run). Times: ``step_s`` is wall
     time, ``cpu_s`` the process CPU time of the step (robust to a loaded machine when
@@ -473,7 +473,7 @@ def run_bench(factory: Callable[[int], nn.Module] | str | os.PathLike[str],
         label = getattr(factory, "label", getattr(factory, "__name__", "model"))
         make = factory
     else:
-        from revffn_fx.loading import load_model
+        from revffn_fx.frontend.loading import load_model
 
         path = str(factory)
         label = path
@@ -652,7 +652,7 @@ def bench_command(model_dir: str | None, synthetic: str | None, layers: str, bat
         if importlib.util.find_spec("matplotlib") is None:
             raise RevFFNError("--plot needs matplotlib: pip install 'revffn-fx[bench]'")
     if step:
-        from revffn_fx.step_bench import step_command
+        from revffn_fx.tools.step_bench import step_command
 
         return step_command(model_dir, synthetic, layers, batch, seq, repeats,
                             None if methods == ",".join(METHODS) else methods, device, dtype,

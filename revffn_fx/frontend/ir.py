@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from .errors import RevFFNError, TraceError
+from ..errors import RevFFNError, TraceError
 from .tracer import (
     find_decoder_layers,
     is_norm,

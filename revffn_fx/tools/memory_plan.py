@@ -17,8 +17,8 @@ at the larger of two moments (:func:`whole_step`, what ``revffn bench --step`` m
   the step's temporaries) or the start of the backward (everything saved for backward plus
   one layer's or branch's recomputation), whichever is larger.
 
-Activations come from :mod:`revffn_fx.estimate`; parameters are counted on a meta-device
-model built from the config (no weights are read). Optimizer states: AdamW keeps two
+Activations come from :mod:`revffn_fx.tools.estimate_memory`; parameters are counted on a
+meta-device model built from the config (no weights are read). Optimizer states: AdamW keeps two
 moments in the parameters' dtype, 8-bit AdamW two one-byte moments, SGD one momentum.
 """
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from .estimate import Dims, _dtype_bytes, estimate
-from .output import parse_bytes
+from ..output import parse_bytes
+from .estimate_memory import Dims, _dtype_bytes, estimate
 
 __all__ = ["PlanRow", "activation_peak", "memory_plan", "parse_bytes"]
 
