@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from zoo import tiny_model
+from zoo import qwen15_moe_config, tiny_model
 
 import revffn_fx as rf
 from revffn_fx import cli
@@ -47,13 +47,7 @@ def test_plan_within_15_percent_of_measured_peaks(name: str, kw: dict) -> None:
 
 
 def test_fused_reversible_has_the_lowest_planned_peak_at_scale(tmp_path: Any) -> None:
-    from transformers import Qwen2MoeConfig
-
-    cfg = Qwen2MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=5632,
-                         num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                         num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
-                         shared_expert_intermediate_size=5632, decoder_sparse_step=1,
-                         tie_word_embeddings=False, dtype="bfloat16")
+    cfg = qwen15_moe_config()
     rows = memory_plan(cfg, 8, 4096)
     best = min(rows, key=lambda r: r.total)
     assert best.method == "reversible + lean loss head" and best.fused

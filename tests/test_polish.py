@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
+from zoo import qwen15_moe_config
 
 import revffn_fx as rf
 from revffn_fx import cli
@@ -141,16 +142,10 @@ def test_bench_table_fits_80_columns(device: str) -> None:
 
 
 def test_plan_table_fits_80_columns(tmp_path: Path) -> None:
-    from transformers import Qwen2MoeConfig
-
     from revffn_fx.tools.memory_plan import memory_plan
 
     # a big model: figures in GiB with the budget saying no
-    cfg = Qwen2MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=5632,
-                         num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                         num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
-                         shared_expert_intermediate_size=5632, decoder_sparse_step=1,
-                         tie_word_embeddings=False, dtype="bfloat16")
+    cfg = qwen15_moe_config()
     rows = memory_plan(cfg, 8, 4096)
     text = _render(cli.plan_table(rows, "qwen: batch 8 x seq 4096; fits: in 100GB",
                                   100 * 10**9))

@@ -121,6 +121,19 @@ def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     return model
 
 
+def qwen15_moe_config(**overrides: Any) -> Any:
+    """Qwen1.5-MoE-A2.7B's shape (24 layers, hidden 2048, 60 experts top-4, vocab 151936,
+    bf16): a config only, for planning figures at a real scale (never instantiated)."""
+    from transformers import Qwen2MoeConfig
+
+    kw: dict[str, Any] = dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        decoder_sparse_step=1, tie_word_embeddings=False, dtype="bfloat16")
+    return Qwen2MoeConfig(**{**kw, **overrides})
+
+
 def save_and_load(model: nn.Module, tmp_path: str | Path) -> nn.Module:
     """save_pretrained ``model`` into ``tmp_path`` and load it back with the same kwargs."""
     from transformers import AutoModelForCausalLM
