@@ -107,7 +107,9 @@ class RevModel(nn.Module):
                 stream_dtype=stream_dtype, checkpoint_rest=checkpoint_rest,
                 fixed_point_iters=fixed_point_iters, fixed_point_tol=fixed_point_tol,
                 momentum=momentum, exact_streams=exact_streams, leaf_modules=leaf_modules)
-        if options.stream_dtype == "auto":
+        if options.stream_dtype == "auto" or (options.exact_streams
+                                              and options.stream_dtype is None):
+            # exact_streams' grid lives in float64 streams: resolved() picks them
             options = options.resolved(str(next(model.parameters()).dtype))
         self.transform_options = options  # what rebuilds this model (export records it)
         coupling, attention, loss_head = options.coupling, options.attention, options.loss_head

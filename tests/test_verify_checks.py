@@ -107,3 +107,20 @@ def test_parameters_shared_between_updates_accumulate(coupling: str) -> None:
         else:
             want = g_u[name]
         torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_exact_streams_verify_with_a_small_g(monkeypatch: pytest.MonkeyPatch) -> None:
+    """exact_streams at g = 1/256: the reconstruction is checked with the stored bits (0.0),
+    and without them the same check fails."""
+    from revffn_fx.runtime.stack import Update
+
+    rev = rf.transform(tiny_model("mixtral"), coupling="momentum", momentum=2.0 ** -8,
+                       exact_streams=True)  # float64 streams picked for the grid
+    report = rf.verify(rev, _ids())
+    assert report.ok and max(c.reconstruction_err for c in report.layers) == 0.0, \
+        report.summary()
+    real = Update.invert
+    monkeypatch.setattr(Update, "invert", lambda self, new, out, lost=None: real(
+        self, new, out, None if lost is None else torch.zeros_like(lost)))
+    report = rf.verify(rev, _ids())
+    assert max(c.reconstruction_err for c in report.layers) > 1e-6

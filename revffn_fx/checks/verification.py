@@ -175,6 +175,18 @@ def fidelity_error(original: fx.GraphModule, coupled: fx.GraphModule, hidden: to
     return _rel(got, want)
 
 
+def _grid_round_trip(layer: Any, streams: list[torch.Tensor], ctx: dict[str, Any]) -> float:
+    """exact_streams: run ``layer``'s updates on ``streams`` keeping the bits each scaled
+    update drops, undo them last first, and return the relative error of the round trip."""
+    ys, lost = list(streams), []
+    for u in layer.updates:
+        ys[u.target] = u.combine(ys, u.run(ys, ctx), lost)
+    for u in reversed(layer.updates):  # momentum/meft updates are closed form
+        ys[u.target] = u.invert(ys[u.target], u.run(ys, ctx),
+                                lost.pop() if u.keeps_bits else None)
+    return _rel(torch.cat([y.flatten() for y in ys]), torch.cat([x.flatten() for x in streams]))
+
+
 def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, Any],
                           seed: int = 0) -> list[LayerCheck]:
     """Per reversible layer: ||inverse(layer(x)) - x|| / ||x||, streams concatenated."""
@@ -194,28 +206,31 @@ def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, 
             # dtype the branches compute in
             dt = _m.updates[0].compute_dtype if len(_m.updates) else None
             cast = (lambda t: t.detach().to(dt)) if dt is not None else (lambda t: t.detach())
-            seen[_n] = ([cast(s) for s in streams], [cast(o) for o in out], ctx)
+            seen[_n] = ([cast(s) for s in streams], [cast(o) for o in out], ctx,
+                        [s.detach() for s in streams])
         handles.append(layer.register_forward_hook(hook))
-    # the inverse graphs do not know the bits exact_streams stores: check them without it
-    # (the gradients above were checked with it)
-    exact, rev.options.exact_streams = rev.options.exact_streams, False
     try:
         with torch.no_grad():
             torch.manual_seed(seed)
             rev(input_ids, **kw)
     finally:
-        rev.options.exact_streams = exact
         for h in handles:
             h.remove()
     checks = []
     with torch.no_grad():
-        for name, (xs, ys, ctx) in seen.items():
+        for name, (xs, ys, ctx, raw) in seen.items():
             i = names[name]
             spec = specs[i]
-            inv = spec.inverse
-            wanted = [n.name for n in inv.graph.nodes if n.op == "placeholder"][len(ys):]
-            rec = inv(*ys, **{k: ctx[k] for k in wanted})
-            err = _rel(torch.cat([r.flatten() for r in rec]), torch.cat([x.flatten() for x in xs]))
+            if rev.options.exact_streams:
+                # the emitted inverse graph does not know the bits exact_streams stores:
+                # round-trip through the runtime's own update and inverse instead
+                err = _grid_round_trip(by_layer[name], raw, ctx)
+            else:
+                inv = spec.inverse
+                wanted = [n.name for n in inv.graph.nodes if n.op == "placeholder"][len(ys):]
+                rec = inv(*ys, **{k: ctx[k] for k in wanted})
+                err = _rel(torch.cat([r.flatten() for r in rec]),
+                           torch.cat([x.flatten() for x in xs]))
             fid = None
             if recomposable(spec.forward):
                 hidden = MERGES[spec.split](*xs)
