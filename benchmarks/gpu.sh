@@ -21,6 +21,9 @@
 # Exit status: 0 when both runs finished; 3 when no CUDA device is visible; otherwise the
 # status of the first run that failed (124: it hit its timeout).
 set -uo pipefail
+case "${1:-}" in  # --help: the comment above, nothing run
+    -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -11,6 +11,9 @@
 # run). Each run is capped by
 # `timeout $LIMIT`; a run that hits it is reported and left out of the JSON.
 set -uo pipefail
+case "${1:-}" in  # --help: the comment above, nothing run
+    -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

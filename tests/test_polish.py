@@ -338,3 +338,15 @@ def test_short_reprs() -> None:
     d = rf.diff(traced.layers[0].graph_module, rev.specs()[0].forward)
     assert repr(d).startswith("GraphDiff(") and d.summary() in repr(d)
     assert "\n" not in repr(d) and str(d) == d.to_text()
+
+
+def test_shell_scripts_answer_help_without_running(tmp_path: Path) -> None:
+    """benchmarks/*.sh print their header on --help and exit 0, writing nothing (they would
+    otherwise start GPU runs, or fail for want of a GPU)."""
+    for script in sorted((ROOT / "benchmarks").glob("*.sh")):
+        env = {**os.environ, "OUT": str(tmp_path / "out")}
+        proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True,
+                              timeout=30, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, (script.name, proc.stderr)
+        assert "bash benchmarks/" in proc.stdout and "set -uo" not in proc.stdout, proc.stdout
+        assert list(tmp_path.iterdir()) == [], (script.name, list(tmp_path.iterdir()))
