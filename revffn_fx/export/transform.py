@@ -368,8 +368,8 @@ def _calibrated_adapters(src: Path, meta_rev: RevModel, batches: list[torch.Tens
     from ..frontend.loading import load_model
 
     model = load_model(src)
-    rev = RevModel(model, meta_rev.coupling, list(meta_rev.converted),
-                   stream_dtype=meta_rev.options.stream_dtype)
+    rev = RevModel(model, options=meta_rev.transform_options.replace(
+        layers=list(meta_rev.converted)))
     report = calibrate(rev, batches)
     fitted = {f"adapters.{k}": v.detach().cpu() for k, v in rev.adapters.state_dict().items()}
     if set(fitted) != set(adapters):
