@@ -25,12 +25,11 @@ from .errors import ConversionError, RevFFNError
 from .frontend.ir import (
     HF_OUTPUT,
     TracedModel,
-    logits_and_loss,
     rebuild_output,
     trace,
 )
 from .frontend.plan import Plan
-from .options import TransformOptions, parse_layer_spec
+from .options import SCALED_COUPLINGS, TransformOptions, check_amplification, parse_layer_spec
 from .passes.analyze import (
     analyze,
     describe_pairing,
@@ -47,6 +46,8 @@ from .runtime.router import RouterTap, find_routers
 from .runtime.stack import RevStack, RuntimeOptions
 
 _BENIGN_KWARGS = {"use_cache", "return_dict"}
+# accepted when None (PEFT's forward passes them so)
+_NONE_KWARGS = {"inputs_embeds", "output_attentions", "output_hidden_states"}
 #: the coupling name of the exact mode: no coupling, every decoder layer as it is under
 #: activation checkpointing, with the lean loss head (the strongest non-reversible stack)
 EXACT = "none"
@@ -92,25 +93,16 @@ class RevModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, coupling: str = "revffn",
-                 layers: str | Sequence[int] | None = None,
-                 passes: Sequence[Pass] | None = None, leaf_modules: Sequence[str] = (),
-                 checkpoint_rest: bool = False, loss_head: str = "chunked",
-                 attention: str = "plain", fixed_point_iters: int | None = None,
-                 fixed_point_tol: float | None = None,
-                 stream_dtype: torch.dtype | str | None = None,
-                 momentum: float | None = None, exact_streams: bool = False,
-                 options: TransformOptions | None = None) -> None:
+                 passes: Sequence[Pass] | None = None, options: TransformOptions | None = None,
+                 **option_kwargs: Any) -> None:
         super().__init__()
         if options is None:  # the keywords are the options, checked once, in one place
-            options = TransformOptions(
-                coupling=coupling, layers=layers, attention=attention, loss_head=loss_head,
-                stream_dtype=stream_dtype, checkpoint_rest=checkpoint_rest,
-                fixed_point_iters=fixed_point_iters, fixed_point_tol=fixed_point_tol,
-                momentum=momentum, exact_streams=exact_streams, leaf_modules=leaf_modules)
-        if options.stream_dtype == "auto" or (options.exact_streams
-                                              and options.stream_dtype is None):
-            # exact_streams' grid lives in float64 streams: resolved() picks them
-            options = options.resolved(str(next(model.parameters()).dtype))
+            options = TransformOptions.build(coupling=coupling, **option_kwargs)
+        elif option_kwargs:
+            raise RevFFNError(f"pass the options either as options= or as keywords, not both "
+                              f"({sorted(option_kwargs)[0]})")
+        # exact_streams' grid lives in float64 streams: resolved() picks them
+        options = options.resolved(str(next(model.parameters()).dtype))
         self.transform_options = options  # what rebuilds this model (export records it)
         coupling, attention, loss_head = options.coupling, options.attention, options.loss_head
         layers = None if options.layers is None else list(options.layers)
@@ -143,6 +135,11 @@ class RevModel(nn.Module):
             raise ConversionError("no convertible decoder layer"
                                   + (f": {sorted(reasons)[0]}" if reasons else ""))
         self.converted = chosen
+        if coupling in SCALED_COUPLINGS and not options.exact_streams:
+            scaled = sum(len(self.plan.layers[i].sublayers) for i in chosen)
+            check_amplification(coupling, float(options.momentum), scaled,
+                                options.stream_dtype or str(wider_stream_dtype(
+                                    next(model.parameters()).dtype)).replace("torch.", ""))
         # the stream each residual update of a converted layer writes (0: X1, 1: X2):
         # alternating, across layer boundaries too (a layer with three updates ends on X1,
         # the next starts on X2); the plan says so in words (LayerPlan.pairing)
@@ -176,6 +173,7 @@ class RevModel(nn.Module):
                                         else fixed_points.fixed_point_tolerance(p.dtype))
         self.options.stream_dtype = parse_stream_dtype(options.stream_dtype)
         self.options.exact_streams = options.exact_streams
+        self.options.guard = options.guard
         # the compiled artefact (specs, graphs per mode, caches): not a submodule, it
         # shares self.model and self.adapters
         self.__dict__["compiled"] = CompiledModel(
@@ -184,6 +182,10 @@ class RevModel(nn.Module):
             self.user_passes, cross_calls)
         if attention == "cross" and p.device.type != "meta":
             self.probe_fixed_points()
+
+    #: where the wrapped transformers model lives (PEFT and transformers' key mappings
+    #: read it; ``rev.model`` is the original causal LM)
+    base_model_prefix = "model"
 
     # -- compilation -------------------------------------------------------------------
     @property
@@ -345,7 +347,8 @@ class RevModel(nn.Module):
         the logits are None unless ``return_logits=True``. ``num_items_in_batch`` (passed
         by the Trainer under gradient accumulation) makes the loss a sum divided by it, as
         in transformers."""
-        unknown = set(kwargs) - _BENIGN_KWARGS
+        unknown = {k for k, v in kwargs.items() if not (k in _NONE_KWARGS and v is None)}
+        unknown -= _BENIGN_KWARGS
         if unknown:
             raise RevFFNError(f"unsupported argument(s) {sorted(unknown)}; RevModel takes "
                               "input_ids, attention_mask, labels, output_router_logits, "
@@ -433,6 +436,19 @@ class RevModel(nn.Module):
     def generation_config(self) -> Any:
         return getattr(self.model, "generation_config", None)
 
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:  # PEFT's generate sets it
+        self.model.generation_config = value
+
+    main_input_name = "input_ids"
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's (PEFT and transformers' generation utilities call it)."""
+        return self.model.prepare_inputs_for_generation(*args, **kwargs)
+
+    def can_generate(self) -> bool:
+        return True
+
     def get_input_embeddings(self) -> nn.Module | None:
         fn = getattr(self.model, "get_input_embeddings", None)
         return fn() if fn is not None else None
@@ -472,32 +488,14 @@ class RevModel(nn.Module):
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(tags)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20,
-                 eos_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding, for quick evaluation of a fine-tuned model.
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Hugging Face's ``generate`` (``GenerationMixin``: attention masks, sampling, beams,
+        stopping criteria) with a KV cache, computing the coupling's inference function
+        (for ``none`` the original model's cached path); see :mod:`revffn_fx.generation`.
+        A hand-written model without ``generate`` is decoded greedily, without a cache."""
+        from .generation import generate
 
-        Without a KV cache: every step reruns the whole sequence (the reversible stacks keep
-        no per-token state), so it is O(length^2); for serving, load the weights into the
-        original architecture. Rows that produced ``eos_token_id`` are padded with it.
-        Returns ``input_ids`` with the new tokens appended.
-        """
-        was = self.training
-        self.eval()
-        try:
-            ids = input_ids
-            done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-            for _ in range(max_new_tokens):
-                nxt = logits_and_loss(self(ids))[0][:, -1].argmax(-1)  # any output structure
-                if eos_token_id is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                    done |= nxt == eos_token_id
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
-                if eos_token_id is not None and bool(done.all()):
-                    break
-            return ids
-        finally:
-            self.train(was)
+        return generate(self, *args, **kwargs)
 
     def _aux_loss(self, router_logits: tuple[torch.Tensor, ...],
                   attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -580,13 +578,7 @@ class RevModel(nn.Module):
 
 def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn",
               layers: str | Sequence[int] | None = None, passes: Sequence[Pass] | None = None,
-              leaf_modules: Sequence[str] = (), checkpoint_rest: bool = False,
-              loss_head: str = "chunked", attention: str = "plain",
-              fixed_point_iters: int | None = None,
-              fixed_point_tol: float | None = None,
-              stream_dtype: torch.dtype | str | None = None,
-              momentum: float | None = None, exact_streams: bool = False,
-              options: TransformOptions | None = None) -> RevModel:
+              options: TransformOptions | None = None, **option_kwargs: Any) -> RevModel:
     """Rewrite a causal LM (or a local model directory) into a :class:`RevModel`.
 
     The keywords after ``passes`` are the transform's options; they build one checked
@@ -622,14 +614,16 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
         from .frontend.loading import load_model
 
         model = load_model(model)
-    return RevModel(model, coupling, layers, passes, leaf_modules, checkpoint_rest, loss_head,
-                    attention, fixed_point_iters, fixed_point_tol, stream_dtype, momentum,
-                    exact_streams, options)
+    if options is None:
+        options = TransformOptions.build(coupling=coupling, layers=layers, **option_kwargs)
+    elif option_kwargs or layers is not None or coupling != "revffn":
+        raise RevFFNError("pass the options either as options= or as keywords, not both")
+    return RevModel(model, passes=passes, options=options)
 
 
 def wider_stream_dtype(dtype: torch.dtype) -> torch.dtype:
     """The stream dtype one step wider than the model's (fp32 -> fp64, 16-bit -> fp32)."""
-    return torch.float64 if dtype == torch.float32 else torch.float32
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 _STREAM_DTYPES = {"float64": torch.float64, "float32": torch.float32,
