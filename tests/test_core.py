@@ -263,7 +263,8 @@ def test_greedy_generate_matches_argmax_of_the_model() -> None:
             step = torch.cat([step, rev.eval()(step).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, step)
     eos = int(out[0, 5])
-    stopped = rev.generate(ids, max_new_tokens=4, eos_token_id=eos)
+    # transformers' generate pads finished rows with pad_token_id
+    stopped = rev.generate(ids, max_new_tokens=4, eos_token_id=eos, pad_token_id=eos)
     assert (stopped[0, 5:] == eos).all()
 
 
