@@ -131,3 +131,33 @@ def test_estimate_grows_with_depth_only_where_it_should() -> None:
     assert parts["head input + fp32 log-softmax"] == 4 * 256 * (256 * 2 + 1024 * 4)
     with pytest.raises(ValueError, match="unknown method"):
         estimate(small, 1, 8, "magic")
+
+
+# -- the long-context methods of bench --step (issue 30) --------------------------------------
+
+def test_step_methods_cover_every_coupling_and_the_offloading_peer() -> None:
+    from revffn_fx.options import COUPLINGS
+    from revffn_fx.tools.step_bench import LONG_METHODS, STEP_METHODS
+
+    # a coupling added to options.COUPLINGS is a full-stack method without another edit
+    assert {STEP_METHODS[m].coupling for m in LONG_METHODS} >= set(COUPLINGS)
+    assert STEP_METHODS["offload"].coupling == "none" and STEP_METHODS["offload"].offload
+    assert dict(STEP_METHODS["momentum"].transform).get("exact_streams") is True
+
+
+def test_offload_is_the_exact_mode_with_saved_tensors_on_the_host() -> None:
+    from revffn_fx.tools.step_bench import preset_config, run_step_bench
+
+    config = preset_config("mixtral-shaped", layers=2, hidden=64, vocab=512)
+    res = run_step_bench(config, batch=1, seq=64, repeats=0, warmup_seq=8, one_step=True,
+                         methods=["exact", "offload", "offload/unpinned"])
+    rows = {r.method: r for r in res.rows}
+    assert not [r.error for r in res.rows if r.error] and res.reference == "exact"
+    # the same function and the same step: offloading only moves what autograd saves
+    assert rows["offload"].loss == rows["exact"].loss == rows["offload/unpinned"].loss
+    # on a CPU-only machine the host is where the tensors already are: no memory gained
+    # (unpinned packs the tensor itself; pinned packs a copy, the original freed with it)
+    for m in ("offload", "offload/unpinned"):
+        assert abs(rows[m].peak_bytes / rows["exact"].peak_bytes - 1) < 0.05, m
+        assert rows[m].cpu_s is not None
+    assert "/exact" in res.to_markdown()

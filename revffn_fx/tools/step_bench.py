@@ -10,7 +10,15 @@ step (so the optimizer states exist), for each method of :data:`STEP_METHODS`:
   non-reversible stack);
 - ``revffn`` / ``revnet``: the reversible stacks, the lean head, fused AdamW (full stacks);
 - ``<stack>/no-head``, ``<stack>/no-fusion``: one part switched off (the original loss head;
-  an ordinary AdamW step after the backward); switching off reversibility is ``exact``.
+  an ordinary AdamW step after the backward); switching off reversibility is ``exact``;
+- every other coupling of :data:`revffn_fx.options.COUPLINGS` as a full stack under its own
+  name (``momentum``, ``meft``: with ``exact_streams``, the only setting exact at any depth);
+- ``offload``: the exact mode with everything autograd saves outside the recomputed layers
+  (the checkpoint boundaries, the loss head's inputs) packed to CPU memory by
+  ``torch.autograd.graph.save_on_cpu(pin_memory=True)``: the best non-reversible
+  long-context peer. On a CPU-only machine it is a copy within the same memory (not pinned:
+  there is no accelerator), so it cannot lower the figure there; ``offload/unpinned`` packs
+  with ``tensor.cpu()``, which on the CPU is the tensor itself.
 
 The figure is ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the peak of
 ``torch.distributed._tools.mem_tracker.MemTracker`` (parameters, gradients, optimizer
@@ -53,6 +61,8 @@ class StepMethod:
     checkpoint: bool  # transformers' activation checkpointing (original model only)
     head: str  # "original" or "chunked"
     fused: bool  # AdamW fused into the backward
+    transform: tuple[tuple[str, Any], ...] = ()  # more keywords of rf.transform
+    offload: str | None = None  # "pinned" / "unpinned": save_on_cpu around forward and loss
 
 
 STEP_METHODS: dict[str, StepMethod] = {
@@ -71,7 +81,33 @@ STEP_METHODS: dict[str, StepMethod] = {
     "revnet/no-head": StepMethod("revnet, original head", "revnet", False, "original", True),
     "revnet/no-fusion": StepMethod("revnet, AdamW not fused", "revnet", False, "chunked",
                                    False),
+    "offload": StepMethod("exact mode, saved tensors offloaded to pinned CPU memory", "none",
+                          True, "chunked", True, offload="pinned"),
+    "offload/unpinned": StepMethod("exact mode, saved tensors offloaded (not pinned)", "none",
+                                   True, "chunked", True, offload="unpinned"),
 }
+
+
+def _add_couplings() -> None:
+    """A full-stack method for every coupling of options.COUPLINGS not listed above (one
+    place: a coupling added there is measured here); the scaled ones with exact streams."""
+    from revffn_fx.options import COUPLINGS, SCALED_COUPLINGS
+
+    for c in COUPLINGS:
+        if c == "none" or c in STEP_METHODS:
+            continue
+        exact = c in SCALED_COUPLINGS
+        STEP_METHODS[c] = StepMethod(
+            f"{c}{' (exact streams)' if exact else ''} + lean head + fused AdamW", c, False,
+            "chunked", True, (("exact_streams", True),) if exact else ())
+
+
+_add_couplings()
+#: the methods of a long-context comparison: the exact mode, its offloading peer and every
+#: coupling's full stack
+LONG_METHODS = ("exact", "offload", *(m for m in STEP_METHODS
+                                      if STEP_METHODS[m].coupling not in (None, "none")
+                                      and "/" not in m))
 DEFAULT_STEP_METHODS = ("sft", "ckpt", "exact", "revffn", "revnet", "revffn/no-head",
                         "revffn/no-fusion")
 
@@ -191,6 +227,7 @@ class StepResult:
     repeats: int
     rows: list[StepRow]
     machine: dict[str, Any] = field(default_factory=dict)
+    reference: str = "ckpt"  # the method the ratios are to
 
     def get(self, method: str) -> StepRow | None:
         return next((r for r in self.rows if r.method == method), None)
@@ -213,8 +250,9 @@ class StepResult:
 
     def _headers(self) -> list[str]:
         # CPU: process time (robust on a shared machine with one thread); CUDA: wall time
-        heads = ["method", "peak MiB", "/ckpt", "params", "grads", "optim", "activ.",
-                 "time/ckpt" if self.device.startswith("cuda") else "CPU time/ckpt"]
+        ref = self.reference
+        heads = ["method", "peak MiB", f"/{ref}", "params", "grads", "optim", "activ.",
+                 f"time/{ref}" if self.device.startswith("cuda") else f"CPU time/{ref}"]
         if any(r.rss_peak_bytes for r in self.rows):
             heads.insert(3, "RSS MiB")
         return heads
@@ -278,8 +316,8 @@ class _Step:
             if spec.checkpoint:
                 model.gradient_checkpointing_enable({"use_reentrant": False})
         else:
-            self.module = rf.transform(model, coupling=spec.coupling,
-                                       loss_head=spec.head).train()
+            self.module = rf.transform(model, coupling=spec.coupling, loss_head=spec.head,
+                                       **dict(spec.transform)).train()
         if spec.fused:
             self.opt: Any = fuse_optimizer(self.module, torch.optim.AdamW, lr=lr)
             self.optimizers = list(self.opt.optimizers.values())
@@ -290,8 +328,15 @@ class _Step:
             self.optimizers = [self.opt]
 
     def step(self, ids: torch.Tensor) -> float:
+        import contextlib
+
+        from torch.autograd.graph import save_on_cpu
+
         kw = {"use_cache": False} if self.module is self.model else {}
-        loss = self.module(ids, labels=ids, **kw).loss
+        offload = (save_on_cpu(pin_memory=self.spec.offload == "pinned")
+                   if self.spec.offload else contextlib.nullcontext())
+        with offload:  # what forward and loss save goes to CPU; backward brings it back
+            loss = self.module(ids, labels=ids, **kw).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -347,13 +392,18 @@ def _rss_bytes() -> int:
 
 def measure_method(method: str, config: Any, batch: int, seq: int, dtype: Any = None,
                    device: str = "cpu", repeats: int = 2, seed: int = 0,
-                   rss: bool = False) -> StepRow:
+                   rss: bool = False, warmup_seq: int | None = None,
+                   one_step: bool = False) -> StepRow:
     """Build a fresh model, warm up one step, measure one; then ``repeats`` timed steps.
 
     ``rss``: also the process's peak RSS over the measured step minus its RSS before the
     model was built (meaningful only in a process of its own: :func:`run_step_bench` with
     ``isolate=True``); the measured step then runs without the tracker and a further step
-    gives the tracker's figure.
+    gives the tracker's figure. ``warmup_seq``: the warm-up step's sequence length (it only
+    has to create the optimizer states: a short one saves a long-context run a whole step).
+    ``one_step`` (long context): one measured step gives the tracker's figure, the peak RSS
+    and the time (CPU time of the tracked step, the tracker's dispatch overhead included)
+    when ``repeats`` is 0.
     """
     import torch
 
@@ -377,15 +427,21 @@ def measure_method(method: str, config: Any, batch: int, seq: int, dtype: Any = 
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, int(config.vocab_size), (batch, seq), generator=gen).to(dev)
         runner = _Step(method, model)
-        runner.step(ids)  # warm-up: the optimizer states now exist
-        if rss:
+        runner.step(ids[:, :warmup_seq] if warmup_seq else ids)  # the optimizer states
+        if rss and not one_step:
             runner.step(ids)
             row.rss_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
         gc.collect()
         if dev.type == "cuda":
             _cuda_step(runner, ids, row)
         else:
+            t0, c0 = time.perf_counter(), time.process_time()
             _tracked_step(runner, ids, row)
+            if one_step and not repeats:
+                row.step_s, row.cpu_s = time.perf_counter() - t0, time.process_time() - c0
+            if rss and one_step:
+                row.rss_peak_bytes = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                      * 1024 - rss0)
         row.head_chunk = runner.head_chunk(batch * seq)
         walls, cpus = [], []
         for _ in range(repeats):
@@ -428,8 +484,11 @@ def run_step_bench(config: Any, batch: int = 4, seq: int = 1024,
                    methods: Sequence[str] = DEFAULT_STEP_METHODS, dtype: Any = None,
                    device: str = "cpu", repeats: int = 2, seed: int = 0,
                    isolate: bool = False, label: str = "model",
-                   progress: Callable[[int, int, str], None] | None = None) -> StepResult:
-    """Measure a whole training step for each method; ratios are to ``ckpt``."""
+                   progress: Callable[[int, int, str], None] | None = None,
+                   warmup_seq: int | None = None, one_step: bool = False) -> StepResult:
+    """Measure a whole training step for each method; ratios are to ``ckpt`` (to ``exact``
+    when ``ckpt`` is not measured). ``warmup_seq``, ``one_step``: see
+    :func:`measure_method` (long-context runs)."""
     import torch
 
     from revffn_fx.tools.bench import machine_info
@@ -451,17 +510,19 @@ def run_step_bench(config: Any, batch: int = 4, seq: int = 1024,
     dtype = dtype or torch.float32
     spec = dict(config=config.to_dict(), batch=batch, seq=seq,
                 dtype=str(dtype).replace("torch.", ""), device=device, repeats=repeats,
-                seed=seed)
+                seed=seed, warmup_seq=warmup_seq, one_step=one_step)
     rows = []
     for k, m in enumerate(methods):
         if progress:
             progress(k, len(methods), m)
         row = (_isolated(m, spec) if isolate else
-               measure_method(m, config, batch, seq, dtype, device, repeats, seed))
+               measure_method(m, config, batch, seq, dtype, device, repeats, seed,
+                              warmup_seq=warmup_seq, one_step=one_step))
         rows.append(row)
     if progress:
         progress(len(methods), len(methods), "done")
-    ref = next((r for r in rows if r.method == "ckpt" and not r.error), None)
+    reference = "ckpt" if "ckpt" in methods else "exact" if "exact" in methods else "ckpt"
+    ref = next((r for r in rows if r.method == reference and not r.error), None)
     for r in rows:
         r.ratio = {"peak": _ratio(r.peak_bytes, ref and ref.peak_bytes),
                    "rss": _ratio(r.rss_peak_bytes, ref and ref.rss_peak_bytes),
@@ -475,7 +536,7 @@ def run_step_bench(config: Any, batch: int = 4, seq: int = 1024,
                       hidden=int(config.hidden_size), vocab=int(config.vocab_size),
                       batch=batch, seq=seq, dtype=str(dtype).replace("torch.", ""),
                       device=str(dev), figure=figure, repeats=repeats, rows=rows,
-                      machine=machine_info(str(dev)))
+                      machine=machine_info(str(dev)), reference=reference)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -617,7 +678,8 @@ def _child_main(arg: str) -> None:
     config = CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
     row = measure_method(spec["method"], config, spec["batch"], spec["seq"],
                          getattr(torch, spec["dtype"]), spec["device"], spec["repeats"],
-                         spec["seed"], rss=True)
+                         spec["seed"], rss=True, warmup_seq=spec.get("warmup_seq"),
+                         one_step=spec.get("one_step", False))
     print(json.dumps(asdict(row)))
 
 

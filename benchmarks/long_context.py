@@ -1,0 +1,274 @@
+"""Where reversibility pays (issue 30): long sequences and deep stacks, each coupling against
+the exact mode and its offloading peer, whole-step peaks on the CPU.
+
+    python benchmarks/long_context.py sweep --layers 16 --seqs 1024,2048,4096,8192,16384
+    python benchmarks/long_context.py floor --seq 16384   # one layer's recompute working set
+    python benchmarks/long_context.py plot                # benchmarks/long_context/sweep.png
+    python benchmarks/long_context.py report              # the Markdown of docs/benchmarks.md
+
+Model: Mixtral-shaped (``revffn_fx.tools.step_bench.preset_config``) narrowed to ``--hidden``
+(512: intermediate 1792, 4 heads of 128, 1 KV head, 8 experts top-2, vocab 32000), fp32,
+batch 1, random weights. Each method runs in its own process (peak RSS); one measured step
+after a short warm-up step (``--warmup-seq``: it only creates the AdamW states) gives
+MemTracker's peak by category, the peak RSS and the step's CPU time (one thread). Methods:
+``step_bench.LONG_METHODS``: the exact mode, the offloading peer and every coupling of
+``revffn_fx.options.COUPLINGS`` (a coupling added there is measured here). Results:
+``benchmarks/long_context/L{layers}_s{seq}.json``. Run with OMP_NUM_THREADS=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "long_context"
+MiB = 2 ** 20
+
+
+def _config(layers: int, hidden: int, vocab: int | None, seq: int):  # noqa: ANN202
+    from revffn_fx.tools.step_bench import preset_config
+
+    return preset_config("mixtral-shaped", layers, hidden, vocab, max(8192, seq))
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    print(f"  {done}/{total} {what}", file=sys.stderr, flush=True)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    import torch
+
+    from revffn_fx.tools.step_bench import LONG_METHODS, run_step_bench
+
+    torch.set_num_threads(1)
+    methods = args.methods.split(",") if args.methods else list(LONG_METHODS)
+    OUT.mkdir(exist_ok=True)
+    for layers in [int(v) for v in args.layers.split(",")]:
+        for seq in [int(v) for v in args.seqs.split(",")]:
+            path = OUT / f"L{layers}_s{seq}.json"
+            done = {}
+            if path.exists() and not args.force:  # add the methods not measured yet
+                done = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
+            todo = [m for m in methods if m not in done or done[m].get("error")]
+            if not todo:
+                continue
+            print(f"== {layers} layers x {seq} tokens: {', '.join(todo)}", flush=True)
+            config = _config(layers, args.hidden, args.vocab, seq)
+            res = run_step_bench(config, 1, seq, todo, repeats=0, isolate=True,
+                                 label="mixtral-shaped", progress=_progress,
+                                 warmup_seq=args.warmup_seq, one_step=True)
+            data = asdict(res)
+            if done:  # keep the earlier rows; ratios are recomputed by the report
+                data["rows"] = [r for m, r in done.items() if m not in todo] + data["rows"]
+            path.write_text(json.dumps(data, indent=2) + "\n")
+            print(res.to_markdown(), flush=True)
+
+
+def floor(args: argparse.Namespace) -> None:
+    """What one layer's recompute holds at its peak: each sublayer (attention, MoE) run
+    forward and backward with gradients, as the generated backward (or checkpointing)
+    recomputes it, under MemTracker; parameters and their gradients excluded."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from revffn_fx.tools.step_bench import build_model
+
+    torch.set_num_threads(1)
+    rows = []
+    for seq in [int(v) for v in args.seqs.split(",")]:
+        config = _config(1, args.hidden, 512, seq)
+        model = build_model(config)
+        layer = model.model.layers[0]
+        x = torch.randn(1, seq, args.hidden)
+        pos = torch.arange(seq)[None]
+        pe = model.model.rotary_emb(x, pos)
+        def attention(h, layer=layer, pe=pe):  # noqa: ANN001, ANN202
+            return layer.self_attn(layer.input_layernorm(h), position_embeddings=pe,
+                                   attention_mask=None)[0]
+
+        def moe(h, layer=layer):  # noqa: ANN001, ANN202
+            return layer.mlp(layer.post_attention_layernorm(h))
+
+        parts = {"attention": attention, "moe": moe}
+        for name, fn in parts.items():
+            h = x.clone().requires_grad_(True)
+            mt = MemTracker()
+            mt.track_external(layer)
+            with mt:
+                out = fn(h)
+                out = out[0] if isinstance(out, tuple) else out
+                out.backward(torch.ones_like(out))
+            snap = mt.get_tracker_snapshot("peak")
+            dev = next(iter(snap.values()))
+            by = {str(k).rsplit(".", 1)[-1]: int(v) for k, v in dev.items()}
+            total = by.pop("Total")
+            act = total - by.get("PARAM", 0) - by.get("BUFFER", 0) - by.get("GRAD", 0)
+            td = seq * args.hidden * 4
+            rows.append(dict(seq=seq, part=name, working_set_bytes=act,
+                             hidden_state_bytes=td))
+            print(f"seq {seq} {name}: {act / MiB:,.0f} MiB = {act / td:.1f} x the hidden "
+                  f"state ({td / MiB:,.0f} MiB)", flush=True)
+            layer.zero_grad(set_to_none=True)
+            del out, h, mt
+    OUT.mkdir(exist_ok=True)
+    (OUT / "floor.json").write_text(json.dumps(dict(hidden=args.hidden, rows=rows),
+                                               indent=2) + "\n")
+
+
+def _points() -> list[dict]:
+    out = []
+    for path in sorted(OUT.glob("L*_s*.json")):
+        d = json.loads(path.read_text())
+        out.append(d)
+    return sorted(out, key=lambda d: (d["layers"], d["seq"]))
+
+
+def _row(d: dict, m: str) -> dict | None:
+    return next((r for r in d["rows"] if r["method"] == m and not r.get("error")), None)
+
+
+def _act_rss(r: dict) -> int | None:
+    """The activation part by RSS: peak RSS minus MemTracker's params, grads, optimizer
+    states at its peak (allocator and runtime overheads stay in it)."""
+    if r.get("rss_peak_bytes") is None:
+        return None
+    return r["rss_peak_bytes"] - r["parameters"] - r["gradients"] - r["optimizer"]
+
+
+def report(args: argparse.Namespace) -> None:
+    from revffn_fx.tools.step_bench import LONG_METHODS
+
+    points = _points()
+    methods = [m for m in dict.fromkeys([*LONG_METHODS, "offload/unpinned"])
+               if any(_row(d, m) for d in points)]
+    print("| layers x tokens | method | peak MiB | /exact | RSS MiB | /exact | activ. MiB | "
+          "/exact | activ. by RSS MiB | CPU s | /exact | plan MiB | plan/peak |")
+    print("|" + "---|" * 13)
+    for d in points:
+        ref = _row(d, "exact")
+        plan = _plan(d)
+        for m in methods:
+            r = _row(d, m)
+            if r is None:
+                continue
+
+            def x(a: float | None, b: float | None) -> str:
+                return "-" if a is None or not b else f"{a / b:.3f}"
+
+            p = plan.get(m)
+            cells = [f"{d['layers']} x {d['seq']}", m, f"{r['peak_bytes'] / MiB:,.0f}",
+                     x(r["peak_bytes"], ref and ref["peak_bytes"]),
+                     "-" if r["rss_peak_bytes"] is None else f"{r['rss_peak_bytes'] / MiB:,.0f}",
+                     x(r["rss_peak_bytes"], ref and ref["rss_peak_bytes"]),
+                     f"{r['activations'] / MiB:,.0f}",
+                     x(r["activations"], ref and ref["activations"]),
+                     "-" if _act_rss(r) is None else f"{_act_rss(r) / MiB:,.0f}",
+                     "-" if r["cpu_s"] is None else f"{r['cpu_s']:.0f}",
+                     x(r["cpu_s"], ref and ref["cpu_s"]),
+                     "-" if p is None else f"{p / MiB:,.0f}",
+                     x(p, r["peak_bytes"])]
+            print("| " + " | ".join(cells) + " |")
+    print()
+    print(crossovers(points, methods))
+
+
+def _plan(d: dict) -> dict[str, int]:
+    """The planned whole-step peak of each measured method at this point."""
+    from revffn_fx.tools.memory_plan import plan_for_step_method
+
+    config = _config(d["layers"], d["hidden"], d["vocab"], d["seq"])
+    out = {}
+    for r in d["rows"]:
+        try:
+            out[r["method"]] = plan_for_step_method(config, d["batch"], d["seq"], r["method"])
+        except KeyError:
+            pass
+    return out
+
+
+def crossovers(points: list[dict], methods: list[str]) -> str:
+    """Per depth and method: the smallest measured token count from which the method's
+    whole-step peak (and its activation part) stays below the exact mode's."""
+    lines = ["| layers | method | peak below exact from | activation part below exact from |",
+             "|---|---|---|---|"]
+    for layers in sorted({d["layers"] for d in points}):
+        ds = [d for d in points if d["layers"] == layers]
+        for m in methods:
+            if m == "exact":
+                continue
+            cells = []
+            for key in ("peak_bytes", "activations"):
+                pts = [(d["seq"], r[key] < e[key]) for d in ds
+                       if (r := _row(d, m)) and (e := _row(d, "exact"))]
+                if not pts:
+                    cells.append("-")
+                    continue
+                first = next((s for k, (s, _) in enumerate(pts)
+                              if all(b for _, b in pts[k:])), None)
+                cells.append(f"never (up to {pts[-1][0]})" if first is None else
+                             f"{first} tokens" + (" (all measured)" if first == pts[0][0]
+                                                  else ""))
+            lines.append(f"| {layers} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from revffn_fx.tools.step_bench import LONG_METHODS
+
+    points = _points()
+    depths = sorted({d["layers"] for d in points})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for layers, style in zip(depths, ("-", "--", ":")):
+        ds = [d for d in points if d["layers"] == layers]
+        for i, m in enumerate(LONG_METHODS):
+            for ax, key in ((axes[0], "activations"), (axes[1], "peak_bytes")):
+                pts = [(d["seq"], r[key] / MiB) for d in ds if (r := _row(d, m))]
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=f"C{i}",
+                            label=f"{m}, {layers} layers" if len(depths) > 1 else m)
+    for ax, title in ((axes[0], "activation part of the peak (peak - params, grads, optimizer)"),
+                      (axes[1], "whole-step peak (MemTracker)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("tokens per step (batch 1)")
+        ax.set_ylabel("MiB")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        xs = sorted({d["seq"] for d in points})
+        ax.set_xticks(xs, [str(v) for v in xs])
+    axes[0].legend(fontsize=7)
+    d0 = points[0]
+    fig.suptitle(f"Mixtral-shaped, hidden {d0['hidden']}, vocab {d0['vocab']}, fp32, CPU",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(OUT / "sweep.png", dpi=110)
+    print(OUT / "sweep.png")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("part", choices=["sweep", "floor", "plot", "report"])
+    ap.add_argument("--layers", default="16", help="sweep: comma list of depths")
+    ap.add_argument("--seqs", default="4096,8192,16384", help="comma list of tokens per step")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=None, help="default: the preset's 32000")
+    ap.add_argument("--methods", default=None, help="default: step_bench.LONG_METHODS")
+    ap.add_argument("--warmup-seq", type=int, default=64)
+    ap.add_argument("--force", action="store_true", help="measure again what is there")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    {"sweep": sweep, "floor": floor, "plot": plot, "report": report}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
