@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _WHERE = {
     "ConversionError": ".errors", "ExportError": ".errors", "FixedPointError": ".errors",
     "LoadError": ".errors", "RevFFNError": ".errors", "TraceError": ".errors",
+    "ReconstructionError": ".errors",
     "GraphDiff": ".diffs", "diff": ".diffs",
     "TransformSummary": ".export", "load": ".export", "transform_dir": ".export",
     "LayerGraph": ".frontend.ir", "TracedModel": ".frontend.ir", "trace": ".frontend.ir",
@@ -34,7 +35,8 @@ _WHERE = {
 
 __all__ = [
     "CalibrationReport", "ConversionError", "ExportError", "FixedPointError", "GraphDiff",
-    "LayerGraph", "LayerPlan", "LoadError", "PassManager", "PassRecord", "Plan", "RevFFNError",
+    "LayerGraph", "LayerPlan", "LoadError", "PassManager", "PassRecord", "Plan",
+    "ReconstructionError", "RevFFNError",
     "RevModel", "Sublayer", "TraceError", "TracedModel", "TransformSummary", "VerifyReport",
     "analyze", "calibrate", "diff", "load", "load_model", "passes", "trace", "transform",
     "transform_dir", "verify",
@@ -66,6 +68,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         ExportError,
         FixedPointError,
         LoadError,
+        ReconstructionError,
         RevFFNError,
         TraceError,
     )

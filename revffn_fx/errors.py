@@ -36,3 +36,8 @@ class InternalError(RuntimeError):
     """An invariant of revffn-fx's own code broke, e.g. a built-in pass failed or left a graph
     the next pass cannot read: a bug (exit status 1), never the user's input. Deliberately
     not a :class:`RevFFNError`."""
+
+
+class ReconstructionError(RevFFNError, RuntimeError):
+    """The run-time guard found a reversible layer's input, reconstructed in the backward,
+    different from what the forward saw: the gradients would be wrong. Names the layer."""

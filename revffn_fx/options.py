@@ -22,11 +22,24 @@ COUPLINGS = ("revffn", "revnet", "momentum", "meft", "none")
 SCALED_COUPLINGS = ("momentum", "meft")  # their inverse divides by the momentum g
 DEFAULT_MOMENTUM = 0.125  # passes.couple_momentum.DEFAULT_MOMENTUM
 ATTENTIONS = ("plain", "cross")
+GUARDS = ("raise", "warn", "off")  # the reconstruction guard (runtime/guard.py)
 LOSS_HEADS = ("chunked", "original")
-STREAM_DTYPES = ("float64", "float32", "bfloat16", "float16")
-# "auto": one step wider than the weights when wide streams pay (calibrated adapters, scaled
-# couplings), else the model's own; resolved by TransformOptions.resolved
-_WIDER = {"float64": "float64", "float32": "float64", "bfloat16": "float32", "float16": "float32"}
+STREAM_DTYPES = ("float64", "float32")
+# The stream rule (one rule, the API's and the CLI's): unless a stream dtype is given, the
+# coupled streams are carried one step wider than the hidden state they come from, decided
+# at run time (bf16/fp16 -> fp32, fp32 -> fp64), so the backward's reconstruction rounds no
+# worse than autograd does; the scaled couplings' inverse divides by g, which no float width
+# survives at depth, so they default to exact streams (a fixed-point grid, dropped bits kept).
+# 16-bit streams are refused: measured on the shipped model in bf16, gradient error 0.18
+# (revffn) to 0.80 (momentum) against 0.004-0.035 for autograd (docs/quality.md, Exactness).
+_NARROW_STREAMS = ("bfloat16", "float16")
+#: the largest amplification of stream rounding a scaled coupling without exact streams may
+#: reach, (1/g) ** (scaled updates) * eps(stream dtype): beyond it the backward is worse
+#: than autograd (refused, naming exact_streams=True)
+MAX_AMPLIFIED_ROUNDING = 1e-6
+#: exact streams keep the bits a scale g = 2**-k drops; k up to 16 (stored in a byte up to
+#: k = 8, else in an int32)
+MAX_MOMENTUM_BITS = 16
 
 
 @dataclass(frozen=True)
@@ -49,8 +62,9 @@ class TransformOptions:
     fixed_point_iters: int | None = None
     fixed_point_tol: float | None = None
     momentum: float | None = None
-    exact_streams: bool = False
+    exact_streams: bool | None = None
     leaf_modules: tuple[str, ...] = ()
+    guard: str = "raise"
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:  # frozen: normalise through object
@@ -69,7 +83,9 @@ class TransformOptions:
                                   "original")
         put("stream_dtype", _stream_dtype(self.stream_dtype))
         put("checkpoint_rest", bool(self.checkpoint_rest))
-        put("exact_streams", bool(self.exact_streams))
+        # None: the rule decides (exact for the scaled couplings, whose inverse divides)
+        put("exact_streams", self.coupling in SCALED_COUPLINGS if self.exact_streams is None
+            else bool(self.exact_streams))
         it = self.fixed_point_iters
         if it is not None and (isinstance(it, bool) or not isinstance(it, int) or it < 1):
             raise ConversionError(f"fixed_point_iters must be a positive integer, not {it!r}")
@@ -79,26 +95,41 @@ class TransformOptions:
                     or not 0 < tol < math.inf:
                 raise ConversionError(f"fixed_point_tol must be a positive number, not {tol}")
             put("fixed_point_tol", float(tol))
-        put("momentum", _momentum(self.coupling, self.momentum))
+        put("momentum", _momentum(self.coupling, self.momentum, self.exact_streams))
+        if self.guard not in GUARDS:
+            raise ConversionError(f"unknown guard {self.guard!r}; choose from "
+                                  f"{', '.join(GUARDS)}")
         leaf = self.leaf_modules
         if isinstance(leaf, str) or not all(isinstance(m, str) for m in leaf):
             raise ConversionError(f"leaf_modules must be a list of module names, not {leaf!r}")
         put("leaf_modules", tuple(leaf))
+
+    @classmethod
+    def build(cls, **options: Any) -> TransformOptions:
+        """The options from keywords; an unknown keyword is a ConversionError naming the
+        known ones (not a TypeError)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ConversionError(f"unknown option {unknown[0]!r}; the transform takes "
+                                  f"{', '.join(sorted(names))}")
+        return cls(**options)
 
     def replace(self, **changes: Any) -> TransformOptions:
         """A copy with ``changes``, checked again."""
         return dataclasses.replace(self, **changes)
 
     def resolved(self, weight_dtype: str, calibrating: bool = False) -> TransformOptions:
-        """``stream_dtype="auto"`` decided for weights in ``weight_dtype`` ("float32", ...):
-        one step wider when calibrating or for a scaled coupling (their inverse divides by
-        g), else the model's own; ``exact_streams`` always streams in float64."""
+        """The options with a stream dtype a run can be judged by: ``exact_streams`` always
+        streams in float64; calibrated adapters (large gains) get float64 streams over fp32
+        weights; otherwise the stream dtype stays unset (the run-time rule: one step wider
+        than the hidden state)."""
         dtype = self.stream_dtype
-        if dtype == "auto":
-            wide = calibrating or self.coupling in SCALED_COUPLINGS
-            dtype = _WIDER.get(weight_dtype.replace("torch.", ""), "float32") if wide else None
         if self.exact_streams:  # the fixed-point grid lives in float64
             dtype = "float64"
+        elif calibrating and dtype is None:
+            dtype = "float64" if weight_dtype.replace("torch.", "") in ("float32",
+                                                                          "float64") else None
         return self.replace(stream_dtype=dtype)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,23 +162,55 @@ def _layers(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
 
 
 def _stream_dtype(value: Any) -> str | None:
+    """A stream dtype name, or None for the run-time rule ("auto" is the same)."""
     if value is None:
         return None
     name = str(value).replace("torch.", "")  # a torch.dtype prints as torch.float64
-    if name not in (*STREAM_DTYPES, "auto"):
+    if name == "auto":
+        return None
+    if name in _NARROW_STREAMS:
+        raise ConversionError(
+            f"stream dtype {name} is refused: 16-bit streams make the backward's "
+            "reconstruction lose what autograd keeps (gradient error 0.18-0.80 against "
+            "autograd's 0.004-0.035 on the shipped model); leave stream_dtype unset (one "
+            "step wider than the model: float32 for 16-bit weights) or pass 'float32'")
+    if name not in STREAM_DTYPES:
         raise ConversionError(f"unknown stream dtype {value!r}; choose from "
-                              f"{', '.join(STREAM_DTYPES)}")
+                              f"{', '.join(STREAM_DTYPES)} (or leave it unset)")
     return name
 
 
-def _momentum(coupling: str, g: Any) -> float | None:
+def _momentum(coupling: str, g: Any, exact: bool) -> float | None:
     if coupling not in SCALED_COUPLINGS:
         if g is not None:
             raise ConversionError(f"momentum is an option of the "
                                   f"{' and '.join(SCALED_COUPLINGS)} couplings, not of "
                                   f"{coupling!r}")
         return None
-    return DEFAULT_MOMENTUM if g is None else check_momentum(g)
+    g = DEFAULT_MOMENTUM if g is None else check_momentum(g)
+    if exact:
+        k = -math.log2(g)
+        if k != round(k) or k > MAX_MOMENTUM_BITS:
+            near = 2.0 ** -min(MAX_MOMENTUM_BITS, max(1, round(k)))
+            raise ConversionError(
+                f"momentum {g} cannot be inverted exactly: exact streams (the default of "
+                f"{coupling}) need g = 2**-k with k in 1..{MAX_MOMENTUM_BITS} (0.5, 0.25, "
+                f"0.125, ...); use momentum={near:g}")
+    return g
+
+
+def check_amplification(coupling: str, g: float, scaled_updates: int,
+                        stream_dtype: str) -> None:
+    """Refuse a scaled coupling on float streams whose inverse would amplify rounding
+    beyond :data:`MAX_AMPLIFIED_ROUNDING` over ``scaled_updates`` divisions by ``g``."""
+    eps = {"float64": 2.0 ** -53, "float32": 2.0 ** -24}.get(stream_dtype, 2.0 ** -8)
+    amp = (1.0 / g) ** scaled_updates
+    if amp * eps > MAX_AMPLIFIED_ROUNDING:
+        raise ConversionError(
+            f"{coupling} with momentum {g:g} on {stream_dtype} streams without exact streams "
+            f"amplifies rounding by (1/{g:g})^{scaled_updates} = {amp:.1e} over "
+            f"{scaled_updates} scaled updates (relative error ~{amp * eps:.0e}): the backward "
+            "would be less exact than autograd; use exact_streams=True (the default)")
 
 
 def check_momentum(g: Any) -> float:

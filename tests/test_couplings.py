@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,15 +75,16 @@ def test_small_momentum_keeps_the_original_function(coupling: str) -> None:
 
 
 def test_wide_streams_carry_the_division_in_fp32() -> None:
-    """fp32 model, g = 1/8, four layers (8 divisions by g): with fp64 streams the
-    generated backward matches autograd (the fp64 reconstruction error stays below fp32
-    rounding, so every branch input is recovered exactly); with fp32 streams it is far off."""
+    """fp32 model, g = 1/8, four layers (8 divisions by g), exact streams off: with fp64
+    streams the generated backward meets the criterion (the fp64 reconstruction error stays
+    below fp32 rounding); fp32 streams would amplify rounding by 8^8 and are refused."""
     model = tiny_model("mixtral", num_hidden_layers=4)
     ids = _ids(2, 16)
-    wide = rf.verify(rf.transform(model, coupling="momentum", stream_dtype="float64"), ids)
-    narrow = rf.verify(rf.transform(model, coupling="momentum"), ids)
-    assert wide.max_grad_rel_err <= 1e-6, wide.summary()
-    assert narrow.max_grad_rel_err > 1e-3, (narrow.summary(), wide.summary())
+    wide = rf.verify(rf.transform(model, coupling="momentum", stream_dtype="float64",
+                                  exact_streams=False), ids)
+    assert wide.ok and wide.max_grad_rel_err <= 1e-6, wide.summary()
+    with pytest.raises(RevFFNError, match=r"amplifies rounding by \(1/0.125\)\^8"):
+        rf.transform(model, coupling="momentum", stream_dtype="float32", exact_streams=False)
 
 
 @pytest.mark.parametrize("coupling", SCALED)
@@ -125,7 +127,7 @@ def test_momentum_is_not_an_option_of_revffn() -> None:
 
 def test_transform_dir_records_momentum_and_widens_streams(tmp_path: Path) -> None:
     """``revffn-transform --coupling momentum --momentum G``: the export records g, and
-    stream_dtype "auto" carries the streams one step wider (the inverse divides by g)."""
+    exact streams by default (float64 streams on the grid: the inverse divides by g)."""
     from revffn_fx.export import transform_dir
 
     example = Path(__file__).resolve().parents[1] / "examples" / "tiny-mixtral"
@@ -133,36 +135,47 @@ def test_transform_dir_records_momentum_and_widens_streams(tmp_path: Path) -> No
                   stream_dtype="auto")
     options = json.loads((tmp_path / "out" / "config.json").read_text())["revffn"]["transform"]
     assert options["momentum"] == 0.25 and options["stream_dtype"] == "float64"
+    assert options["exact_streams"] is True
     back = rf.load(tmp_path / "out")
     assert back.coupling == "momentum" and back.momentum == 0.25
 
 
 @pytest.mark.parametrize("coupling", SCALED)
 def test_exact_streams_reconstruct_at_any_depth(coupling: str) -> None:
-    """fp32 model, 4 layers, g = 1/256: float64 streams alone lose the reconstruction
-    (8 divisions by 256 exceed the float64 mantissa); with the dropped bits stored the
-    generated backward equals autograd exactly, and one uint8 per element per scaled
-    update is saved."""
+    """fp32 model, 4 layers, g = 1/256: float64 streams alone would lose the reconstruction
+    (8 divisions by 256 exceed the float64 mantissa), so that setting is refused; exact
+    streams (the default) store the dropped bits and the generated backward equals autograd
+    exactly, for one uint8 per element per scaled update."""
     model = tiny_model("mixtral", num_hidden_layers=4)
     ids = _ids(2, 16)
-    kw = dict(coupling=coupling, momentum=2**-8, stream_dtype="float64")
-    wide = rf.verify(rf.transform(model, **kw), ids)
-    exact_rev = rf.transform(model, exact_streams=True, **kw)
+    kw = dict(coupling=coupling, momentum=2**-8)
+    with pytest.raises(RevFFNError, match="use exact_streams=True"):
+        rf.transform(model, exact_streams=False, stream_dtype="float64", **kw)
+    exact_rev = rf.transform(model, **kw)
+    assert exact_rev.options.exact_streams
     exact = rf.verify(exact_rev, ids)
-    assert not wide.max_grad_rel_err <= 1e-3, wide.summary()  # NaN counts as failed
-    # (exact.ok is False here: rf.verify also runs each layer's emitted inverse graph in
-    # fp32, which does not use the stored bits and loses 256**2 per layer)
-    assert exact.max_grad_rel_err == 0.0 and exact.embedding_grad_rel_err == 0.0, exact.summary()
-    bytes_wide = saved_tensor_bytes(lambda: rf.transform(model, **kw).train()(
+    assert exact.ok, exact.summary()
+    with exact_rev.plain_autograd():
+        _, g_auto = _grads_of(exact_rev, ids)
+    _, g_gen = _grads_of(exact_rev, ids)
+    assert all(torch.equal(g_gen[k], g_auto[k]) for k in g_auto)  # bit for bit
+    one = tiny_model("mixtral", num_hidden_layers=1)  # 2 scaled updates: float64 is enough
+    bytes_wide = saved_tensor_bytes(lambda: rf.transform(
+        one, exact_streams=False, stream_dtype="float64", **kw).train()(ids, labels=ids).loss)[0]
+    bytes_exact = saved_tensor_bytes(lambda: rf.transform(one, **kw).train()(
         ids, labels=ids).loss)[0]
-    bytes_exact = saved_tensor_bytes(lambda: exact_rev.train()(ids, labels=ids).loss)[0]
     per_update = ids.numel() * 64  # hidden 64, one byte each
-    updates = 4 * 2  # scaled updates: one per residual sublayer, two per layer
-    assert bytes_exact - bytes_wide == updates * per_update, (bytes_exact, bytes_wide)
+    assert bytes_exact - bytes_wide == 2 * per_update, (bytes_exact, bytes_wide)
+
+
+def _grads_of(rev: Any, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    from revffn_fx.checks.verification import _grads
+
+    return _grads(rev.train(), ids, {"labels": ids}, 0, False)
 
 
 def test_exact_streams_need_a_power_of_two() -> None:
-    rev = rf.transform(tiny_model("mixtral"), coupling="momentum", momentum=0.3,
-                       stream_dtype="float64", exact_streams=True).train()
     with pytest.raises(RevFFNError, match="2\\*\\*-k"):
-        rev(_ids(), labels=_ids())
+        rf.transform(tiny_model("mixtral"), coupling="momentum", momentum=0.3)
+
+

@@ -30,7 +30,7 @@ FIELDS = {f.name for f in dataclasses.fields(TransformOptions)}
 CASES: list[dict[str, Any]] = [
     dict(coupling="revffn", layers=[1, 2], attention="cross", loss_head="original",
          stream_dtype="float64", checkpoint_rest=True, fixed_point_iters=77,
-         fixed_point_tol=1e-5, leaf_modules=["MixtralRMSNorm"]),
+         fixed_point_tol=1e-5, leaf_modules=["MixtralRMSNorm"], guard="warn"),
     dict(coupling="momentum", momentum=0.25, exact_streams=True),
 ]
 
@@ -64,6 +64,12 @@ def test_every_option_survives_save_and_load(case: dict[str, Any], tmp_path: Pat
                                                  "revffn coupling"),
     (dict(loss_head="fast"), "unknown loss head 'fast'; choose chunked or original"),
     (dict(stream_dtype="int8"), "unknown stream dtype 'int8'"),
+    (dict(stream_dtype="bfloat16"), "stream dtype bfloat16 is refused: 16-bit streams"),
+    (dict(stream_dtype=torch.float16), "leave stream_dtype unset"),
+    (dict(coupling="momentum", momentum=0.3), "momentum 0.3 cannot be inverted exactly"),
+    (dict(coupling="meft", momentum=0.01), "use momentum=0.0078125"),
+    (dict(coupling="meft", momentum=2**-17), "k in 1..16"),
+    (dict(guard="maybe"), "unknown guard 'maybe'; choose from raise, warn, off"),
     (dict(fixed_point_tol=0.0), "fixed_point_tol must be a positive number, not 0.0"),
     (dict(fixed_point_tol=float("nan")), "fixed_point_tol must be a positive number"),
     (dict(fixed_point_iters=0), "fixed_point_iters must be a positive integer"),
@@ -90,14 +96,28 @@ def test_values_normalised_and_frozen() -> None:
         TransformOptions.from_dict({"colour": "red"})
 
 
-def test_auto_stream_dtype_resolution() -> None:
+def test_the_stream_rule() -> None:
+    """One rule, the API's and the CLI's: unset (or "auto") streams are decided at run
+    time; exact streams for the scaled couplings unless refused; calibration widens fp32."""
     auto = TransformOptions(stream_dtype="auto")
+    assert auto == TransformOptions() and auto.stream_dtype is None
     assert auto.resolved("float32").stream_dtype is None
     assert auto.resolved("float32", calibrating=True).stream_dtype == "float64"
-    assert auto.resolved("torch.bfloat16", calibrating=True).stream_dtype == "float32"
-    assert auto.replace(coupling="momentum").resolved("float16").stream_dtype == "float32"
-    exact = TransformOptions(coupling="meft", exact_streams=True, stream_dtype="auto")
-    assert exact.resolved("bfloat16").stream_dtype == "float64"
+    assert auto.resolved("torch.bfloat16", calibrating=True).stream_dtype is None
+    for c in SCALED_COUPLINGS:
+        opts = TransformOptions(coupling=c)
+        assert opts.exact_streams and opts.resolved("bfloat16").stream_dtype == "float64"
+        assert not TransformOptions(coupling=c, exact_streams=False).exact_streams
+    assert not TransformOptions(coupling="revnet").exact_streams
+
+
+def test_inexact_scaled_streams_refused_at_depth() -> None:
+    """Without exact streams the inverse divides rounding by g per scaled update: refused
+    where that exceeds what autograd keeps, naming the option that would do."""
+    model = tiny_model("mixtral", num_hidden_layers=4)
+    with pytest.raises(ConversionError, match="use exact_streams=True"):
+        rf.transform(model, coupling="momentum", momentum=2**-8, exact_streams=False)
+    rf.transform(model, coupling="momentum", momentum=0.5, exact_streams=False)  # 2^8: fine
 
 
 def test_names_agree_with_the_passes() -> None:
@@ -107,7 +127,9 @@ def test_names_agree_with_the_passes() -> None:
     assert set(COUPLINGS) == {*couple.COUPLINGS, EXACT}
     assert set(SCALED_COUPLINGS) == set(couple_momentum.SCALED_COUPLINGS)
     assert DEFAULT_MOMENTUM == couple_momentum.DEFAULT_MOMENTUM
-    assert set(rf.transform.__code__.co_varnames) >= FIELDS  # each option is a keyword
+    assert TransformOptions.build(**CASES[0]) == TransformOptions(**CASES[0])
+    with pytest.raises(ConversionError, match="unknown option 'colour'; the transform takes"):
+        rf.transform(tiny_model("mixtral"), colour="red")
 
 
 def test_options_import_without_torch() -> None:

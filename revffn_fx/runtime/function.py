@@ -21,7 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import FixedPointError, RevFFNError
-from . import rng
+from . import guard, rng
 from .fixed_point import fixed_point
 from .stack import RevLayer, RevStack, Update, branch_params, reduce_grads, reshard, unshard
 
@@ -62,11 +62,14 @@ class RevFunction(torch.autograd.Function):
         lost: list[torch.Tensor] = []  # exact_streams: the bits the scaled updates dropped
         layer_now, units = None, []
         layers = list(stack.layers)
+        prints: list[torch.Tensor] = []  # the guard's fingerprint of each layer's input
         for _, u, layer in _updates(stack):
             if layer is not layer_now:  # FSDP2: gather one layer's parameters at a time
                 reshard(units, forward=True)
                 layer_now, units = layer, layer.units(opts)
                 unshard(units, _next_units(layers, layer, 1, opts))
+                if opts.guard != "off":
+                    prints.append(guard.fingerprint(streams))
             states.append(rng.capture(devices))
             if record:
                 with tap.recording() as rec:  # type: ignore[union-attr]
@@ -83,6 +86,7 @@ class RevFunction(torch.autograd.Function):
         fctx.ctx_meta = (ctx_leaves, ctx_spec, tensor_pos)
         fctx.params = tensors[n + n_ctx:]
         fctx.states, fctx.counts, fctx.record = states, counts, record
+        fctx.prints = prints
         fctx.amp = _autocast_state()
         return (*streams, *logits)
 
@@ -102,6 +106,7 @@ class RevFunction(torch.autograd.Function):
             reads, out, logits = walk.recompute(j, u)
             if u.closed_form:
                 walk.reconstruct_closed_form(u, out)
+            walk.guard(j, layer)
             param_grads, ctx_grads = walk.propagate(j, u, reads, out, logits)
             walk.deliver(j, u, param_grads, ctx_grads)
         return walk.finish()
@@ -152,6 +157,14 @@ class _Walk:
                 for p in branch_params(u):
                     self.first_use.setdefault(id(p), j)
         self.pending: dict[int, torch.Tensor] = {}  # sink path: partial gradients by id
+        # the guard: each layer's first update (walking back, its input is then rebuilt)
+        # and its place among the forward's fingerprints
+        self.first_update: dict[int, int] = {}
+        self.layer_pos: dict[int, int] = {}
+        for j, (_, _, layer) in enumerate(self.updates):
+            if id(layer) not in self.first_update:
+                self.first_update[id(layer)] = j
+                self.layer_pos[id(layer)] = len(self.layer_pos)
 
     def next_layer(self, layer: RevLayer) -> None:
         """FSDP2: the previous layer's gradients are complete: reduce-scatter them; gather
@@ -159,6 +172,28 @@ class _Walk:
         reduce_grads(self.units, self.opts.reduced_sink)
         self.units = layer.units(self.opts)
         unshard(self.units, _next_units(self.layers, layer, -1, self.opts))
+
+    def guard(self, j: int, layer: RevLayer) -> None:
+        """Once a layer's input is reconstructed (its first update undone), compare its
+        fingerprint with the forward's (runtime/guard.py)."""
+        if (self.opts.guard == "off" or j != self.first_update[id(layer)]
+                or not self.fctx.prints):  # the forward ran with the guard off
+            return
+        before = self.fctx.prints[self.layer_pos[id(layer)]]
+        fp = [u for u in layer.updates if not u.closed_form]
+        compute = layer.updates[0].compute_dtype or self.y[0].dtype
+        tol = guard.tolerance(self.y[0].dtype, compute, self.opts.fixed_point_tol if fp else None)
+        scaled = any(u.scale != 1.0 for u in layer.updates)
+        if scaled and not self.opts.exact_streams:
+            hint = "the scaled coupling's inverse divides by g: use exact_streams=True"
+        elif fp:
+            hint = ("its fixed point reconstructs the input only approximately: use "
+                    "attention='plain', or raise fixed_point_iters")
+        else:
+            hint = ("the recompute did not reproduce the forward: a compiler that rewrote the "
+                    "reversible stack, a nondeterministic user pass, or an unsupported "
+                    "wrapper; compare with rev.plain_autograd(), or set guard='warn'")
+        guard.check(layer.name, before, guard.fingerprint(self.y), tol, self.opts.guard, hint)
 
     def _replayed(self, j: int) -> ExitStack:
         """Update ``j``'s forward conditions: its RNG state and the autocast state."""

@@ -34,16 +34,19 @@ class RuntimeOptions:
     # called with (parameter, complete gradient) from inside the generated backward; the
     # fused optimizer sets it (see revffn_fx.training.fused)
     grad_sink: Any = None
-    # dtype the streams are carried in inside a stack (None: the hidden state's). A wider
-    # dtype makes the additions of the couplings (nearly) exact, so the backward's
-    # reconstruction does not accumulate rounding error through large-gain branches; each
-    # branch still computes in the hidden state's dtype.
+    # dtype the streams are carried in inside a stack (None: one step wider than the hidden
+    # state that enters it, decided per call, so FSDP2 mixed precision and a model cast after
+    # the transform follow the rule too). A wider dtype makes the additions of the couplings
+    # (nearly) exact, so the backward's reconstruction does not accumulate rounding error
+    # through large-gain branches; each branch still computes in the hidden state's dtype.
     stream_dtype: torch.dtype | None = None
     # exact reconstruction for scaled updates (momentum, meft): the float64 streams are
     # kept on a fixed-point grid of 2**-EXACT_GRID_BITS, where adding is exact and keeping
     # g = 2**-k of a stream drops exactly k low bits, which the forward stores (one byte
     # per element per scaled update) for the backward to put back
     exact_streams: bool = False
+    # the reconstruction guard (runtime/guard.py): "raise", "warn" or "off"
+    guard: str = "raise"
     # FSDP2 units of the converted layers (revffn_fx.distributed.shard): every module inside
     # a unit -> the unit's FSDPModule. The stacks call the branch modules directly, so the
     # units' own forward hooks never fire: the stack unshards, reshards and reduces them.
@@ -271,7 +274,10 @@ class RevStack(nn.Module):
     def forward(self, hidden: torch.Tensor, **ctx: Any) -> torch.Tensor:
         streams = list(SPLITS[self.split](hidden))
         wide = self.options.stream_dtype
-        wide = wide if wide is not None and wide != hidden.dtype else None
+        if wide is None:  # the rule: one step wider than the hidden state
+            wide = torch.float64 if hidden.dtype in (torch.float32, torch.float64) \
+                else torch.float32
+        wide = wide if wide != hidden.dtype else None
         for layer in self.layers:
             for u in layer.updates:
                 u.compute_dtype = hidden.dtype if wide is not None else None
