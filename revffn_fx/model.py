@@ -40,6 +40,7 @@ from .passes.cross_branch import attention_calls
 from .passes.inverse import ReversibleSpec
 from .passes.manager import Pass
 from .passes.pipeline import scope_of
+from .peft_support import follow_frozen_base, refresh_modules, refuse_peft_wrapper
 from .runtime import fixed_point as fixed_points
 from .runtime.fixed_point import fixed_point_tolerance  # noqa: F401 (was defined here)
 from .runtime.router import RouterTap, find_routers
@@ -157,6 +158,7 @@ class RevModel(nn.Module):
             for i in chosen:
                 self.adapters[str(i)] = make_adapters(self.hidden_size, p.dtype, p.device,
                                                       self.update_targets[i])
+        follow_frozen_base(self)  # a frozen base (LoRA) freezes the adapters too
         routers, index = find_routers(model)
         tap = RouterTap(routers, index) if routers else None
         self.options = RuntimeOptions(router_tap=tap)
@@ -182,6 +184,7 @@ class RevModel(nn.Module):
             self.user_passes, cross_calls)
         if attention == "cross" and p.device.type != "meta":
             self.probe_fixed_points()
+        refresh_modules(self)  # records the module tree the traces were built on
 
     #: where the wrapped transformers model lives (PEFT and transformers' key mappings
     #: read it; ``rev.model`` is the original causal LM)
@@ -278,6 +281,7 @@ class RevModel(nn.Module):
         ``hidden_only``, cut before lm_head: it returns ``(final hidden states, None)``)."""
         from .distributed import check_wrappers
 
+        refresh_modules(self)  # modules replaced since (PEFT): compile again
         # compiled under FSDP1 it would train the original layers: checked before compiling
         return self.compiled.graph(self.training if training is None else training, has_mask,
                                    has_labels, chunked_head, hidden_only,
@@ -614,6 +618,7 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
         from .frontend.loading import load_model
 
         model = load_model(model)
+    refuse_peft_wrapper(model)
     if options is None:
         options = TransformOptions.build(coupling=coupling, layers=layers, **option_kwargs)
     elif option_kwargs or layers is not None or coupling != "revffn":

@@ -68,6 +68,9 @@ def find_head(gm: fx.GraphModule, lm_head_target: str) -> HeadMatch | str:
     if lm is None:
         return f"no call of the output embedding {lm_head_target!r} in the graph"
     mod = gm.get_submodule(lm_head_target)
+    if getattr(mod, "base_layer", None) is not None:  # PEFT's LoRA on the head: x W^T + ...
+        return (f"output embedding {type(mod).__name__} wraps its weight (a PEFT layer): "
+                "the chunked head, which reads the weight, would skip it")
     if not isinstance(getattr(mod, "weight", None), nn.Parameter):
         return f"output embedding {type(mod).__name__} has no weight parameter"
     below = _closure(lm, up=False)
