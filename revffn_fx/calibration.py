@@ -303,12 +303,27 @@ def calibration_batches(model_dir: Path, path: str | os.PathLike[str], tokens: i
 
 
 def _calibration_texts(file: Path, tokens: int) -> Iterator[str]:
-    """The texts of a calibration file, read lazily (``token_windows`` stops early)."""
+    """The texts of a calibration file, read lazily (``token_windows`` stops early).
+
+    Every format is bounded by the token budget: at most 32 characters per token in all
+    (a token is rarely longer), each text cut to what is left of that; a JSONL row is read
+    up to 8 times that many characters (room for JSON escapes), a longer one is refused."""
+    budget = max(32 * tokens, 1 << 16)
     with open(file, encoding="utf-8") as f:
         if file.suffix != ".jsonl":
-            yield f.read(max(32 * tokens, 1 << 16))
+            yield f.read(budget)
             return
-        for n, line in enumerate(f, 1):
+        left = budget
+        n = 0
+        while left > 0:
+            line = f.readline(8 * budget + 1)
+            if not line:
+                return
+            n += 1
+            if len(line) > 8 * budget and not line.endswith("\n"):
+                raise LoadError(f"{file}:{n}: row longer than {8 * budget:,} characters, more "
+                                f"than --calibration-tokens {tokens} can use; split it into "
+                                "shorter rows")
             if not line.strip():
                 continue
             try:
@@ -320,6 +335,8 @@ def _calibration_texts(file: Path, tokens: int) -> Iterator[str]:
                 text = str(row["prompt"]) + str(row.get("completion", ""))
             if not isinstance(text, str):
                 raise LoadError(f"{file}:{n}: needs a 'text' or 'prompt' field")
+            text = text[:left]
+            left -= len(text)
             yield text
 
 

@@ -92,7 +92,14 @@ def _human(n: int | float) -> str:
 @click.option("--verify/--no-verify", default=False, show_default=True,
               help="Load the weights and check the generated backward against autograd on a "
                    "small batch before writing.")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty OUT_DIR.")
+@click.option("--force", is_flag=True,
+              help="Replace a non-empty OUT_DIR that revffn-fx wrote (its .revffn-fx marker, "
+                   "nothing else in it).")
+@click.option("--force-foreign", is_flag=True,
+              help="Replace a non-empty OUT_DIR even if revffn-fx did not write it (its files "
+                   "are deleted).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Write weights holding NaN or Inf (refused by default, naming the tensor).")
 @click.option("--dry-run", is_flag=True, help="Analyze and report, write nothing.")
 @click.option("--max-shard-size", default="2GB", show_default=True, metavar="SIZE",
               help="Largest safetensors shard written (e.g. 500MB, 2GB); larger models are "
@@ -132,7 +139,8 @@ def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | Non
               force: bool, dry_run: bool, max_shard_size: str, attention: str,
               fixed_point_iters: int | None, fixed_point_tol: float | None,
               calibrate: str | None, calibration_tokens: int, stream_dtype: str,
-              estimate_batch: int, estimate_seq: int) -> None:
+              estimate_batch: int, estimate_seq: int, force_foreign: bool = False,
+              allow_nonfinite: bool = False) -> None:
     """Transform the MoE causal LM in MODEL_DIR into reversible layers, written to OUT_DIR.
 
     MODEL_DIR is a local Hugging Face model directory (config.json and safetensors
@@ -162,7 +170,8 @@ def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | Non
                                fixed_point_iters=fixed_point_iters,
                                fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype,
                                momentum=momentum, exact_streams=exact_streams)
-    check_out_dir(Path(out_dir).expanduser(), force, Path(model_dir).expanduser())
+    check_out_dir(Path(out_dir).expanduser(), force, Path(model_dir).expanduser(),
+                  force_foreign=force_foreign)
     from revffn_fx.export import transform_dir  # lazy: the heavy part of the package
 
     with progress_reporter("shards") as progress:
@@ -170,7 +179,8 @@ def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | Non
                                 force=force, dry_run=dry_run, max_shard_size=max_shard_size,
                                 progress=progress, calibrate=calibrate,
                                 calibration_tokens=calibration_tokens,
-                                estimate_batch=estimate_batch, estimate_seq=estimate_seq)
+                                estimate_batch=estimate_batch, estimate_seq=estimate_seq,
+                                force_foreign=force_foreign, allow_nonfinite=allow_nonfinite)
     for line in summary.lines():
         click.echo(line)
 
@@ -250,7 +260,7 @@ def inspect(model_dir: str, as_json: bool) -> None:
 
 # --------------------------------------------------------------------------------------- verify
 
-def _load_rev(out_dir: str) -> Any:
+def _load_rev(out_dir: str, check_files: bool = True) -> Any:
     """``rf.load(out_dir)``: from the export module (or the package, once re-exported)."""
     try:
         from revffn_fx.export import load
@@ -260,7 +270,7 @@ def _load_rev(out_dir: str) -> Any:
         load = getattr(revffn_fx, "load", None)
         if load is None:
             raise
-    return load(out_dir)
+    return load(out_dir, check_files=check_files)
 
 
 @click.command("verify", cls=Command, context_settings=_CONTEXT, epilog=EXIT_HELP,
@@ -274,7 +284,11 @@ def _load_rev(out_dir: str) -> Any:
               help="Seed of the random input ids and of the model's randomness.")
 @click.option("--router/--no-router", default=False, show_default=True,
               help="Include the load-balancing (router) loss in the checked gradients.")
-def verify(out_dir: str, batch: int, seq: int, seed: int, router: bool) -> None:
+@click.option("--no-check", is_flag=True,
+              help="Load without checking config.json, the shim and the weights against the "
+                   "sha256 record (a missing or broken record is otherwise refused).")
+def verify(out_dir: str, batch: int, seq: int, seed: int, router: bool,
+           no_check: bool = False) -> None:
     """Check a transformed model in OUT_DIR: generated backward against plain autograd.
 
     Loads OUT_DIR (written by revffn-transform) with rf.load, runs one training step on
@@ -292,7 +306,7 @@ def verify(out_dir: str, batch: int, seq: int, seed: int, router: bool) -> None:
 
     from revffn_fx import verify as run_verify
 
-    rev = _load_rev(out_dir)
+    rev = _load_rev(out_dir, check_files=False) if no_check else _load_rev(out_dir)
     vocab = int(getattr(rev.config, "vocab_size", 0) or 0)
     if vocab <= 0:
         raise RevFFNError(f"{out_dir}: config.json has no vocab_size; cannot make input ids")

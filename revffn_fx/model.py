@@ -351,6 +351,8 @@ class RevModel(nn.Module):
         the logits are None unless ``return_logits=True``. ``num_items_in_batch`` (passed
         by the Trainer under gradient accumulation) makes the loss a sum divided by it, as
         in transformers."""
+        from .inputs import check_attention_mask  # a mask of another shape: as HF reads it
+        attention_mask = check_attention_mask(self.model, input_ids, attention_mask)
         unknown = {k for k, v in kwargs.items() if not (k in _NONE_KWARGS and v is None)}
         unknown -= _BENIGN_KWARGS
         if unknown:

@@ -178,7 +178,9 @@ def test_dry_run_force_verify(sources: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="not empty"):
         transform_dir(src, out)
     assert (out / "old.txt").exists()
-    summary = transform_dir(src, out, force=True, verify=True)
+    with pytest.raises(ExportError, match="not written by revffn-fx"):
+        transform_dir(src, out, force=True)  # --force replaces only revffn-fx's exports
+    summary = transform_dir(src, out, force_foreign=True, verify=True)
     assert not (out / "old.txt").exists() and (out / "config.json").exists()
     assert summary.verify is not None and summary.verify.ok
     assert any(line.startswith("verify: OK") for line in summary.lines())

@@ -31,7 +31,7 @@ from revffn_fx.cli import main, transform
 from revffn_fx.errors import LoadError
 from revffn_fx.export import ADAPTER_FILE, transform_dir
 from revffn_fx.frontend.loading import load_model
-from revffn_fx.outdir import recover
+from revffn_fx.outdir import ASIDE, MARKER, recover
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny-mixtral"
 WEIGHTS = "model.safetensors"
@@ -39,8 +39,9 @@ Q = "model.layers.0.self_attn.q_proj.weight"
 
 
 def _digest(path: Path) -> dict[str, str]:
+    """Every file's sha256 (the markers aside: they hold a random token)."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+            for p in sorted(path.rglob("*")) if p.is_file() and p.name not in (MARKER, ASIDE)}
 
 
 def _tree(path: Path) -> list[str]:
@@ -251,7 +252,7 @@ def test_write_error_leaves_old_out_dir(old_export: Path, tmp_path: Path,
     res = _invoke(transform, [str(TINY), str(out), "--force"])
     assert res.exit_code == 2
     _one_error_line(res, "No space left on device (nothing written; ")
-    assert _tree(tmp_path) == ["out", *(f"out/{n}" for n in sorted(good))]
+    assert _tree(tmp_path) == ["out", *(f"out/{n}" for n in sorted([*good, MARKER]))]
     assert _digest(out) == good
 
 
@@ -295,8 +296,8 @@ def test_checksums_name_the_changed_file(tmp_path: Path) -> None:
     out = tmp_path / "out"
     transform_dir(TINY, out)
     recorded = json.loads((out / "config.json").read_text())["revffn"]["sha256"]
-    assert recorded == {n: hashlib.sha256((out / n).read_bytes()).hexdigest()
-                        for n in (WEIGHTS, ADAPTER_FILE)}
+    assert {n: recorded[n] for n in (WEIGHTS, ADAPTER_FILE)} == {
+        n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in (WEIGHTS, ADAPTER_FILE)}
     t = load_file(out / ADAPTER_FILE)
     name = sorted(t)[0]
     t[name] = t[name].clone()

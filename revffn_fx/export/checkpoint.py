@@ -9,7 +9,8 @@ The reader/writer used by :mod:`.transform` and :mod:`.save_load`:
 - :func:`write_safetensors` / :func:`write_shards`: stream entries into one file / into
   Hugging Face's shard layout, returning sha256 digests computed on the way
 - :func:`extra_files` / :func:`copy_extra_files`: the tokenizer and generation files
-- :func:`file_sha256` / :func:`check_sha256`: the integrity record of the ``revffn`` section
+- :func:`file_sha256`, :func:`seal` / :func:`check_record`: the integrity record of the
+  ``revffn`` section (sha256 of the weight files, the shim, and config.json's fields)
 - :data:`SAFETENSORS_DTYPES`: safetensors dtype codes -> torch dtypes
 """
 
@@ -29,9 +30,9 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 
 from ..errors import LoadError
-from ..frontend.loading import check_weights, index_shards, inside
+from ..frontend.loading import check_weights, index_shards, inside, read_header
 from ..outdir import pause
-from .layout import EXTRA_FILES, INDEX_NAME, TOKENIZER_FILES, WEIGHTS_NAME
+from .layout import EXTRA_FILES, INDEX_NAME, SHIM_FILE, TOKENIZER_FILES, WEIGHTS_NAME
 
 _CHUNK = 16 << 20  # bytes per read when copying tensors: bounds the memory of a copy
 
@@ -41,9 +42,14 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 Progress = Callable[[int, int, str], None]
 
-__all__ = ["SAFETENSORS_DTYPES", "Progress", "TensorEntry", "check_sha256", "checkpoint_tensors",
-           "copy_extra_files", "extra_files", "file_sha256", "memory_tensors",
-           "write_safetensors", "write_shards"]
+__all__ = ["SAFETENSORS_DTYPES", "Progress", "TensorEntry", "check_record", "check_sha256",
+           "checkpoint_tensors", "copy_extra_files", "extra_files", "file_sha256",
+           "memory_tensors", "seal", "write_safetensors", "write_shards"]
+
+#: the record's entries for config.json: its ``revffn`` section (less the record) and the
+#: rest of its fields (the model config, ``auto_map``)
+SECTION_KEY, CONFIG_KEY = "config.json:revffn", "config.json"
+_FLOATS = {"F64", "F32", "F16", "BF16"}
 
 
 # ----------------------------------------------------------------------------- safetensors IO
@@ -61,19 +67,7 @@ class TensorEntry:
     data: bytes | None = None  # ... or slice this in-memory blob at ``offset``
 
 
-def _read_header(file: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the byte offset where its data starts."""
-    try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(os.fstat(f.fileno()).st_size - 8, 100 << 20):  # never trust n blindly
-                raise ValueError(f"header size {n} does not fit the file")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (OSError, struct.error, ValueError, RecursionError) as e:
-        raise LoadError(f"{file}: truncated or corrupted safetensors file ({e})") from e
-    return header, 8 + n
+_read_header = read_header
 
 
 def _entries_of(header: dict[str, Any], start: int, file: Path | None = None,
@@ -117,9 +111,11 @@ def memory_tensors(tensors: dict[str, torch.Tensor]) -> list[TensorEntry]:
     return _entries_of(json.loads(blob[8:8 + n]), 8 + n, data=blob)
 
 
-def write_safetensors(path: Path, entries: Sequence[TensorEntry]) -> str:
+def write_safetensors(path: Path, entries: Sequence[TensorEntry],
+                      check_finite: bool = False) -> str:
     """Write ``entries`` as one safetensors file, streaming the bytes from their sources;
-    return the file's sha256 (computed on the way: no second read)."""
+    return the file's sha256 (computed on the way: no second read). ``check_finite``: a
+    floating tensor holding NaN or Inf is a LoadError naming it (checked on the way too)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
     for t in entries:
@@ -136,10 +132,15 @@ def write_safetensors(path: Path, entries: Sequence[TensorEntry]) -> str:
         out_write(struct.pack("<Q", len(raw)))
         out_write(raw)
         src_name, src = None, None
+        buf = bytearray(_CHUNK)
         try:
             for t in entries:
+                finite = check_finite and t.dtype in _FLOATS
                 if t.data is not None:
-                    out_write(t.data[t.offset:t.offset + t.nbytes])
+                    blob = t.data[t.offset:t.offset + t.nbytes]
+                    if finite:
+                        _check_finite(bytearray(blob), len(blob), t)
+                    out_write(blob)
                     continue
                 if t.file != src_name:
                     if src is not None:
@@ -149,22 +150,40 @@ def write_safetensors(path: Path, entries: Sequence[TensorEntry]) -> str:
                 src.seek(t.offset)
                 left = t.nbytes
                 while left:
-                    chunk = src.read(min(_CHUNK, left))
-                    if not chunk:
+                    view = memoryview(buf)[:min(_CHUNK, left)]
+                    got = src.readinto(view)
+                    if not got:
                         raise LoadError(f"{t.file}: truncated safetensors file (tensor {t.name})")
-                    out_write(chunk)
-                    left -= len(chunk)
+                    if finite:
+                        _check_finite(buf, got, t)
+                    out_write(view[:got])
+                    left -= got
         finally:
             if src is not None:
                 src.close()
     return digest.hexdigest()
 
 
+def _check_finite(buf: bytearray, n: int, t: TensorEntry) -> None:
+    """NaN or Inf among the first ``n`` bytes of ``buf`` (a slice of tensor ``t``)."""
+    dtype = SAFETENSORS_DTYPES[t.dtype]
+    size = torch.tensor([], dtype=dtype).element_size()
+    if n % size:  # a short read mid-element: check what is whole (the rest comes next)
+        n -= n % size
+    if n and not bool(torch.isfinite(torch.frombuffer(buf, dtype=dtype, count=n // size)).all()):
+        where = t.file if t.file is not None else "the adapters"
+        raise LoadError(f"{where}: tensor {t.name} holds NaN or Inf values: refused (a model "
+                        "with them trains to NaN); --allow-nonfinite / allow_nonfinite=True "
+                        "writes it anyway")
+
+
 def write_shards(out: Path, entries: Sequence[TensorEntry], max_shard_size: int,
                   progress: Progress | None = None,
-                  digests: dict[str, str] | None = None) -> list[str]:
+                  digests: dict[str, str] | None = None,
+                  check_finite: bool = False) -> list[str]:
     """Write the base weights in Hugging Face's layout; return the file names written.
-    ``digests`` receives the sha256 of each file written (shards and index)."""
+    ``digests`` receives the sha256 of each file written (shards and index);
+    ``check_finite``: refuse a tensor holding NaN or Inf (:func:`write_safetensors`)."""
     digests = {} if digests is None else digests
     shards: list[list[TensorEntry]] = [[]]
     size = 0
@@ -180,7 +199,7 @@ def write_shards(out: Path, entries: Sequence[TensorEntry], max_shard_size: int,
     for i, (name, shard) in enumerate(zip(names, shards)):
         if progress:
             progress(i, n, name)
-        digests[name] = write_safetensors(out / name, shard)
+        digests[name] = write_safetensors(out / name, shard, check_finite)
         pause("shard")
     if progress:
         progress(n, n, names[-1])
@@ -205,16 +224,73 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_sha256(path: Path, recorded: Any, config_path: Path) -> None:
-    """Every file named in the ``sha256`` record of the revffn section still has its bytes.
+def _canonical(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
 
-    Directories written before the record existed have none and are not checked.
-    """
+
+def config_digests(raw: dict[str, Any]) -> dict[str, str]:
+    """The record's entries for config.json: the ``revffn`` section without the record,
+    and every other field (the model config, ``auto_map``), each as canonical JSON."""
+    section = {k: v for k, v in raw.get("revffn", {}).items() if k != "sha256"}
+    return {SECTION_KEY: _canonical(section),
+            CONFIG_KEY: _canonical({k: v for k, v in raw.items() if k != "revffn"})}
+
+
+def seal(out: Path, digests: dict[str, str]) -> None:
+    """Write the record into ``out/config.json``'s ``revffn`` section: the sha256 of the
+    weight files (``digests``, computed while writing them), of the shim, and of
+    config.json's own fields (:func:`config_digests`). Call it after config.json is final."""
+    config_path = out / "config.json"
+    raw = json.loads(config_path.read_text())
+    record = dict(digests)
+    if (out / SHIM_FILE).is_file():
+        record[SHIM_FILE] = file_sha256(out / SHIM_FILE)
+    record.update(config_digests(raw))
+    raw["revffn"]["sha256"] = record
+    config_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+_HINT = ("rf.load(dir, check_files=False) or `revffn verify --no-check` loads it without the "
+         "check")
+
+
+def check_record(path: Path, raw: dict[str, Any], config_path: Path) -> None:
+    """The record of the ``revffn`` section (:func:`seal`) against the directory: config.json's
+    fields and every file it names. A missing or malformed record is refused (removing it
+    must not turn the check off)."""
+    recorded = raw["revffn"].get("sha256")
     if recorded is None:
-        return
+        raise LoadError(f"{config_path}: the 'revffn' section has no sha256 record, so nothing "
+                        f"in the directory can be checked: refused; {_HINT}")
     if not isinstance(recorded, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
-        raise LoadError(f"{config_path}: the 'revffn' section's sha256 record is broken")
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in
+            recorded.items()):
+        raise LoadError(f"{config_path}: the 'revffn' section's sha256 record is malformed "
+                        f"(it must map file names to sha256 digests): refused; {_HINT}")
+    needed = [SECTION_KEY, CONFIG_KEY, SHIM_FILE]
+    missing = [k for k in needed if k not in recorded]
+    if not any(k in recorded for k in (WEIGHTS_NAME, INDEX_NAME)):
+        missing.append(WEIGHTS_NAME)
+    if missing:
+        raise LoadError(f"{config_path}: the sha256 record has no entry for {missing[0]} (an "
+                        "older revffn-fx wrote it, or it was edited): refused; " + _HINT
+                        + ", and save_pretrained writes a full record")
+    got = config_digests(raw)
+    if got[SECTION_KEY] != recorded[SECTION_KEY]:
+        raise LoadError(f"{config_path}: its 'revffn' section changed since it was written (it "
+                        "decides the function loaded: coupling, layers, options); restore it, "
+                        f"or {_HINT}")
+    if got[CONFIG_KEY] != recorded[CONFIG_KEY]:
+        raise LoadError(f"{config_path}: its model config fields changed since it was written "
+                        f"(sizes, rope, norms and routing decide the function); restore them, "
+                        f"or {_HINT}")
+    check_sha256(path, {k: v for k, v in recorded.items() if k not in (SECTION_KEY, CONFIG_KEY)},
+                 config_path)
+
+
+def check_sha256(path: Path, recorded: dict[str, str], config_path: Path) -> None:
+    """Every file named in ``recorded`` still has its bytes."""
     for name, want in sorted(recorded.items()):
         file = path / name
         if Path(name).name != name or not os.path.lexists(file):

@@ -18,10 +18,11 @@ from ..model import RevModel
 from ..options import TransformOptions
 from ..outdir import writing
 from .checkpoint import (
-    check_sha256,
+    check_record,
     checkpoint_tensors,
     copy_extra_files,
     memory_tensors,
+    seal,
     write_safetensors,
     write_shards,
 )
@@ -75,8 +76,8 @@ def save(rev: RevModel, out_dir: str | os.PathLike[str], *, max_shard_size: int 
         dtype = next(rev.model.parameters()).dtype
         section = revffn_section(rev, {k: list(v.shape) for k, v in adapters.items()}, dtype,
                            count_params(rev.model))
-        section["sha256"] = digests
         write_meta(tmp, config, section)
+        seal(tmp, digests)  # the record: weights, shim, config.json's fields
         copy_extra_files(base, tmp)
         shutil.rmtree(base)
 
@@ -89,9 +90,11 @@ def _read_section(config_path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise LoadError(f"{config_path}: the 'revffn' section is not an object")
     version = section.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise LoadError(f"{config_path}: revffn format_version {version!r} is not supported by "
-                        f"this revffn-fx (reads up to {FORMAT_VERSION}); upgrade revffn-fx")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        newer = type(version) is int and version > FORMAT_VERSION
+        raise LoadError(f"{config_path}: revffn format_version {version!r} is not one this "
+                        f"revffn-fx reads (1 to {FORMAT_VERSION})"
+                        + ("; upgrade revffn-fx" if newer else ""))
     options = section.get("transform")
     ok = (isinstance(options, dict) and isinstance(options.get("coupling"), str)
           and isinstance(options.get("layers"), list)
@@ -126,8 +129,9 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
     The base model is loaded by ``from_pretrained`` (its own key conversions), the
     transform is replayed with the recorded options, then the adapters are loaded; the
     result computes bit for bit what was saved. ``dtype`` overrides the stored dtype.
-    ``check_files``: compare every weight file with the sha256 recorded when it was written
-    (a LoadError names a file that changed); reads the weights once more.
+    ``check_files``: compare config.json's fields, the shim and every weight file with the
+    sha256 record written with them (a LoadError names what changed; a missing or
+    malformed record is refused); reads the weights once more.
     """
     path = Path(out_dir).expanduser()
     aside = sorted(path.absolute().parent.glob(f"{path.name}.revffn-old-*"))
@@ -141,7 +145,7 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
     options = section["transform"]
     custom = _custom_passes(section, config_path, passes)
     if check_files:
-        check_sha256(path, section.get("sha256"), config_path)
+        check_record(path, raw, config_path)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     clean = {k: v for k, v in raw.items() if k not in ("revffn", "auto_map")}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 
 from ..calibration import calibration_batches
 from ..errors import ConversionError, ExportError, LoadError
-from ..frontend.loading import check_config, quiet
+from ..frontend.loading import check_config, check_config_bounds, check_fits, quiet
 from ..frontend.registry import facts_for
 from ..model import RevModel, parse_layers
 from ..options import TransformOptions
@@ -30,6 +31,7 @@ from .checkpoint import (
     copy_extra_files,
     extra_files,
     memory_tensors,
+    seal,
     write_safetensors,
     write_shards,
 )
@@ -151,7 +153,11 @@ def _check_dtypes(model: torch.nn.Module, entries: Sequence[TensorEntry], weight
     widened: list[TensorEntry] = []
     for t in entries:
         stored = SAFETENSORS_DTYPES.get(t.dtype)
-        if stored is None or stored == dtype or t.name in ints:
+        if stored is None:
+            raise LoadError(f"{weights}: tensor {t.name} is stored as {t.dtype}, a dtype "
+                            "revffn-fx does not convert (it reads F64, F32, F16, BF16 and "
+                            "integer buffers); convert the checkpoint first")
+        if stored == dtype or t.name in ints:
             continue
         if not stored.is_floating_point:
             raise LoadError(f"{weights}: tensor {t.name} is stored as {t.dtype} (integers) but "
@@ -168,52 +174,6 @@ def _check_dtypes(model: torch.nn.Module, entries: Sequence[TensorEntry], weight
         log.warning("warning: %s: %d tensor(s) stored in another dtype are widened exactly to "
                     "%s, e.g. %s (%s)", weights, len(widened), str(dtype).replace("torch.", ""),
                     widened[0].name, widened[0].dtype)
-
-
-def _check_fits(model: torch.nn.Module, entries: Sequence[TensorEntry], weights: Path,
-                dtype: torch.dtype) -> None:
-    """Load the checkpoint's names and shapes into the meta model with HF's own rules.
-
-    Hugging Face's loader (renamings, expert merging, legacy names) runs on meta tensors
-    built from the safetensors headers: it reports missing, unexpected and mismatched
-    tensors exactly as a real load would, without reading any data.
-    """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-    except ImportError:  # pragma: no cover - a transformers outside the supported range
-        return
-    state = {t.name: torch.empty(t.shape, dtype=SAFETENSORS_DTYPES.get(t.dtype, dtype),
-                                 device="meta")
-             for t in entries}
-    load_config = LoadStateDictConfig(device_map={"": "meta"}, dtype=dtype,
-                                      weight_mapping=get_model_conversion_mapping(model))
-    with quiet():
-        info, _ = convert_and_load_state_dict_in_model(model, state, load_config)
-        adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
-        if adjust is not None:
-            adjust(info)
-    where = f"{weights}: weights do not fit config.json"
-    if info.conversion_errors:
-        name, err = sorted(info.conversion_errors.items())[0]
-        detail = next((ln for ln in reversed(str(err).splitlines()) if ln.strip()), "")
-        raise LoadError(f"{where}: cannot build tensor {name}: {detail.strip()}")
-    if info.mismatched_keys:
-        name, ckpt, want = sorted(info.mismatched_keys, key=lambda m: m[0])[0]
-        raise LoadError(f"{where}: tensor {name} has shape {list(ckpt)} in the checkpoint but "
-                        f"{list(want)} in the model")
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    if tied and hasattr(model, "tie_weights"):
-        model.tie_weights()  # loading replaced the tied tensors; tie again, as a real load does
-    missing = sorted(set(info.missing_keys) - tied)
-    if missing:
-        raise LoadError(f"{where}: {len(missing)} tensor(s) missing from the checkpoint, "
-                        f"e.g. {missing[0]}")
-    if info.unexpected_keys:
-        names = sorted(info.unexpected_keys)
-        raise LoadError(f"{where}: {len(names)} tensor(s) the model does not have, "
-                        f"e.g. {names[0]}")
 
 
 def _meta_model(model_dir: Path, config_path: Path, model_type: str,
@@ -252,7 +212,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                   stream_dtype: str | torch.dtype | None = None,
                   momentum: float | None = None, exact_streams: bool = False,
                   estimate_batch: int = 8, estimate_seq: int = 2048,
-                  options: TransformOptions | None = None) -> TransformSummary:
+                  options: TransformOptions | None = None, force_foreign: bool = False,
+                  allow_nonfinite: bool = False) -> TransformSummary:
     """Transform the checkpoint in ``model_dir`` into a revffn-fx directory ``out_dir``.
 
     The model is never materialised (meta device; tensors are copied shard by shard), so
@@ -271,6 +232,9 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     :class:`~revffn_fx.options.TransformOptions` (what the CLI passes); when given it
     replaces the option keywords (coupling, layers, attention, fixed_point_*,
     stream_dtype, momentum, exact_streams).
+    ``force`` replaces an ``out_dir`` that revffn-fx wrote (its marker, nothing else in
+    it); ``force_foreign`` replaces any directory. ``allow_nonfinite``: write weights
+    holding NaN or Inf (refused by default, naming the tensor; checked while copying).
     Every problem raises a one-line :class:`~revffn_fx.errors.RevFFNError`
     (LoadError, ConversionError, ExportError) and leaves no ``out_dir`` behind.
     """
@@ -284,11 +248,14 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     limit = parse_size(max_shard_size)
     config_path, model_type = check_config(src)
     weights, entries = checkpoint_tensors(src)
+    shapes = {t.name: (t.dtype, t.shape) for t in entries}
+    # the config's sizes against the headers, before the (meta) model is built
+    check_config_bounds(config_path, json.loads(config_path.read_text()), shapes, weights)
     extra_files(src)  # a tokenizer file linking out of MODEL_DIR stops us before any work
-    check_out_dir(out, force, src)
+    check_out_dir(out, force, src, force_foreign=force_foreign)
     model, dtype = _meta_model(src, config_path, model_type,
                                lambda cfg: _checkpoint_dtype(cfg, entries))
-    _check_fits(model, entries, weights, dtype)
+    check_fits(model, shapes, weights, dtype)
     _check_dtypes(model, entries, weights, dtype)
     # the cross-branch split needs an example forward, which a meta model cannot run: the
     # structure and adapters do not depend on it, so plan with plain attention here and
@@ -330,18 +297,19 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     if dry_run:
         summary.seconds = time.perf_counter() - start
         return summary
-    with writing(out, force=force, model_dir=src) as tmp:
+    with writing(out, force=force, model_dir=src, force_foreign=force_foreign) as tmp:
         digests: dict[str, str] = {}
-        shards = write_shards(tmp, entries, limit, progress, digests)
+        shards = write_shards(tmp, entries, limit, progress, digests,
+                              check_finite=not allow_nonfinite)
         files = list(shards)
         if adapters:
             digests[ADAPTER_FILE] = write_safetensors(tmp / ADAPTER_FILE,
-                                                       memory_tensors(adapters))
+                                                       memory_tensors(adapters),
+                                                       check_finite=not allow_nonfinite)
             files.append(ADAPTER_FILE)
         config = json.loads(config_path.read_text())
         section = revffn_section(rev, {k: list(v.shape) for k, v in adapters.items()},
                            next(model.parameters()).dtype, params_before)
-        section["sha256"] = digests  # rf.load and `revffn verify` check every weight file
         if calibration is not None:
             section["calibration"] = {
                 "file": Path(calibrate).name, "tokens": calibration.tokens,
@@ -351,6 +319,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                                          for f in calibration.layers}}
             summary.calibration = calibration
         files += write_meta(tmp, config, section)
+        seal(tmp, digests)  # the record rf.load and `revffn verify` check: weights, shim, config
         files += copy_extra_files(src, tmp)
         if verify:
             summary.verify = _verify_dir(tmp)
@@ -385,7 +354,16 @@ def _verify_dir(path: Path, batch: int = 2, seq: int = 16, seed: int = 0) -> Any
     rev = load(path)
     vocab = getattr(rev.config, "vocab_size", None) or 128
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    report = verify(rev, ids, seed=seed)
+    try:
+        report = verify(rev, ids, seed=seed)
+    except (NotImplementedError, RuntimeError) as e:  # a kernel this torch lacks for the dtype
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, NotImplementedError) and not re.search(
+                r"not implemented for|Expected .* to be .*(Float|Double|Half)", detail):
+            raise
+        dtype = str(next(rev.parameters()).dtype).replace("torch.", "")
+        raise ExportError(f"verify: this torch cannot run the model in {dtype} here ({detail});"
+                          " nothing written") from e
     if not report.ok:
         raise ExportError(f"verify failed, nothing written: {report.summary()}")
     return report

@@ -8,9 +8,11 @@ The hub is never contacted: ``local_files_only=True`` is always passed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,10 @@ from revffn_fx.errors import LoadError
 from revffn_fx.frontend.registry import SUPPORTED_TRANSFORMERS, facts_for
 from revffn_fx.output import check_model_dir
 
-# The weight files read, in from_pretrained's order of preference. Pickled checkpoints
+# The weight files read, in from_pretrained's order of preference (model.safetensors first:
+# where both exist they must hold the same tensors). Pickled checkpoints
 # (pytorch_model.bin) are refused everywhere: unpickling runs code.
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _PICKLED = ("pytorch_model.bin.index.json", "pytorch_model.bin")
 # config.json fields that must be positive integers / numbers when present
 _POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -43,6 +46,15 @@ _MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_
               "granitemoe", "phimoe", "dbrx", "jetmoe", "minimax", "flex_olmo")
 _VERSIONS = f"transformers {transformers.__version__}; revffn-fx supports " + ",".join(
     SUPPORTED_TRANSFORMERS)
+# A config describing more parameters than this is refused before anything is built: ten
+# times the largest open MoE models (about 1e12 parameters).
+MAX_PARAMETERS = 10**13
+_CHUNK = 16 << 20
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+log = logging.getLogger("revffn_fx.load")
+_noted: set[tuple[str, int, int]] = set()
 
 
 def load_model(model_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
@@ -59,6 +71,13 @@ def load_model(model_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | 
     options: dict[str, Any] = {**facts_for(model_type).load_kwargs, **kwargs}
     if dtype is not None:
         options["dtype"] = dtype
+    shapes = checkpoint_shapes(path, weights)
+    raw = json.loads(config_path.read_text())
+    check_config_bounds(config_path, raw, shapes, weights)
+    if _loads_float64(raw, options.get("dtype"), shapes):
+        # transformers' default grouped_mm experts have no float64 kernel on the CPU
+        options.setdefault("experts_implementation", "eager")
+    _check_fits_meta(options.get("config") or load_config(path), shapes, weights, options)
     options.update(local_files_only=True, trust_remote_code=False, use_safetensors=True,
                    ignore_mismatched_sizes=True, output_loading_info=True)
     try:
@@ -87,6 +106,7 @@ def load_config(model_dir: str | os.PathLike[str]) -> Any:
     """The config of a local model directory, without touching its weights."""
     config_path, model_type = check_config(Path(model_dir))
     raw = json.loads(config_path.read_text())
+    raw = {k: v for k, v in raw.items() if k not in ("revffn", "auto_map")}
     try:
         with quiet():
             return CONFIG_MAPPING[model_type].from_dict(raw)
@@ -122,6 +142,7 @@ def check_config(path: Path) -> tuple[Path, str]:
         raise LoadError(f"{config_path}: unknown model_type {model_type!r} ({_VERSIONS}; "
                         f"known MoE types include {known})")
     _check_fields(config_path, config)
+    check_config_bounds(config_path, config)
     try:  # transformers' own validation of every field (types, rope parameters, ...)
         with quiet():
             CONFIG_MAPPING[model_type].from_dict(config)
@@ -185,18 +206,251 @@ def check_weights(path: Path) -> Path:
         raise LoadError(f"{path}: no weights (expected one of {', '.join(WEIGHT_FILES)}; "
                         f"{_PICKLED[1]} is not read)")
     inside(found, path)
-    shards = [found]
-    if found.name.endswith(".index.json"):
-        shards = [path / s for s in index_shards(found)]
-        for shard in shards:
-            if not os.path.lexists(shard):
-                raise LoadError(f"{found}: lists shard {shard.name}, which is missing")
-            inside(shard, path)
-            if not shard.is_file():
-                raise LoadError(f"{found}: lists shard {shard.name}, which is missing")
+    shards = weight_files(path, found)
     for shard in shards:
         _check_safetensors(shard)
+    index = path / WEIGHT_FILES[1]
+    if found.name == WEIGHT_FILES[0] and os.path.lexists(index):
+        inside(index, path)
+        _check_same_weights(found, index, weight_files(path, index))
     return found
+
+
+def weight_files(path: Path, weights: Path) -> list[Path]:
+    """The safetensors files holding the tensors of ``weights`` (itself or its shards)."""
+    if not weights.name.endswith(".index.json"):
+        return [weights]
+    shards = [path / s for s in index_shards(weights)]
+    for shard in shards:
+        if not os.path.lexists(shard):
+            raise LoadError(f"{weights}: lists shard {shard.name}, which is missing")
+        inside(shard, path)
+        if not shard.is_file():
+            raise LoadError(f"{weights}: lists shard {shard.name}, which is missing")
+    return shards
+
+
+def read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(os.fstat(f.fileno()).st_size - 8, 100 << 20):  # never trust n blindly
+                raise ValueError(f"header size {n} does not fit the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, struct.error, ValueError, RecursionError) as e:
+        raise LoadError(f"{file}: truncated or corrupted safetensors file ({e})") from e
+    return header, 8 + n
+
+
+def _tensors(files: list[Path]) -> dict[str, tuple[str, list[int], Path, int, int]]:
+    """name -> (dtype, shape, file, offset, nbytes) over ``files``' headers."""
+    out = {}
+    for file in files:
+        header, start = read_header(file)
+        for name, info in header.items():
+            if name == "__metadata__" or not isinstance(info, dict):
+                continue
+            b, e = info["data_offsets"]
+            out[name] = (info["dtype"], list(info["shape"]), file, start + b, e - b)
+    return out
+
+
+def _check_same_weights(single: Path, index: Path, shards: list[Path]) -> None:
+    """model.safetensors beside an index: Hugging Face reads model.safetensors, so the two
+    must hold the same tensors (names, dtypes, shapes and bytes) or the load is refused."""
+    if [s.resolve() for s in shards] == [single.resolve()]:
+        return  # the index names model.safetensors itself
+    st = single.stat()
+    key = (str(single.resolve()), st.st_mtime_ns, st.st_size)
+    if key in _noted:
+        return
+    a, b = _tensors([single]), _tensors(shards)
+    where = (f"{single.parent}: {single.name} and {index.name} hold different weights "
+             f"(Hugging Face reads {single.name})")
+    hint = "delete the stale one"
+    if set(a) != set(b):
+        name = sorted(set(a) ^ set(b))[0]
+        raise LoadError(f"{where}: tensor {name} is only in "
+                        f"{single.name if name in a else index.name}; {hint}")
+    for name in sorted(a):
+        (da, sa, fa, oa, na), (db, sb, fb, ob, nb) = a[name], b[name]
+        if (da, sa, na) != (db, sb, nb):
+            raise LoadError(f"{where}: tensor {name} is {da} {sa} in one and {db} {sb} in the "
+                            f"other; {hint}")
+        if not _same_bytes(fa, oa, fb, ob, na):
+            raise LoadError(f"{where}: tensor {name} has other values; {hint}")
+    _noted.add(key)
+    log.warning("note: %s: %s and %s hold the same weights; reading %s", single.parent,
+                single.name, index.name, single.name)
+
+
+def _same_bytes(fa: Path, oa: int, fb: Path, ob: int, n: int) -> bool:
+    with open(fa, "rb") as a, open(fb, "rb") as b:
+        a.seek(oa)
+        b.seek(ob)
+        while n > 0:
+            k = min(_CHUNK, n)
+            if a.read(k) != b.read(k):
+                return False
+            n -= k
+    return True
+
+
+def checkpoint_shapes(path: Path, weights: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape) of every tensor of the checkpoint (headers only)."""
+    return {k: (v[0], v[1]) for k, v in _tensors(weight_files(path, weights)).items()}
+
+
+# ------------------------------------------------------------------------- size bounds
+
+def _first_int(config: Mapping[str, Any], *keys: str) -> int | None:
+    for k in keys:
+        v = config.get(k)
+        if type(v) is int:
+            return v
+    return None
+
+
+def config_parameters(config: Mapping[str, Any]) -> int:
+    """An upper estimate of the parameters ``config`` describes, from its sizes alone."""
+    hidden = _first_int(config, "hidden_size", "d_model", "n_embd") or 1
+    layers = _first_int(config, "num_hidden_layers", "n_layers") or 1
+    vocab = _first_int(config, "vocab_size") or 1
+    dense = _first_int(config, "intermediate_size") or 4 * hidden
+    moe = _first_int(config, "moe_intermediate_size") or dense
+    experts = (_first_int(config, *_EXPERT_COUNTS) or 0) + (
+        _first_int(config, "n_shared_experts") or 1)
+    heads = max(_first_int(config, "num_attention_heads", "n_heads") or 1, 1)
+    head_dim = max(_first_int(config, "head_dim") or 0, hidden // heads)
+    attention = 4 * hidden * max(heads * head_dim, hidden)
+    return 2 * vocab * hidden + layers * (attention + 3 * hidden * (dense + moe * experts))
+
+
+_LAYER = re.compile(r"^(.*?\.(?:layers|blocks|h|layer))\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def check_config_bounds(config_path: Path, config: Mapping[str, Any],
+                        shapes: Mapping[str, tuple[str, list[int]]] | None = None,
+                        weights: Path | None = None) -> None:
+    """The config's sizes, before anything is built or allocated: an absurd model is
+    refused at once (:data:`MAX_PARAMETERS`), and with the checkpoint's headers
+    (``shapes``) the config's decoder layers and experts must be there, so that building
+    the architecture (even on the meta device) stays in proportion to the checkpoint;
+    :func:`check_fits` then compares every tensor."""
+    n = config_parameters(config)
+    if n > MAX_PARAMETERS:
+        raise LoadError(f"{config_path}: describes about {n:.2g} parameters (its sizes: "
+                        f"{_sizes(config)}), more than revffn-fx accepts ({MAX_PARAMETERS:.0e})")
+    if not shapes:
+        return
+    where = f"{weights or config_path.parent}: weights do not fit {config_path.name}"
+    layers = _first_int(config, "num_hidden_layers", "n_layers")
+    found: dict[str, set[int]] = {}
+    for name in shapes:
+        if m := _LAYER.match(name):
+            found.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if layers is not None and found:
+        prefix, idx = max(found.items(), key=lambda kv: len(kv[1]))
+        if layers > len(idx):
+            raise LoadError(f"{where}: num_hidden_layers is {layers} but the checkpoint holds "
+                            f"{len(idx)} decoder layer(s) ({prefix}.<i>)")
+    experts = _first_int(config, *_EXPERT_COUNTS)
+    if experts is not None and any(".experts." in k for k in shapes):
+        per_expert = {int(m.group(1)) for k in shapes if (m := _EXPERT.search(k))}
+        fused = [s[1][0] for k, s in shapes.items()
+                 if ".experts." in k and not _EXPERT.search(k) and len(s[1]) == 3]
+        held = max([len(per_expert), *fused])
+        if held and experts > held:
+            raise LoadError(f"{where}: the config has {experts} experts per layer but the "
+                            f"checkpoint holds {held}")
+
+
+def check_fits(model: torch.nn.Module, shapes: Mapping[str, tuple[str, list[int]]],
+               weights: Path, dtype: torch.dtype) -> None:
+    """Load the checkpoint's names and shapes into the meta model with HF's own rules.
+
+    Hugging Face's loader (renamings, expert merging, legacy names) runs on meta tensors
+    built from the safetensors headers: it reports missing, unexpected and mismatched
+    tensors exactly as a real load would, without reading any data.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError:  # pragma: no cover - a transformers outside the supported range
+        return
+    state = {name: torch.empty(shape, dtype=_DTYPES.get(code, dtype), device="meta")
+             for name, (code, shape) in shapes.items()}
+    load_config = LoadStateDictConfig(device_map={"": "meta"}, dtype=dtype,
+                                      weight_mapping=get_model_conversion_mapping(model))
+    with quiet():
+        info, _ = convert_and_load_state_dict_in_model(model, state, load_config)
+        adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+        if adjust is not None:
+            adjust(info)
+    where = f"{weights}: weights do not fit config.json"
+    if info.conversion_errors:
+        name, err = sorted(info.conversion_errors.items())[0]
+        detail = next((ln for ln in reversed(str(err).splitlines()) if ln.strip()), "")
+        raise LoadError(f"{where}: cannot build tensor {name}: {detail.strip()}")
+    if info.mismatched_keys:
+        name, ckpt, want = sorted(info.mismatched_keys, key=lambda m: m[0])[0]
+        raise LoadError(f"{where}: tensor {name} has shape {list(ckpt)} in the checkpoint but "
+                        f"{list(want)} in the model")
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()  # loading replaced the tied tensors; tie again, as a real load does
+    missing = sorted(set(info.missing_keys) - tied)
+    if missing:
+        raise LoadError(f"{where}: {len(missing)} tensor(s) missing from the checkpoint, "
+                        f"e.g. {missing[0]}")
+    if info.unexpected_keys:
+        names = sorted(info.unexpected_keys)
+        raise LoadError(f"{where}: {len(names)} tensor(s) the model does not have, "
+                        f"e.g. {names[0]}")
+
+
+def _check_fits_meta(config: Any, shapes: Mapping[str, tuple[str, list[int]]], weights: Path,
+                     options: Mapping[str, Any]) -> None:
+    """:func:`check_fits` on the architecture built on the meta device (nothing allocated),
+    so a config that does not describe the checkpoint is refused before ``from_pretrained``
+    allocates the model at the config's shapes."""
+    kwargs = {k: v for k, v in options.items()
+              if k in ("attn_implementation", "experts_implementation")}
+    try:
+        with quiet(), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    except Exception:  # noqa: BLE001 -- the real load reports it in its own words
+        return
+    check_fits(model, shapes, weights, next(model.parameters()).dtype)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _sizes(config: Mapping[str, Any]) -> str:
+    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "vocab_size", *_EXPERT_COUNTS)
+    return ", ".join(f"{k} {config[k]}" for k in keys if type(config.get(k)) is int)
+
+
+def _loads_float64(raw: Mapping[str, Any], dtype: Any,
+                   shapes: Mapping[str, tuple[str, list[int]]]) -> bool:
+    """Whether the load makes a float64 model (asked for, the config's, or the weights')."""
+    if dtype is not None and dtype != "auto":
+        return dtype in (torch.float64, "float64")
+    named = raw.get("dtype", raw.get("torch_dtype"))
+    if named not in (None, "auto"):
+        return named == "float64"
+    return any(d == "F64" for d, _ in shapes.values())
 
 
 def index_shards(index: Path) -> list[str]:
