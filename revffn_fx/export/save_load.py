@@ -123,7 +123,8 @@ def _custom_passes(section: dict[str, Any], config_path: Path,
 
 
 def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
-         passes: Sequence[Any] | None = None, check_files: bool = True) -> RevModel:
+         passes: Sequence[Any] | None = None, check_files: bool = True,
+         experts_implementation: str | None = None) -> RevModel:
     """Load a directory written by :func:`transform_dir` or :func:`save` (eval mode).
 
     The base model is loaded by ``from_pretrained`` (its own key conversions), the
@@ -131,7 +132,9 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
     result computes bit for bit what was saved. ``dtype`` overrides the stored dtype.
     ``check_files``: compare config.json's fields, the shim and every weight file with the
     sha256 record written with them (a LoadError names what changed; a missing or
-    malformed record is refused); reads the weights once more.
+    malformed record is refused); reads the weights once more. ``experts_implementation``
+    (``"eager"``, ``"grouped_mm"``, ...) goes to ``from_pretrained`` (default: transformers'
+    choice; eager for a float64 model, which grouped_mm cannot run on the CPU).
     """
     path = Path(out_dir).expanduser()
     aside = sorted(path.absolute().parent.glob(f"{path.name}.revffn-old-*"))
@@ -154,7 +157,9 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
             config = CONFIG_MAPPING[model_type].from_dict(clean)
     except (ValueError, TypeError, KeyError) as e:
         raise LoadError(f"{config_path}: invalid config: {e}") from e
-    model = load_model(path, config=config, dtype=dtype)
+    extra = ({"experts_implementation": experts_implementation}
+             if experts_implementation is not None else {})
+    model = load_model(path, config=config, dtype=dtype, **extra)
     try:  # every recorded option (older files lack some: they take their defaults)
         recorded = TransformOptions.from_dict(options)
         rev = RevModel(model, passes=custom, options=recorded)
@@ -196,4 +201,5 @@ class RevFFNForCausalLM:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str],
                         *args: Any, **kwargs: Any) -> RevModel:
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        return load(pretrained_model_name_or_path, dtype=None if dtype == "auto" else dtype)
+        return load(pretrained_model_name_or_path, dtype=None if dtype == "auto" else dtype,
+                    experts_implementation=kwargs.get("experts_implementation"))
