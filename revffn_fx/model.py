@@ -569,9 +569,16 @@ class RevModel(nn.Module):
     # -- saving and loading (revffn_fx.export; imported lazily: it imports this module) --
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         """Write a model directory that :meth:`from_pretrained` / ``rf.load`` reads back
-        bit for bit (``max_shard_size="2GB"``); see :func:`revffn_fx.export.save`."""
+        bit for bit (``max_shard_size="2GB"``); see :func:`revffn_fx.export.save`. On a
+        sharded (FSDP2) model call it on every rank: the weights are gathered to rank 0,
+        which writes (:func:`revffn_fx.distributed.save_pretrained`)."""
+        from .distributed import has_dtensors
         from .export import save
 
+        if has_dtensors(self):  # FSDP2: gathered to rank 0, which writes
+            from .distributed import save_pretrained
+
+            return save_pretrained(self, save_directory, **kwargs)
         save(self, save_directory, **kwargs)
 
     @classmethod

@@ -311,3 +311,156 @@ def test_parameters_swapped_after_forward_get_their_gradients() -> None:
     want = ref.model.model.layers[0].self_attn.q_proj.weight.grad
     assert old.grad is None
     torch.testing.assert_close(attn.weight.grad, want, rtol=1e-12, atol=1e-14)
+
+
+# -- after training: checkpoints of sharded models and of the fused optimizer -----------------
+
+SAVE_TIMEOUT = 3.0  # seconds a sharded save waits for the other ranks (default 30)
+
+
+def _checkpoint_worker(rank: int, tmp: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    import time
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from zoo import tiny_model
+
+    import revffn_fx as rf
+    from revffn_fx import distributed as rd
+    from revffn_fx.errors import RevFFNError
+    from revffn_fx.training import fuse_optimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
+                            world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out: dict[str, Any] = {}
+
+    def local(step: int) -> torch.Tensor:
+        return _ids(step)[2 * rank:2 * rank + 2]
+
+    def fused_run() -> tuple[torch.nn.Module, Any]:
+        rev = rd.shard(_model("revffn"), mesh)
+        return rev, fuse_optimizer(rev, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+
+    def steps(rev: torch.nn.Module, opt: Any, first: int) -> None:
+        for step in range(first, first + STEPS):
+            rev(local(step), labels=local(step)).loss.backward()
+            opt.step()
+
+    # DCP: model and fused-optimizer state after 3 steps, saved, loaded into a fresh run,
+    # 3 more steps: the same parameters as 6 steps without the round trip
+    rev, opt = fused_run()
+    steps(rev, opt, 0)
+    ckpt = f"{tmp}/dcp"
+    dcp.save({"model": get_model_state_dict(rev), "optim": get_optimizer_state_dict(rev, opt)},
+             checkpoint_id=ckpt)
+    out["dcp_state_keys"] = sorted(get_optimizer_state_dict(rev, opt)["state"])[:1]
+    steps(rev, opt, STEPS)
+    want = {n: _full(p).detach().clone() for n, p in rev.named_parameters()}
+    rev2, opt2 = fused_run()
+    state = {"model": get_model_state_dict(rev2), "optim": get_optimizer_state_dict(rev2, opt2)}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(rev2, state["model"])
+    set_optimizer_state_dict(rev2, opt2, state["optim"])
+    steps(rev2, opt2, STEPS)
+    out["dcp_resume"] = _max_err(dict(rev2.named_parameters()), want)
+    # save_pretrained on every rank: gathered, rank 0 writes a loadable export
+    t = time.monotonic()
+    rev.save_pretrained(f"{tmp}/export")
+    out["save_s"] = time.monotonic() - t
+    dist.barrier()
+    if rank == 0:
+        loaded = rf.load(f"{tmp}/export")
+        out["save_loaded"] = _max_err(dict(loaded.named_parameters()), want)
+        out["save_still_sharded"] = rd.has_dtensors(rev)
+    # ... on rank 0 only: refused within the timeout, no hang
+    if rank == 0:
+        t = time.monotonic()
+        try:
+            rev.save_pretrained(f"{tmp}/export-rank0", sync_timeout=SAVE_TIMEOUT)
+            out["save_rank0_only"] = ""
+        except RevFFNError as e:
+            out["save_rank0_only"] = str(e)
+        out["save_rank0_only_s"] = time.monotonic() - t
+    # ... with a full state dict gathered by the caller (accelerate, the Trainer): one rank
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    full = get_model_state_dict(rev, options=StateDictOptions(full_state_dict=True,
+                                                              cpu_offload=True))
+    if rank == 0:
+        rev.save_pretrained(f"{tmp}/export-sd", state_dict=full)
+        out["save_state_dict"] = _max_err(dict(rf.load(f"{tmp}/export-sd").named_parameters()),
+                                          want)
+    dist.barrier()
+    # fully_shard on the decoder layers without the root: refused, saying what to do
+    rev = rd.prepare(_model("revffn"))
+    for layer in rev.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    try:
+        rev(local(0), labels=local(0)).loss.backward()
+        out["refuse_no_root"] = ""
+    except RevFFNError as e:
+        out["refuse_no_root"] = str(e)
+    # mixed dtypes (DeepSeek-V3 keeps its router in fp32 in a bf16 model): named, or cast
+    def deepseek() -> torch.nn.Module:
+        return rf.transform(tiny_model("deepseek_v3", dtype=torch.bfloat16)).train()
+
+    try:
+        rd.shard(deepseek(), mesh)
+        out["mixed_error"] = ""
+    except RevFFNError as e:
+        out["mixed_error"] = str(e)
+    import warnings
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        rev = rd.shard(deepseek(), mesh, mixed_dtypes="cast")
+    loss = rev(local(0), labels=local(0)).loss
+    loss.backward()
+    out["mixed_cast_loss"] = float(loss)
+    out["mixed_cast_dtypes"] = sorted({str(p.dtype) for p in rev.parameters()})
+    Path(tmp, f"ckpt{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    mp.spawn(_checkpoint_worker, args=(str(tmp),), nprocs=WORLD, join=True)
+    return [json.loads(Path(tmp, f"ckpt{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_dcp_resume_of_the_fused_optimizer_is_exact(checkpoints: list[dict[str, Any]]) -> None:
+    for r in checkpoints:
+        assert r["dcp_state_keys"] == ["adapters.0.F_down.weight"]  # by parameter name
+        assert r["dcp_resume"] == 0.0
+
+
+def test_sharded_save_pretrained_gathers_or_refuses(checkpoints: list[dict[str, Any]]) -> None:
+    r0 = checkpoints[0]
+    assert r0["save_loaded"] == 0.0 and r0["save_still_sharded"]
+    assert r0["save_state_dict"] == 0.0
+    assert "every rank" in r0["save_rank0_only"]
+    assert r0["save_rank0_only_s"] < SAVE_TIMEOUT + 5
+
+
+def test_fully_shard_without_the_root_and_mixed_dtypes(checkpoints: list[dict[str, Any]]) -> None:
+    for r in checkpoints:
+        assert "fully_shard(rev)" in r["refuse_no_root"]
+        assert "mlp.gate.weight (float32)" in r["mixed_error"]
+        assert "mixed_dtypes='cast'" in r["mixed_error"]
+        assert r["mixed_cast_dtypes"] == ["torch.bfloat16"]
+        assert r["mixed_cast_loss"] == r["mixed_cast_loss"]  # finite

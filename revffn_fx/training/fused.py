@@ -83,7 +83,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.steps = 0
         self.defaults = dict(next(iter(self.optimizers.values())).defaults)
         self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
-        self.state: dict[Any, Any] = {}
         self._stepped: list[torch.Tensor] = []  # DDP: gradients DDP wrote back after the step
         self._final_queued = False
         self._hooks: list[Any] = []
@@ -220,17 +219,49 @@ class FusedOptimizer(torch.optim.Optimizer):
         for p in self.optimizers:
             p.grad = None
 
+    @property
+    def state(self) -> dict[torch.Tensor, Any]:  # type: ignore[override]
+        """Every parameter's state, as one optimizer's ``state`` (parameter -> its state);
+        ``torch.distributed.checkpoint`` reads it to tell whether states exist."""
+        return {p: opt.state[p] for p, opt in self.optimizers.items() if opt.state.get(p)}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"per_param": [opt.state_dict() for opt in self.optimizers.values()],
-                "steps": self.steps}
+        """In the layout of ``torch.optim.Optimizer.state_dict``: ``state`` by parameter
+        index, one group per parameter, parameters in ``param_groups`` order (what
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` maps to
+        parameter names); plus ``steps``."""
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        for i, opt in enumerate(self.optimizers.values()):
+            sd = opt.state_dict()
+            if sd["state"]:
+                state[i] = next(iter(sd["state"].values()))
+            groups.append({**sd["param_groups"][0], "params": [i]})
+        return {"state": state, "param_groups": groups, "steps": self.steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        per = state_dict["per_param"]
-        if len(per) != len(self.optimizers):
-            raise ValueError(f"state has {len(per)} parameters, this optimizer "
-                             f"{len(self.optimizers)}")
-        for opt, sd in zip(self.optimizers.values(), per):
-            opt.load_state_dict(sd)
+        """Restore :meth:`state_dict`'s layout (or an ordinary optimizer's over the same
+        parameters in the same order; or the older ``per_param`` layout). Parameters are
+        matched by position, as ``torch.optim.Optimizer.load_state_dict`` does, so the keys
+        may be indices or the parameter names DCP uses."""
+        if "per_param" in state_dict:  # written by revffn-fx before the layout above
+            per = state_dict["per_param"]
+            if len(per) != len(self.optimizers):
+                raise ValueError(f"state has {len(per)} parameters, this optimizer "
+                                 f"{len(self.optimizers)}")
+            for opt, sd in zip(self.optimizers.values(), per):
+                opt.load_state_dict(sd)
+        else:
+            saved = [(key, group) for group in state_dict["param_groups"]
+                     for key in group["params"]]
+            if len(saved) != len(self.optimizers):
+                raise ValueError(f"state has {len(saved)} parameters, this optimizer "
+                                 f"{len(self.optimizers)}")
+            states = state_dict["state"]
+            for opt, (key, group) in zip(self.optimizers.values(), saved):
+                hyper = {k: v for k, v in group.items() if k != "params"}
+                opt.load_state_dict({"state": {0: states[key]} if key in states else {},
+                                     "param_groups": [{**hyper, "params": [0]}]})
         self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
         self.steps = state_dict.get("steps", 0)
 
