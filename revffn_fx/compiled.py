@@ -115,16 +115,40 @@ class CompiledModel:
 
     def graph(self, training: bool, has_mask: bool = True, has_labels: bool = True,
               chunked_head: bool = False, hidden_only: bool = False,
-              check: Callable[[], None] | None = None) -> fx.GraphModule:
+              check: Callable[[], None] | None = None, swap: bool = False) -> Any:
         """The model-level graph for these inputs (see :meth:`RevModel.graph`); ``check``
-        runs before a new graph is compiled."""
+        runs before a new graph is compiled. With ``swap`` (always when the model-level
+        forward cannot be traced) a :class:`~revffn_fx.swap.SwapRunner` instead: the
+        model's own forward with the stacks swapped in, called the same way."""
         has_labels = has_labels and not hidden_only
-        key = (training, has_mask, has_labels, chunked_head and has_labels, hidden_only)
+        if swap or self.traced.layers_only:
+            key: Any = ("swap", training, hidden_only)
+        else:
+            key = (training, has_mask, has_labels, chunked_head and has_labels, hidden_only)
         if key not in self.graphs:
             if check is not None:
                 check()
-            self.graphs[key] = self._compile_graph(key)
+            self.graphs[key] = (self._compile_runner(training, hidden_only) if key[0] == "swap"
+                                else self._compile_graph(key))
         return self.graphs[key]
+
+    def _compile_runner(self, training: bool, hidden_only: bool) -> nn.Module:
+        """The model's own forward with the stacks swapped in (:mod:`revffn_fx.swap`)."""
+        from .swap import SwapRunner
+
+        layers = {i: spec.layer(self.traced.layers[i].qualname)
+                  for i, spec in self.specs(training).items()}
+        head = self.model.get_output_embeddings() if hasattr(
+            self.model, "get_output_embeddings") else None
+        head = head or dict(self.model.named_modules()).get(
+            self.lm_head_target().removeprefix("model."))
+        runner = SwapRunner(self.traced, layers, COUPLINGS.get(self.coupling, "copies"),
+                            self.options, self.checkpoint_rest, hidden_only, head, training)
+        self.loss_head_status = ("original: the model's own forward runs (its decoder layers "
+                                 "were traced on their own)")
+        for stack in runner.stacks():
+            stack.training = training
+        return runner
 
     def _compile_graph(self, key: GraphKey) -> fx.GraphModule:
         """The model pass list: Fuse, CheckpointRest, ChunkLossHead, CutAtHead."""

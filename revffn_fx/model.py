@@ -275,7 +275,7 @@ class RevModel(nn.Module):
 
     def graph(self, training: bool | None = None, has_mask: bool = True,
               has_labels: bool = True, chunked_head: bool = False,
-              hidden_only: bool = False) -> fx.GraphModule:
+              hidden_only: bool = False, swap: bool = False) -> fx.GraphModule:
         """The compiled model-level graph (reversible stacks in place of layer runs; with
         ``chunked_head``, the memory-lean loss head in place of lm_head + loss; with
         ``hidden_only``, cut before lm_head: it returns ``(final hidden states, None)``)."""
@@ -285,7 +285,7 @@ class RevModel(nn.Module):
         # compiled under FSDP1 it would train the original layers: checked before compiling
         return self.compiled.graph(self.training if training is None else training, has_mask,
                                    has_labels, chunked_head, hidden_only,
-                                   check=lambda: check_wrappers(self))
+                                   check=lambda: check_wrappers(self), swap=swap)
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -355,21 +355,23 @@ class RevModel(nn.Module):
         attention_mask = check_attention_mask(self.model, input_ids, attention_mask)
         unknown = {k for k, v in kwargs.items() if not (k in _NONE_KWARGS and v is None)}
         unknown -= _BENIGN_KWARGS
-        if unknown:
-            raise RevFFNError(f"unsupported argument(s) {sorted(unknown)}; RevModel takes "
-                              "input_ids, attention_mask, labels, output_router_logits, "
-                              "return_logits, num_items_in_batch")
+        # other keywords the model's forward takes (position_ids, ...) pass through to it:
+        # the model's own forward then runs with the stacks swapped in (revffn_fx.swap)
+        extra = {k: kwargs[k] for k in unknown}
+        self.traced.convention.check_keywords(extra)
+        swap = bool(extra) or self.traced.layers_only
         chunked = (self.loss_head == "chunked" and labels is not None and not return_logits
-                   and torch.is_grad_enabled())
+                   and torch.is_grad_enabled() and not swap)
         # the original head bakes a mean into the graph: with num_items_in_batch, take the
         # logits and apply the model's own loss function instead
         own_loss = (labels is not None and num_items_in_batch is not None and not chunked
                      and hasattr(self.model, "loss_function"))
         graph_labels = labels if not own_loss else None
         gm = self.graph(has_mask=attention_mask is not None, has_labels=graph_labels is not None,
-                        chunked_head=chunked)
+                        chunked_head=chunked, swap=swap)
         kw = {k: v for k, v in (("attention_mask", attention_mask), ("labels", graph_labels))
               if v is not None}
+        kw.update(extra)
         self.options.num_items_in_batch = num_items_in_batch
         try:
             (logits, loss), rec = self._run(gm, input_ids, kw, output_router_logits)

@@ -209,31 +209,30 @@ def _assert_same(model: nn.Module, rf: TracedModel) -> None:
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=0)
 
 
-def test_trace_error_model_level_fixed_by_leaf() -> None:
+def test_untraceable_submodule_becomes_a_leaf_by_itself() -> None:
+    # a model-level module whose forward branches on a tensor value is kept whole, with no
+    # leaf_modules given; a user's leaf_modules still works (and needs no retry)
     model = _hand_with(embed=True)
-    with pytest.raises(TraceError) as err:
-        trace(model)
-    msg = str(err.value)
-    assert "embed (CheckedEmbedding)" in msg and "leaf_modules=['CheckedEmbedding']" in msg
+    rf = trace(model)
+    assert rf.auto_leaves == {"embed"} and not rf.layers_only
+    _assert_same(model, rf)
     for leaf in ("CheckedEmbedding", "embed"):
-        _assert_same(model, trace(model, leaf_modules=[leaf]))
+        by_hand = trace(model, leaf_modules=[leaf])
+        assert by_hand.auto_leaves == set()
+        _assert_same(model, by_hand)
 
 
-def test_trace_error_layer_level_fixed_by_leaf() -> None:
+def test_untraceable_layer_submodule_becomes_a_leaf_by_itself() -> None:
     model = _hand_with(block=GuardedBlock)
-    with pytest.raises(TraceError) as err:
-        trace(model)
-    msg = str(err.value)
-    assert "blocks.0.norm_attn (GuardedNormAttention)" in msg
-    assert "leaf_modules=['GuardedNormAttention']" in msg
-    # by qualified name, every instance must be named
-    with pytest.raises(TraceError, match=r"blocks\.1\.norm_attn"):
-        trace(model, leaf_modules=["blocks.0.norm_attn"])
-    _assert_same(model, trace(model, leaf_modules=["blocks.0.norm_attn", "blocks.1.norm_attn"]))
-    rf = trace(model, leaf_modules=["GuardedNormAttention"])
+    rf = trace(model)
+    assert rf.layers[0].auto_leaves == {"blocks.0.norm_attn"}
+    assert rf.layers[1].auto_leaves == {"blocks.1.norm_attn"}
     _assert_same(model, rf)
     targets = [n.target for n in rf.layers[1].graph_module.graph.nodes if n.op == "call_module"]
     assert "norm_attn" in targets
+    rf = trace(model, leaf_modules=["GuardedNormAttention"])
+    assert rf.layers[0].auto_leaves == set()
+    _assert_same(model, rf)
 
 
 def test_trace_error_in_layer_own_forward() -> None:
@@ -243,17 +242,23 @@ def test_trace_error_in_layer_own_forward() -> None:
     msg = str(err.value)
     assert "blocks.0 (SelfCheckingBlock)" in msg and "itself" in msg
     assert "leaf_modules" in msg
+    assert re.search(r"test_trace\.py:\d+", msg), msg  # the file and line of the branch
     # the layer cannot be kept whole: it is what is being traced
     with pytest.raises(TraceError):
         trace(model, leaf_modules=["SelfCheckingBlock"])
 
 
-def test_untraceable_stack_owner_is_not_advised_as_a_leaf() -> None:
-    # GPT-2's model forward branches on traced values; hiding it would hide the layers
+def test_untraceable_stack_owner_traces_the_layers_alone() -> None:
+    # GPT-2's model forward branches on traced values: its layers are traced on their own
+    # and the model's forward runs as written
     from transformers import AutoModelForCausalLM, GPT2Config
 
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=128, n_embd=32, n_layer=2,
                                                         n_head=2, n_positions=32))
-    with pytest.raises(TraceError, match="holds the decoder layers") as info:
-        trace(model)
-    assert "leaf_modules" not in str(info.value)
+    rf = trace(model)
+    assert rf.layers_only and "holds the decoder layers" in rf.model_error
+    assert "leaf_modules" not in rf.model_error
+    with pytest.raises(TraceError, match="traced on their own"):
+        rf.graph_module  # noqa: B018
+    _assert_same(model, rf)

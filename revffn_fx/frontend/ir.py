@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from ..errors import RevFFNError, TraceError
+from .capture import Capture, capture, forward_params, residual_shaped
 from .tracer import (
     find_decoder_layers,
     is_norm,
@@ -102,6 +103,34 @@ class Convention:
     consts: dict[str, Any] = field(default_factory=dict)
     params: list[str] = field(default_factory=list)
     templates: dict[Any, Any] = field(default_factory=dict)
+    # every parameter name the forward takes, and whether it takes **kwargs too
+    accepted: list[str] = field(default_factory=list)
+    var_kw: bool = False
+
+    def accepts(self, name: str) -> bool:
+        """The forward takes a keyword ``name`` (by name, or through ``**kwargs``)."""
+        return self.var_kw or name in self.accepted
+
+    def check_keywords(self, kwargs: dict[str, Any]) -> None:
+        """Refuse keywords the model's forward does not take, naming them."""
+        bad = sorted(k for k in kwargs if not self.accepts(k))
+        if bad:
+            raise RevFFNError(f"unsupported argument(s) {bad}: {self.model_name}.forward "
+                              f"takes {', '.join(self.accepted)}")
+
+    def call(self, model: nn.Module, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+             **extra: Any) -> Any:
+        """Call ``model`` in this convention; ``extra`` keywords are passed as they are."""
+        kw = dict(self.consts)
+        if self.mask is not None and attention_mask is not None:
+            kw[self.mask] = attention_mask
+        if self.labels is not None and labels is not None:
+            kw[self.labels] = labels
+        kw.update(extra)
+        if self.ids_positional:
+            return model(input_ids, **kw)
+        return model(**{self.ids: input_ids}, **kw)
 
     def describe(self, has_mask: bool = True, has_labels: bool = True) -> str:
         """The call tried, e.g. ``GPT.forward(input_ids, labels=...)``."""
@@ -202,7 +231,24 @@ def convention_of(model: nn.Module) -> Convention:
             "them defaults, or wrap the model in a module whose forward takes token ids "
             "(and optionally attention_mask, labels)")
     return Convention(name, ids.name, ids.kind is ids.POSITIONAL_ONLY, mask, labels, consts,
-                      [p.name for p in positional])
+                      [p.name for p in positional], accepted=[p.name for p in named],
+                      var_kw=var_kw)
+
+
+@contextmanager
+def _router_logits_off(model: nn.Module) -> Iterator[None]:
+    """Router logits are captured by the runtime's tap, never by the model's own forward:
+    a config asking for them (TRL's SFTTrainer sets it) would make the model compute a
+    load-balancing loss from logits recorded outside the reversible backward."""
+    config = getattr(model, "config", None)
+    asked = bool(getattr(config, "output_router_logits", False))
+    if asked:
+        config.output_router_logits = False
+    try:
+        yield
+    finally:
+        if asked:
+            config.output_router_logits = True
 
 
 def _depends_on(node: fx.Node, placeholder: str) -> bool:
@@ -317,6 +363,37 @@ def logits_and_loss(out: Any) -> tuple[Any, Any]:
     raise TypeError(f"cannot find logits in a {type(out).__name__}")
 
 
+def template_of(out: Any) -> Any:
+    """The output structure of a real (not traced) model output, with :data:`LOGITS` and
+    :data:`LOSS` markers where :func:`logits_and_loss` found them."""
+    try:
+        from transformers.utils import ModelOutput
+    except ImportError:  # pragma: no cover
+        ModelOutput = ()  # type: ignore[assignment]
+    if isinstance(out, ModelOutput):
+        return HF_OUTPUT
+    if isinstance(out, torch.Tensor):
+        return LOGITS
+    logits, loss = logits_and_loss(out)
+
+    def mark(v: Any) -> Any:
+        return LOGITS if v is logits and v is not None else LOSS if (
+            v is loss and v is not None) else v
+
+    if isinstance(out, (tuple, list)):
+        items = [mark(v) for v in out]
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+    if isinstance(out, dict):
+        return type(out)({k: mark(v) for k, v in out.items()} | (
+            {"loss": LOSS} if "loss" in out else {}))
+    marks = {"logits": LOGITS, **({"loss": LOSS} if hasattr(out, "loss") else {})}
+    if dataclasses.is_dataclass(out):
+        return dataclasses.replace(out, **marks)
+    template = copy.copy(out)
+    template.__dict__.update(marks)
+    return template
+
+
 class _CausalLMEntry(nn.Module):
     """The traced root: calls the model in its own convention, returns (logits, loss)."""
 
@@ -364,10 +441,7 @@ class LayerCall:
 
 def _forward_params(layer: nn.Module) -> list[str]:
     """Names of the positional parameters of the layer's forward (without ``self``)."""
-    params = inspect.signature(inspect.unwrap(type(layer).forward)).parameters.values()
-    names = [p.name for p in params
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
-    return names or ["hidden_states"]
+    return forward_params(layer)
 
 
 def call_arguments(node: fx.Node, layer: nn.Module) -> tuple[Any, dict[str, Any]]:
@@ -408,6 +482,12 @@ class LayerGraph:
         self.call = call
         self._leaf_modules = tuple(leaf_modules)
         self._graphs: dict[bool, fx.GraphModule] = {}
+        # why this layer hands state to the next one ("" when it does not), from a forward
+        self.handoff = ""
+        # submodules kept whole because tracing into them failed (user-facing names)
+        self.auto_leaves: set[str] = set()
+        # an example call from a forward of the model: placeholder name -> value (or None)
+        self.example: dict[str, Any] | None = None
 
     @property
     def placeholder_names(self) -> list[str]:
@@ -425,7 +505,8 @@ class LayerGraph:
                                             self.call.consts, attr="layer")
                 gm = trace_module(wrapper, lambda m, qn: m not in through, self._leaf_modules,
                                   what=f"{self.qualname} ({type(self.module).__name__})",
-                                  inner="layer", prefix=self.qualname)
+                                  inner="layer", prefix=self.qualname,
+                                  auto_leaves=self.auto_leaves)
                 gm = strip_prefix(gm, self.module, "layer")
                 # the wrapper call itself is not a node; the layer's code was inlined
                 self._graphs[mode] = gm
@@ -466,25 +547,91 @@ class TracedModel(nn.Module):
         found = find_decoder_layers(model)
         if not found:
             raise TraceError(
-                f"no decoder layers found in {type(model).__name__}: expected an nn.ModuleList "
-                "of identical parameterised blocks")
+                f"no decoder layers found in {type(model).__name__}: expected a container "
+                "(ModuleList, ModuleDict, Sequential, a list) of identical parameterised blocks")
         self.layer_names = [q for q, _ in found]
         # a plain list, not ids: a deepcopy then holds the copied layers (ids would name
         # the original's, and a copy's first trace would go into its layers)
         self.__dict__["_layer_modules"] = [m for _, m in found]
         self.convention = convention_of(model)
         self._graphs: dict[tuple[bool, bool, bool], fx.GraphModule] = {}
-        gm = self.trace()
-        nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+        # modules of the model-level graph kept whole because tracing into them failed
+        self.auto_leaves: set[str] = set()
+        # the example forward of the untouched model (None when it could not run, e.g. on
+        # the meta device): how each layer is called, state handed between layers
+        self.__dict__["capture"] = self._capture()
+        # why the model-level forward cannot be traced ("" when it can): then the layers
+        # are traced on their own and the model's forward runs as written, with converted
+        # layers substituted (revffn_fx.swap)
+        self.model_error = ""
+        try:
+            gm = self.trace()
+        except TraceError as exc:
+            if self.capture is None:
+                raise
+            self.model_error = str(exc)
+            gm = None
         self.layers: list[LayerGraph] = []
+        if gm is not None:
+            nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
         for i, (qn, mod) in enumerate(found):
-            node = nodes.get("model." + qn)
-            if node is None:
-                raise TraceError(
-                    f"decoder layer {qn} is not called by {type(model).__name__}.forward")
-            self.layers.append(LayerGraph(i, qn, mod, layer_call_of(node, mod), self.leaf_modules))
+            if gm is not None:
+                node = nodes.get("model." + qn)
+                if node is None:
+                    raise TraceError(
+                        f"decoder layer {qn} is not called by {type(model).__name__}.forward")
+                call = layer_call_of(node, mod)
+            else:
+                call = self._captured_call(i, qn)
+            self.layers.append(LayerGraph(i, qn, mod, call, self.leaf_modules))
+        for i, layer in enumerate(self.layers):
+            rec = self.capture.layers[i] if self.capture is not None else None
+            if rec is not None:
+                layer.handoff = rec.handoff
+                layer.example = {layer.call.hidden_name: rec.hidden,
+                                 **{k: rec.kwargs.get(k) for k in layer.call.inputs}}
         for layer in self.layers:  # fail now, not in a later pass, when a layer cannot be traced
             layer.trace()
+
+    @property
+    def layers_only(self) -> bool:
+        """The model-level forward could not be traced: only the layers are."""
+        return bool(self.model_error)
+
+    def _capture(self) -> Capture | None:
+        """One forward of the untouched model with hooks on its layers; None when it fails
+        (then the model-level trace alone says how layers are called)."""
+        conv = self.convention
+
+        def call(ids: torch.Tensor) -> Any:
+            kw = dict(conv.consts)
+            return self.model(ids, **kw) if conv.ids_positional else self.model(
+                **{conv.ids: ids}, **kw)
+
+        try:
+            with _router_logits_off(self.model):
+                return capture(self.model, self._layer_modules, call)
+        except Exception:  # noqa: BLE001 - the model-level trace may still do without it
+            return None
+
+    def _captured_call(self, i: int, qn: str) -> LayerCall:
+        """A layer's calling convention read off the example forward."""
+        rec = self.capture.layers[i]
+        if rec is None:
+            raise TraceError(f"decoder layer {qn} is not called by "
+                             f"{type(self.model).__name__}.forward (and the model-level "
+                             f"forward cannot be traced: {self.model_error})")
+        if not residual_shaped(rec):
+            raise TraceError(f"{qn} ({type(rec).__name__}) does not return a tensor of the "
+                             "shape of its input, so it is not a residual decoder layer; the "
+                             f"model-level forward cannot be traced either: {self.model_error}")
+        inputs, consts = [], {}
+        for k, v in rec.kwargs.items():
+            if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v)):
+                inputs.append(k)
+            else:
+                consts[k] = v
+        return LayerCall(rec.hidden_name, inputs, consts)
 
     @property
     def config(self) -> Any:
@@ -509,6 +656,9 @@ class TracedModel(nn.Module):
     def trace(self, training: bool | None = None, has_mask: bool = True,
               has_labels: bool = True) -> fx.GraphModule:
         """The model-level graph for one mode and set of optional inputs."""
+        if getattr(self, "model_error", ""):
+            raise TraceError(f"{self.model_error}; its decoder layers are traced on their own "
+                             "and the model's forward runs as written (see revffn_fx.swap)")
         mode = self.model.training if training is None else training
         # inputs the model's forward does not take are never graph inputs
         has_mask = has_mask and self.convention.mask is not None
@@ -528,7 +678,8 @@ class TracedModel(nn.Module):
                                   what=type(self.model).__name__, concrete_args=concrete or None,
                                   patch_masks_of=self.model, inner="model",
                                   protected=self._layer_set,
-                                  tried=self.convention.describe(has_mask, has_labels))
+                                  tried=self.convention.describe(has_mask, has_labels),
+                                  auto_leaves=self.auto_leaves)
             finally:
                 self.model.train(was)
             self._graphs[key] = gm
@@ -565,9 +716,11 @@ class TracedModel(nn.Module):
                  has_labels: bool = True) -> Any:
         """The model's output structure for one graph key (see :func:`rebuild_output`)."""
         mode = self.model.training if training is None else training
-        self.trace(mode, has_mask, has_labels)
         key = (mode, has_mask and self.convention.mask is not None,
                has_labels and self.convention.labels is not None)
+        if self.layers_only or (key in self.convention.templates and key not in self._graphs):
+            return self.convention.templates.get(key, HF_OUTPUT)  # set by the run
+        self.trace(mode, has_mask, has_labels)
         return self.convention.templates[key]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -581,9 +734,12 @@ class TracedModel(nn.Module):
         """Run the traced graph; returns what the model returns (for transformers models a
         ``MoeCausalLMOutputWithPast`` with ``.logits`` and ``.loss``)."""
         kwargs.pop("use_cache", None)
-        if kwargs:
-            raise RevFFNError(f"unsupported argument(s) {sorted(kwargs)}; a traced model takes "
-                              "token ids, attention mask and labels")
+        if kwargs or self.layers_only:
+            # the model's own forward, each decoder layer running its traced graph
+            self.convention.check_keywords(kwargs)
+            with self.layer_graphs(), _router_logits_off(self.model):
+                return self.convention.call(self.model, input_ids, attention_mask, labels,
+                                            **kwargs)
         has_mask, has_labels = attention_mask is not None, labels is not None
         gm = self.trace(has_mask=has_mask, has_labels=has_labels)
         kw = {k: v for k, v in (("attention_mask", attention_mask), ("labels", labels))

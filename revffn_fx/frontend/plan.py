@@ -78,7 +78,7 @@ class Plan:
         for lp in self.layers:
             for s in lp.sublayers:
                 counts[s.kind] = counts.get(s.kind, 0) + 1
-        kinds = ", ".join(f"{k} {counts[k]}" for k in ("attention", "moe", "mlp", "other")
+        kinds = ", ".join(f"{k} {counts[k]}" for k in ("attention", "mixer", "moe", "mlp", "other")
                           if k in counts)
         return (f"{len(self.layers)} layers: {len(self.convertible)} convertible"
                 + (f"; {kinds}" if kinds else ""))

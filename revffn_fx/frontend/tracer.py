@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import re
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -42,35 +45,73 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+def _groups(model: nn.Module) -> Iterator[tuple[str, list[tuple[str, nn.Module]]]]:
+    """Every group of sibling modules that could hold the decoder layers, as (container
+    name, [(qualified name, module)]): the children of an ``nn.ModuleList``,
+    ``nn.Sequential`` or ``nn.ModuleDict``; a plain list or tuple attribute of modules
+    (registered elsewhere); and numbered siblings of one class (``block0``, ``block1``)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) and len(mod):
+            kids = [(names[id(c)], c) for c in mod.children()]
+            yield name, kids
+            run: list[tuple[str, nn.Module]] = []
+            for kid in kids + [("", None)]:  # runs of one class inside a mixed container
+                if run and (kid[1] is None or type(kid[1]) is not type(run[0][1])):
+                    if 1 < len(run) < len(kids):
+                        yield name, run
+                    run = []
+                run.append(kid)
+            continue
+        for attr, value in vars(mod).items():
+            if (isinstance(value, (list, tuple)) and len(value) > 1
+                    and all(isinstance(v, nn.Module) and id(v) in names for v in value)):
+                yield f"{name}.{attr}" if name else attr, [(names[id(v)], v) for v in value]
+        by_prefix: dict[tuple[str, type], list[tuple[int, str, nn.Module]]] = {}
+        for child_name, child in mod.named_children():
+            m = re.fullmatch(r"(.*?)_?(\d+)", child_name)
+            if m and not type(child).__module__.startswith("torch.nn"):
+                key = (m.group(1), type(child))
+                by_prefix.setdefault(key, []).append((int(m.group(2)), child_name, child))
+        for members in by_prefix.values():
+            if len(members) > 1:
+                members.sort(key=lambda t: t[0])
+                yield name, [(names[id(c)], c) for _, _, c in members]
+
+
 def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The decoder layers of ``model``, as (qualified name, module), in order.
 
     Hugging Face layers subclass ``GradientCheckpointingLayer``; otherwise the layers are
-    the longest ``nn.ModuleList`` of parameterised modules that all share one class.
+    the largest group of sibling parameterised modules of one class held in any container
+    (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``, a list attribute, numbered
+    attributes) that no other such group holds: the experts of a block are inside a layer,
+    never the layers themselves. :func:`~revffn_fx.frontend.capture.capture` then checks
+    on a forward that each one takes and returns the residual stream.
     """
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # pragma: no cover - transformers is a dependency
         GradientCheckpointingLayer = ()  # type: ignore[assignment]
     candidates = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        kids = list(mod.named_children())
+    for name, kids in _groups(model):
         hf = all(isinstance(c, GradientCheckpointingLayer) for _, c in kids)
         same = len({type(c) for _, c in kids}) == 1 and all(_has_params(c) for _, c in kids)
         if hf or same:
-            size = sum(p.numel() for p in mod.parameters())
+            size = sum(p.numel() for _, c in kids for p in c.parameters())
             candidates.append((hf, name, size, kids))
     if not candidates:
         return []
+    inside = [{id(m) for _, c in kids for m in c.modules() if m is not c}
+              for _, _, _, kids in candidates]
 
-    def outermost(name: str) -> bool:  # not inside another candidate (experts in a block)
-        return not any(name.startswith(other + ".") for _, other, _, _ in candidates
-                       if other != name and other != "")
+    def outermost(k: int) -> bool:  # no member of it inside another candidate's members
+        return not any(id(c) in inside[j] for _, c in candidates[k][3]
+                       for j in range(len(candidates)) if j != k)
 
-    _, name, _, kids = max(candidates, key=lambda c: (c[0], outermost(c[1]), c[2]))
-    return [(f"{name}.{n}" if name else n, c) for n, c in kids]
+    ranked = max(range(len(candidates)),
+                 key=lambda k: (candidates[k][0], outermost(k), candidates[k][2]))
+    return list(candidates[ranked][3])
 
 
 def layer_leaves(layer: nn.Module, trace_through: Sequence[str] = ()) -> set[nn.Module]:
@@ -119,6 +160,7 @@ class RevTracer(fx.Tracer):
         # ids of modules that must stay visible (the decoder layers): never advise to hide
         # a module that holds them
         self.protected: set[int] = set()
+        self._constants: list[Any] = []
 
     def user_name(self, qualname: str) -> str:
         """The name a user knows a module by: relative to ``inner``, after ``prefix``."""
@@ -136,6 +178,17 @@ class RevTracer(fx.Tracer):
         if decided is not None:
             return decided
         return super().is_leaf_module(m, module_qualified_name)
+
+    def create_arg(self, a: Any) -> Any:
+        """Objects torch.fx cannot put in a graph (a custom argument object such as a
+        ``KVSharingDict``) become constant attributes of the root, read by get_attr."""
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            name = f"_revffn_const_{len(self._constants)}"
+            self._constants.append(a)
+            setattr(self.root, name, a)
+            return self.create_node("get_attr", name, (), {})
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple,
                     kwargs: dict) -> Any:
@@ -200,6 +253,57 @@ def patched_mask_creators(model: nn.Module) -> Iterator[None]:
             setattr(mod, name, obj)
 
 
+# tensor factories that take sizes: called with traced sizes (``torch.ones(t, t)`` where
+# ``t = x.shape[1]``) they become graph nodes instead of failing
+FACTORIES = ("ones", "zeros", "full", "empty", "arange", "eye", "rand", "randn", "randint",
+             "linspace", "tril_indices", "triu_indices")
+
+
+def _proxy_in(values: Any) -> fx.Proxy | None:
+    from torch.utils import _pytree as pytree
+
+    return next((v for v in pytree.tree_leaves(values) if isinstance(v, fx.Proxy)), None)
+
+
+@contextmanager
+def patched_factories() -> Iterator[None]:
+    """While tracing, ``torch.<factory>(..)`` with a traced size is one call_function node."""
+    import torch
+
+    saved = {name: getattr(torch, name) for name in FACTORIES}
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            proxy = _proxy_in((args, kwargs))
+            if proxy is None:
+                return fn(*args, **kwargs)
+            if len(args) == 1 and isinstance(args[0], (tuple, list)):
+                args = tuple(args[0])  # torch.ones((t, t)) -> torch.ones(t, t)
+            return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+        return wrapper
+
+    for name, fn in saved.items():
+        setattr(torch, name, wrap(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of the traceback in the model's own code
+    (not torch, not revffn-fx), or ""."""
+    skip = (os.sep + "torch" + os.sep, os.sep + "revffn_fx" + os.sep, "<revffn wrapper")
+    found = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if not any(k in frame.filename for k in skip):
+            found = f"{frame.filename}:{frame.lineno}"
+    return found
+
+
 # what torch.fx says when Python code branches on, iterates or converts a traced value
 _CONTROL_FLOW = ("control flow", "cannot be iterated", "symbolically traced", "Proxy")
 
@@ -207,6 +311,9 @@ _CONTROL_FLOW = ("control flow", "cannot be iterated", "symbolically traced", "P
 def _explain(exc: Exception, tracer: RevTracer, what: str, tried: str = "") -> TraceError:
     cls = type(exc).__name__
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else cls
+    where = _where(exc)
+    if where:
+        msg = f"{msg}, at {where}"
     failed = tracer.failed_in
     call = f"tried {tried}: " if tried else ""
     if failed is None or failed[0] == tracer.inner:
@@ -234,25 +341,42 @@ def trace_module(root: nn.Module, leaf: Callable[[nn.Module, str], bool | None],
                  concrete_args: dict[str, Any] | None = None,
                  patch_masks_of: nn.Module | None = None,
                  inner: str = "", prefix: str = "",
-                 protected: set[int] | None = None, tried: str = "") -> fx.GraphModule:
+                 protected: set[int] | None = None, tried: str = "",
+                 auto_leaves: set[str] | None = None) -> fx.GraphModule:
     """Trace ``root`` into a GraphModule, turning failures into a :class:`TraceError`.
 
     ``root`` is usually a wrapper holding the module of interest as attribute ``inner``;
     user-facing qualified names (errors, ``leaf_modules``) are relative to that module,
     with ``prefix`` (its own qualified name) in front.
+
+    A submodule whose trace fails is kept whole (a leaf) and the trace retried, unless it
+    is the module being traced or holds a ``protected`` module; ``auto_leaves`` (when
+    given) receives the user-facing names of the modules so kept.
     """
-    tracer = RevTracer(leaf, leaf_modules, inner=inner, prefix=prefix)
-    tracer.protected = set(protected or ())
-    try:
-        if patch_masks_of is not None:
-            with patched_mask_creators(patch_masks_of):
-                graph = tracer.trace(root, concrete_args=concrete_args)
-        else:
-            graph = tracer.trace(root, concrete_args=concrete_args)
-    except TraceError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear line
-        raise _explain(exc, tracer, what, tried) from exc
+    auto: set[str] = set()
+    while True:
+        tracer = RevTracer(leaf, [*leaf_modules, *auto], inner=inner, prefix=prefix)
+        tracer.protected = set(protected or ())
+        try:
+            with patched_factories():
+                if patch_masks_of is not None:
+                    with patched_mask_creators(patch_masks_of):
+                        graph = tracer.trace(root, concrete_args=concrete_args)
+                else:
+                    graph = tracer.trace(root, concrete_args=concrete_args)
+        except TraceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear line
+            failed = tracer.failed_in
+            if (failed is not None and failed[0] != tracer.inner and len(auto) < 64
+                    and not any(id(m) in tracer.protected for m in failed[1].modules())
+                    and tracer.user_name(failed[0]) not in auto):
+                auto.add(tracer.user_name(failed[0]))  # keep it whole and try again
+                continue
+            raise _explain(exc, tracer, what, tried) from exc
+        break
+    if auto_leaves is not None:
+        auto_leaves.update(auto)
     return fx.GraphModule(tracer.root, graph, class_name=type(root).__name__ + "Graph")
 
 
@@ -294,4 +418,12 @@ def strip_prefix(gm: fx.GraphModule, root: nn.Module, prefix: str) -> fx.GraphMo
         if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
             if node.target.startswith(prefix + "."):
                 node.target = node.target[len(prefix) + 1:]
-    return fx.GraphModule(root, graph, class_name=type(root).__name__ + "Graph")
+    consts = {n.target: getattr(gm, n.target) for n in graph.nodes
+              if n.op == "get_attr" and str(n.target).startswith("_revffn_const_")}
+    for name, value in consts.items():  # constant argument objects (Tracer.create_arg)
+        setattr(root, name, value)
+    try:
+        return fx.GraphModule(root, graph, class_name=type(root).__name__ + "Graph")
+    finally:
+        for name in consts:
+            delattr(root, name)

@@ -21,7 +21,7 @@ from ..frontend.ir import LayerGraph, TracedModel
 from ..frontend.plan import LayerPlan, Plan, Sublayer
 from ..frontend.registry import facts_for
 from ..runtime.router import find_routers
-from .classify import branch_kind, module_kind
+from .classify import branch_kind, mixing_leaves, module_kind
 
 _ADD = {operator.add, operator.iadd, torch.add}
 _MUL = {operator.mul, operator.imul, torch.mul}
@@ -160,7 +160,12 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
     on the stream (a scale, a norm, an activation) is refused, naming where it sits.
     """
     gm = layer.trace(training)
+    if getattr(layer, "handoff", ""):
+        return LayerPlan(layer.index, layer.qualname, [], convertible=False,
+                         reason=f"state handed between layers: {layer.handoff}")
     modules = dict(gm.named_modules())
+    # which leaves mix tokens, probed on the layer's example call (eval graph)
+    mixes = mixing_leaves(layer.trace(False), getattr(layer, "example", None))
     hidden = hidden_node(gm, layer.call.hidden_name)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     g, idom = dataflow(gm, hidden)
@@ -187,7 +192,7 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
     for _, branches, adds in steps:
         for c, b in branches:
             sublayers.append(_sublayer(gm, modules, g, hidden, c, b, _updates_of(adds, g, b),
-                                       overrides, routers))
+                                       overrides, routers, mixes))
     if v is not hidden:
         upstream = (isinstance(v, fx.Node) and v in g
                     and any(a in trunk_adds for a in nx.ancestors(g, v)))
@@ -222,11 +227,128 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
             reason = f"computation on the residual stream before the first branch ({v})"
         reason += ("; a layer converts when it is a sequence of residual updates "
                    "x <- x + f(x) on its input") if not reason.startswith("no residual") else ""
+        if not two_points and not reason.startswith("no residual"):
+            form = stream_form(gm, modules, g, idom, hidden, result, trunk)
+            if form is not None:
+                reason = (f"{reason.split('; a layer converts')[0]}; residual form "
+                          f"{form[0]} at {form[1]} ({FORMS[form[0]]}), not x + f(x)")
     plan = LayerPlan(layer.index, layer.qualname, sublayers, convertible=not reason,
                      reason=reason)
     if not reason:
         plan.pairing = describe_pairing(plan, 0)
     return plan
+
+
+# the residual forms that are not x + f(x), as refusals name them
+FORMS = {
+    "scaled": "the stream itself is multiplied by a constant: a*x + b*f(x)",
+    "gated": "the stream is multiplied by a gate computed from the input: (1-g)*x + g*f(x)",
+    "affine": "the stream is multiplied by or added to learned parameters: w*x + c + f(x)",
+    "hyper-connection": "the streams are mixed by a learned matrix: H x + f(x)",
+    "post-norm": "a norm is applied to the stream after the update: norm(x + f(x))",
+    "norm-residual": "the residual is taken after a norm: a*norm(x) + b*f(norm(x))",
+    "other": "an operation is applied to the stream itself: h(x) + f(x)",
+}
+_PASSIVE = {"getitem", "to", "contiguous", "view", "reshape", "float", "type_as", "clone",
+            "detach", "squeeze", "unsqueeze", "flatten", "expand", "dropout", "type"}
+_MATMUL = {"einsum", "matmul", "bmm", "mm", "linear", "tensordot", "__matmul__"}
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _form_of(node: fx.Node, g: nx.DiGraph, modules: dict[str, Any], hidden: fx.Node,
+             stream: fx.Node) -> str | None:
+    """The residual form ``node`` (an operation applied to the residual stream value
+    ``stream``) gives the layer, or None for a passive op (view, cast)."""
+    if node.op == "call_module":
+        mod = modules.get(node.target)
+        if _norm_kind(modules, node):
+            return "norm-residual" if stream is hidden else "post-norm"
+        if isinstance(mod, torch.nn.Linear):
+            return "hyper-connection"
+        return "other"
+    name = _op_name(node).lstrip("_").rstrip("_")
+    if name in _PASSIVE or node.op not in ("call_function", "call_method"):
+        return None
+    others = [a for a in [*node.args, *node.kwargs.values()] if a is not stream]
+    if name in _MATMUL:
+        return "hyper-connection"
+    if name in ("mul", "imul", "truediv", "div", "add", "iadd", "sub", "rsub"):
+        tensors = [a for a in others if isinstance(a, fx.Node)]
+        if not tensors:
+            return "scaled" if name not in ("add", "iadd", "sub", "rsub") else "affine"
+        if any(a in g for a in tensors):
+            return "gated"  # the factor depends on the layer input
+        params = [a for a in tensors if a.op == "get_attr"]
+        if params and name in ("mul", "imul", "truediv", "div"):
+            try:
+                value = node.graph.owning_module.get_parameter(params[0].target)
+            except AttributeError:
+                try:
+                    value = node.graph.owning_module.get_buffer(params[0].target)
+                except AttributeError:
+                    value = None
+            if value is not None and value.numel() == 1:
+                return "scaled"
+        return "affine"
+    return "other"
+
+
+def stream_form(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph,
+                idom: dict[fx.Node, fx.Node], hidden: fx.Node, result: Any,
+                trunk: list[fx.Node]) -> tuple[str, str] | None:
+    """The residual form of a layer that is not a chain of updates x + f(x), with the node
+    where it shows: the first operation on the residual stream itself (the trunk) that is
+    not an addition, or else what the last sum does to its residual side."""
+    order = list(gm.graph.nodes)
+    if not any(is_add(n) for n in trunk):
+        return _side_form(gm, modules, g, hidden, result)
+    for node in sorted(trunk, key=order.index):
+        if is_add(node):
+            continue
+        stream = next((a for a in node.all_input_nodes if a in g
+                       and (a is hidden or a in trunk)), None)
+        form = _form_of(node, g, modules, hidden, stream) if stream is not None else None
+        if form is not None:
+            return form, node.name
+    return _side_form(gm, modules, g, hidden, result)
+
+
+def _side_form(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph,
+               hidden: fx.Node, result: Any) -> tuple[str, str] | None:
+    """What the layer's last sum does to its residual side (the term nearest the input)."""
+    # no trunk op: the sum's residual side is some function of the input
+    v = result
+    if not (isinstance(v, fx.Node) and v in g and is_add(v)):
+        return None
+    terms = [t for t in _sum_terms(v, g)[0] if isinstance(t, fx.Node) and t in g]
+    if len(terms) < 2:
+        return None
+    def length(t: fx.Node) -> int:
+        return len(_branch_nodes(g, hidden, t))
+
+    side = min(terms, key=length)
+    chain = []  # the stream's way from the input to the residual side, last op first
+    node = side
+    while node is not hidden and len(chain) < 64:
+        chain.append(node)
+        ins = [a for a in node.all_input_nodes if a in g]
+        if not ins:
+            break
+        node = hidden if hidden in ins else min(ins, key=length)
+    normed = False
+    for node in reversed(chain):
+        prev = [a for a in node.all_input_nodes if a is hidden or a in chain]
+        form = _form_of(node, g, modules, hidden, prev[0] if prev else None)
+        if form in ("post-norm", "norm-residual"):
+            normed = True
+            continue
+        if form is not None:
+            return ("norm-residual" if normed else form), node.name
+    return ("norm-residual", chain[-1].name) if normed else None
 
 
 def update_targets(plan: LayerPlan, start: int = 0) -> list[int]:
@@ -268,7 +390,8 @@ def _norm_kind(modules: dict[str, Any], node: Any) -> bool:
 
 def _sublayer(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph, hidden: fx.Node,
               r: fx.Node, b: fx.Node, add: fx.Node,
-              overrides: dict[str, str] | None, routers: set[int] | None = None) -> Sublayer:
+              overrides: dict[str, str] | None, routers: set[int] | None = None,
+              mixes: dict[str, bool] | None = None) -> Sublayer:
     nodes = _branch_nodes(g, r, b)
     scale = None
     core = b
@@ -291,7 +414,8 @@ def _sublayer(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph, hidden
     for n in nodes:
         if n.op == "call_module":
             mods.append(n.target)
-            kinds[n.target] = module_kind(modules[n.target], n, hidden, overrides, routers)
+            kinds[n.target] = module_kind(modules[n.target], n, hidden, overrides, routers,
+                                          (mixes or {}).get(n.target))
     kind = branch_kind([k for k in kinds.values() if k != "norm"])
     if scale is not None and scale != 1.0:
         form = "scaled"
