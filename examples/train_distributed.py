@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="FSDP2 CPUOffloadPolicy (sharded parameters on the CPU; CUDA only)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="FSDP2: do not all-gather the next layer during this one's compute")
+    p.add_argument("--experts", default="eager",
+                   help="transformers' experts implementation, the same for every model "
+                        "(eager, grouped_mm, ...)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps")
     p.add_argument("--batch", type=int, default=2, help="rows per rank")
     p.add_argument("--seq", type=int, default=128, help="tokens per row")
@@ -68,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.exit(2, f"error: --model {args.model}: no config.json there\n")
     if not Path(args.data).is_file():
         p.exit(2, f"error: --data {args.data}: no such file\n")
-    if args.coupling not in ("revffn", "revnet", "none"):
-        p.exit(2, f"error: --coupling {args.coupling!r}: choose revffn, revnet or none\n")
+    if args.coupling not in ("revffn", "revnet", "momentum", "meft", "none"):
+        p.exit(2, f"error: --coupling {args.coupling!r}: choose revffn, revnet, momentum, "
+               "meft or none\n")
     if args.checkpointing and args.coupling != "none":
         p.exit(2, "error: --checkpointing is the baseline of --coupling none\n")
     if (args.bf16 or args.offload) and args.wrap != "fsdp2":
@@ -88,8 +92,8 @@ def load(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
 
     config = json.loads((Path(args.model) / "config.json").read_text())
     if "revffn" in config:
-        return rf.load(args.model).to(device).train()
-    model = rf.load_model(args.model, experts_implementation="eager").to(device)
+        return rf.load(args.model, experts_implementation=args.experts).to(device).train()
+    model = rf.load_model(args.model, experts_implementation=args.experts).to(device)
     if args.coupling == "none":
         if args.checkpointing:
             model.gradient_checkpointing_enable(
@@ -222,7 +226,15 @@ def measure(fn: Any, cuda: bool, model: torch.nn.Module, opts: list[Any]) -> dic
 
 def save(model: torch.nn.Module, args: argparse.Namespace, rank: int) -> None:
     """Gather the full weights (every rank takes part) and save them from rank 0."""
+    from revffn_fx.model import RevModel
+
     inner = getattr(model, "module", model)
+    if isinstance(inner, RevModel):  # sharded or not: every rank calls it, rank 0 writes
+        if rank == 0 or any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+            inner.save_pretrained(args.out)
+        if rank == 0:
+            print(f"saved {args.out}", flush=True)
+        return
     full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
             for n, p in inner.named_parameters()}
     if rank == 0:

@@ -403,6 +403,25 @@ _PLAN_NOTE = ("model state: parameters + gradients + optimizer states; activatio
               "at that method's peak (e.g. no gradients yet while the loss is computed)")
 
 
+def _short(method: str) -> str:
+    return _SHORT.get(method, method.replace("lean loss head", "lean head"))
+
+
+def _stack_notes(rows: Any) -> list[str]:
+    """One line per coupling (streams and stored bits, inside its activations) and for the
+    offloading row (what it keeps on the host), from the fused rows."""
+    lines = []
+    for r in rows:
+        if not r.fused:
+            continue
+        if r.streams:
+            bits = f", stored bits {human_bytes(r.stored_bits)}" if r.stored_bits else ""
+            lines.append(f"  {_short(r.method)}: streams {human_bytes(r.streams)}{bits}")
+        if r.host:
+            lines.append(f"  {_short(r.method)}: {human_bytes(r.host)} on the host")
+    return (["of the activations (fused rows):"] + lines) if lines else []
+
+
 def plan_table(rows: Any, title: str, budget: int, wide: bool = False) -> Table:
     """The `revffn plan` table: each figure in its own unit (never 0.00). Narrow (80
     columns): method, optimizer, model state, activations, total, fits (within ``budget``
@@ -412,16 +431,17 @@ def plan_table(rows: Any, title: str, budget: int, wide: bool = False) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   show_edge=False, collapse_padding=True)
     heads = ["method", "optimizer"] + (
-        ["params", "grads", "optim. states", "activations", "loss head"] if wide
-        else ["model state", "activations"]) + ["total", "fits"]
+        ["params", "grads", "optim. states", "activations", "streams", "stored bits",
+         "loss head"] if wide else ["model state", "activations"]) + ["total", "fits"]
     for h in heads:
         table.add_column(h, justify="left" if h in ("method", "optimizer") else "right",
                          no_wrap=True)
     for r in rows:
-        figures = ([r.parameters, r.gradients, r.optimizer, r.activations, r.loss_head] if wide
+        figures = ([r.parameters, r.gradients, r.optimizer, r.activations, r.streams,
+                    r.stored_bits, r.loss_head] if wide
                    else [r.parameters + r.gradients + r.optimizer,
                          r.activations + r.loss_head])
-        table.add_row(r.method if wide else _SHORT.get(r.method, r.method),
+        table.add_row(r.method if wide else _short(r.method),
                       "fused" if r.fused else "ordinary",
                       *(human_bytes(v) if v else "-" for v in figures + [r.total]),
                       "yes" if r.total <= budget else "no")
@@ -446,9 +466,14 @@ def plan_table(rows: Any, title: str, budget: int, wide: bool = False) -> Table:
                    "(default: all).")
 @click.option("--wide", is_flag=True,
               help="One column per category (params, grads, optimizer states, activations, "
-                   "loss head) and the full method names; needs about 120 columns.")
+                   "of them the coupling's streams and stored bits, loss head) and the full "
+                   "method names; needs about 140 columns.")
+@click.option("--longest", is_flag=True,
+              help="Instead: the longest sequence at --batch whose planned peak fits in "
+                   "--gpu-mem, per method (a binary search over the same estimate; --seq "
+                   "is not read).")
 def plan(model_dir: str, gpu_mem: str, batch: int, seq: int, optimizer: str,
-         dtype: str | None, layers: str | None, wide: bool) -> None:
+         dtype: str | None, layers: str | None, wide: bool, longest: bool) -> None:
     """Estimate the peak memory of full fine-tuning MODEL_DIR, by category and method.
 
     Reads only config.json (no weights), so it answers for checkpoints of any size. For
@@ -456,12 +481,17 @@ def plan(model_dir: str, gpu_mem: str, batch: int, seq: int, optimizer: str,
     stack with the lean loss head, each with an ordinary optimizer and with the optimizer
     fused into the backward, it prints the model state (parameters, gradients, optimizer
     states), the activations (loss head included) at the step's peak, the total, and
-    whether it fits in --gpu-mem; --wide splits every category. Estimates, not
-    measurements: see docs/benchmarks.md for how close they come.
+    whether it fits in --gpu-mem; --wide splits every category. Rows: every coupling
+    (revffn, revnet, momentum, meft: their streams and stored bits are listed below the
+    table), the exact mode, and the exact mode with its saved tensors offloaded to the host.
+    --longest answers the long-context question instead: the longest --seq at --batch that
+    fits, per method. Estimates, not measurements: see docs/benchmarks.md for how close
+    they come.
 
     \b
-    Example:
+    Examples:
       revffn plan examples/tiny-mixtral --gpu-mem 24GiB --batch 4 --seq 2048
+      revffn plan examples/tiny-mixtral --gpu-mem 80GB --batch 1 --longest
     """
     try:
         budget = parse_bytes(gpu_mem)
@@ -476,6 +506,9 @@ def plan(model_dir: str, gpu_mem: str, batch: int, seq: int, optimizer: str,
     config = load_config(model_dir)
     n = int(getattr(config, "num_hidden_layers", 0) or 0)
     selected = parse_layers(layers, n) if layers is not None else None
+    if longest:
+        _plan_longest(config, model_dir, gpu_mem, budget, batch, optimizer, dtype, selected)
+        return
     rows = memory_plan(config, batch, seq, optimizer, dtype, selected)
     title = (f"{model_dir}: batch {batch} x seq {seq}, {optimizer}, peak of one step; fits: "
              f"in {gpu_mem}")
@@ -485,6 +518,30 @@ def plan(model_dir: str, gpu_mem: str, batch: int, seq: int, optimizer: str,
     console.print(plan_table(rows, title, budget, wide))
     if not wide:
         click.echo(_PLAN_NOTE)
+    for line in _stack_notes(rows):
+        click.echo(line)
+
+
+def _plan_longest(config: Any, model_dir: str, gpu_mem: str, budget: int, batch: int,
+                  optimizer: str, dtype: str | None, selected: Any) -> None:
+    """``revffn plan --longest``: per method, the longest sequence that fits."""
+    from rich import box
+
+    from revffn_fx.tools.memory_plan import longest
+
+    found = longest(config, batch, budget, optimizer, dtype, selected)
+    table = Table(title=f"{model_dir}: longest sequence at batch {batch} within {gpu_mem}, "
+                        f"{optimizer}", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, show_edge=False, collapse_padding=True)
+    for h in ("method", "optimizer", "longest seq", "tokens/step", "peak there"):
+        table.add_column(h, justify="left" if h in ("method", "optimizer") else "right",
+                         no_wrap=True)
+    for f in found:
+        table.add_row(_short(f.method), "fused" if f.fused else "ordinary",
+                      f"{f.seq:,}" if f.seq else "none fits",
+                      f"{f.seq * batch:,}" if f.seq else "-",
+                      human_bytes(f.row.total) if f.row else "-")
+    _console().print(table)
 
 
 @click.group("revffn", cls=Group, context_settings=_CONTEXT, epilog=EXIT_HELP)
