@@ -58,14 +58,15 @@ def sweep(args: argparse.Namespace) -> None:
                 continue
             print(f"== {layers} layers x {seq} tokens: {', '.join(todo)}", flush=True)
             config = _config(layers, args.hidden, args.vocab, seq)
-            res = run_step_bench(config, 1, seq, todo, repeats=0, isolate=True,
-                                 label="mixtral-shaped", progress=_progress,
-                                 warmup_seq=args.warmup_seq, one_step=True)
-            data = asdict(res)
-            if done:  # keep the earlier rows; ratios are recomputed by the report
-                data["rows"] = [r for m, r in done.items() if m not in todo] + data["rows"]
-            path.write_text(json.dumps(data, indent=2) + "\n")
-            print(res.to_markdown(), flush=True)
+            for m in todo:  # saved after each method: a long point survives an interruption
+                res = run_step_bench(config, 1, seq, [m], repeats=0, isolate=True,
+                                     label="mixtral-shaped", progress=_progress,
+                                     warmup_seq=args.warmup_seq, one_step=True)
+                data = asdict(res)
+                done[m] = data["rows"][0]
+                data["rows"] = list(done.values())  # ratios: computed by the report
+                path.write_text(json.dumps(data, indent=2) + "\n")
+                print(res.to_markdown().splitlines()[-1], flush=True)
 
 
 def floor(args: argparse.Namespace) -> None:
@@ -184,7 +185,8 @@ def _plan(d: dict) -> dict[str, int]:
     out = {}
     for r in d["rows"]:
         try:
-            out[r["method"]] = plan_for_step_method(config, d["batch"], d["seq"], r["method"])
+            row = plan_for_step_method(config, d["batch"], d["seq"], r["method"])
+            out[r["method"]] = row.total + row.host  # on the CPU the host is the same memory
         except KeyError:
             pass
     return out

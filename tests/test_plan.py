@@ -13,7 +13,7 @@ from zoo import qwen15_moe_config, tiny_model
 import revffn_fx as rf
 from revffn_fx import cli
 from revffn_fx.tools.measure_memory import adamw_step_peak
-from revffn_fx.tools.memory_plan import memory_plan, parse_bytes
+from revffn_fx.tools.memory_plan import longest, memory_plan, parse_bytes
 
 LABELS = {"checkpoint": "gradient checkpointing", "revffn": "reversible + lean loss head"}
 
@@ -50,7 +50,13 @@ def test_fused_reversible_has_the_lowest_planned_peak_at_scale(tmp_path: Any) ->
     cfg = qwen15_moe_config()
     rows = memory_plan(cfg, 8, 4096)
     best = min(rows, key=lambda r: r.total)
-    assert best.method == "reversible + lean loss head" and best.fused
+    # the lowest: a reversible stack or the exact mode offloaded, fused; both reversible
+    # stacks without stored bits below the exact mode
+    assert best.fused and best.method in ("reversible + lean loss head",
+                                          "revnet + lean loss head", "exact mode + offload")
+    by = {(r.method, r.fused): r.total for r in rows}
+    for m in ("reversible + lean loss head", "revnet + lean loss head"):
+        assert by[(m, True)] < by[("exact mode", True)], m
     cfg.save_pretrained(tmp_path)
     res = CliRunner().invoke(cli.main, ["plan", str(tmp_path), "--gpu-mem", "80GB"])
     assert res.exit_code == 0, res.output
@@ -64,3 +70,64 @@ def test_plan_bad_input() -> None:
     res = CliRunner().invoke(cli.main, ["plan", str(example), "--gpu-mem", "lots"])
     assert res.exit_code == 2
     assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("80GB") == 80 * 10**9
+
+
+# -- every coupling, and --longest (issue 30) ---------------------------------------------------
+
+def test_plan_has_a_row_for_every_coupling_with_its_streams_and_bits() -> None:
+    from revffn_fx.options import COUPLINGS
+    from revffn_fx.tools.estimate_memory import STACKS
+
+    assert set(STACKS) == set(COUPLINGS) - {"none"}  # a new coupling is one entry there
+    cfg = tiny_model("mixtral", num_hidden_layers=4, vocab_size=512).config
+    t, d = 2 * 64, int(cfg.hidden_size)
+    rows = {(r.method, r.fused): r for r in memory_plan(cfg, 2, 64)}
+    for c in ("revnet", "momentum", "meft"):
+        r = rows[(f"{c} + lean loss head", True)]
+        assert r.streams == 2 * t * d * 8  # two full-width streams, float64 over fp32
+    assert rows[("reversible + lean loss head", True)].streams == t * d * 8  # two halves
+    for c in ("momentum", "meft"):  # exact streams: one byte per element per scaled update
+        assert rows[(f"{c} + lean loss head", True)].stored_bits == 4 * 2 * t * d
+    assert rows[("revnet + lean loss head", True)].stored_bits == 0
+    off = rows[("exact mode + offload", True)]
+    assert off.host > 0 and off.total < rows[("exact mode", True)].total
+
+
+def test_longest_is_the_last_sequence_that_fits() -> None:
+    from revffn_fx.tools.memory_plan import METHODS, whole_step
+
+    cfg = tiny_model("mixtral", num_hidden_layers=4, vocab_size=512).config
+    budget = 64 * 2 ** 20
+    found = longest(cfg, 2, budget)
+    assert len(found) == 2 * len(METHODS)
+    by = {(f.method, f.fused): f for f in found}
+    for f in found:
+        assert f.seq > 0 and f.row is not None and f.row.total <= budget, f
+    # one more token does not fit (the boundary of the binary search), checked on two rows
+    from revffn_fx.tools.memory_plan import _param_stats
+
+    n, biggest = _param_stats(cfg, "none")
+    for label, method in (("exact mode", "checkpoint"), ("plain fine-tuning", "none")):
+        head = "chunked" if label == "exact mode" else "original"
+        s = by[(label, True)].seq
+        assert whole_step(cfg, 2, s + 1, method, head, True, n, biggest).total > budget
+    # reversibility buys length over the exact mode; plain fine-tuning the least
+    assert by[("revnet + lean loss head", False)].seq > by[("exact mode", False)].seq
+    assert by[("plain fine-tuning", False)].seq < by[("exact mode", False)].seq
+    # more memory, longer sequences
+    assert all(g.seq >= f.seq for f, g in zip(found, longest(cfg, 2, 2 * budget)))
+
+
+def test_plan_longest_cli(tmp_path: Any) -> None:
+    cfg = qwen15_moe_config()
+    cfg.save_pretrained(tmp_path)
+    res = CliRunner().invoke(cli.main, ["plan", str(tmp_path), "--gpu-mem", "141GB",
+                                        "--batch", "1", "--longest"])
+    assert res.exit_code == 0, res.output
+    assert "longest seq" in res.output and "revnet + lean head" in res.output
+    assert "exact mode + offload" in res.output
+    res = CliRunner().invoke(cli.main, ["plan", str(tmp_path), "--gpu-mem", "1GB",
+                                        "--longest"])
+    assert res.exit_code == 0 and "none fits" in res.output
+    res = CliRunner().invoke(cli.main, ["plan", str(tmp_path), "--wide"])
+    assert res.exit_code == 0 and "stored bits" in res.output

@@ -6,8 +6,13 @@ autograd keeps for backward, parameters excluded) under ``method``:
 
 - ``checkpoint``: one layer boundary (the layer's input, ``T*d``) per decoder layer, plus
   the loss head, the token ids and the rotary tables;
-- ``revffn`` / ``revnet``: one stack output (two half-width streams, ``T*d``; two
-  full-width streams for revnet, ``2*T*d``) at any depth, plus the same constants;
+- a coupling (``revffn``, ``revnet``, ``momentum``, ``meft``: :data:`STACKS`): one stack
+  output (revffn: two half-width streams, ``T*d``; the others two full-width streams,
+  ``2*T*d``, in the stream dtype) at any depth, plus, with exact streams, the bits each
+  scaled update drops (one byte per element per update, every converted layer), plus the
+  same constants;
+- ``offload``: ``checkpoint`` with the layer boundaries (and whatever else autograd saves
+  outside the recomputed layers) on the host: on the device one boundary in flight;
 - ``none``: a per-layer activation model (norms, attention q/k/v/output, router, routed
   experts on ``T*top_k`` token rows, shared experts, dense MLPs) times the depth, plus
   the constants.
@@ -39,7 +44,34 @@ from typing import Any
 
 import torch
 
-METHODS = ("none", "checkpoint", "revffn", "revnet")
+
+@dataclass(frozen=True)
+class StackLayout:
+    """What a coupling's reversible stack keeps, per the runtime (revffn_fx.runtime).
+
+    ``streams``: the width of its streams together, in hidden sizes (revffn: two halves);
+    ``scaled_updates``: updates per layer that keep a fraction g of the stream they
+    overwrite (with exact streams each stores the bits the division by g drops);
+    ``adapters``: parameters it adds per converted layer, in hidden**2.
+    """
+
+    streams: int
+    scaled_updates: int = 0
+    adapters: int = 0
+
+
+#: every coupling of revffn_fx.options.COUPLINGS but "none" (tests check the two agree): a
+#: coupling added there is one entry here
+STACKS: dict[str, StackLayout] = {
+    "revffn": StackLayout(1, 0, 2),
+    "revnet": StackLayout(2),
+    "momentum": StackLayout(2, 2),  # (X, V); V <- g V + (1-g) f(X) per sublayer
+    "meft": StackLayout(2, 2),      # two copies; W <- g W + ... per sublayer
+}
+#: bits stored per element per scaled update with exact streams (runtime/stack.py
+#: Update.combine keeps them as uint8; packed they would be log2(1/g))
+STORED_BITS = 8
+METHODS = ("none", "checkpoint", "offload", *STACKS)
 
 
 def _get(config: Any, *names: str, default: Any = None) -> Any:
@@ -113,6 +145,8 @@ class Estimate:
     #: the largest single recomputation in backward (checkpoint, revffn, revnet), on top of
     #: what is saved; equals ``peak_activation_bytes`` unless layers are left out
     recompute_bytes: int = 0
+    #: ``offload``: what autograd keeps on the host instead (not counted in ``parts``)
+    host_bytes: int = 0
 
     @property
     def saved_bytes(self) -> int:
@@ -131,7 +165,7 @@ def _dtype_bytes(config: Any, dtype: torch.dtype | str | None) -> int:
 
 def default_loss_head(method: str) -> str:
     """``chunked`` for reversible methods when RevModel has the chunked head, else original."""
-    if method in ("none", "checkpoint"):
+    if method in ("none", "checkpoint", "offload"):
         return "original"
     from revffn_fx.model import RevModel
 
@@ -177,14 +211,38 @@ def _runs(layers: Sequence[int]) -> int:
     return sum(1 for j, i in enumerate(ordered) if j == 0 or ordered[j - 1] != i - 1)
 
 
+def stream_layout(config: Any, coupling: str, dtype: torch.dtype | str | None = None,
+                  stream_dtype: torch.dtype | str | None = None,
+                  exact_streams: bool | None = None) -> tuple[int, int]:
+    """(bytes per stream element, bits stored per element per scaled update) of
+    ``coupling``'s stacks for weights in ``dtype``, as the transform's options decide
+    (:class:`revffn_fx.options.TransformOptions`: ``exact_streams`` None is its default,
+    on for the scaled couplings; exact streams are float64; an unset stream dtype is the
+    runtime's rule, one step wider than the hidden state: fp32 -> fp64, 16-bit -> fp32)."""
+    from revffn_fx.options import TransformOptions
+
+    e = _dtype_bytes(config, dtype)
+    name = {8: "float64", 4: "float32", 2: "bfloat16"}.get(e, "float32")
+    if isinstance(stream_dtype, torch.dtype):
+        stream_dtype = str(stream_dtype).replace("torch.", "")
+    opts = TransformOptions(coupling=coupling, stream_dtype=stream_dtype,
+                            exact_streams=exact_streams).resolved(name)
+    sb = (_dtype_bytes(config, opts.stream_dtype) if opts.stream_dtype is not None
+          else 8 if e >= 4 else 4)  # runtime/stack.py RevStack.forward
+    return sb, STORED_BITS if opts.exact_streams and STACKS[coupling].scaled_updates else 0
+
+
 def estimate(config: Any, batch: int, seq: int, method: str,
              dtype: torch.dtype | str | None = None, loss_head: str | None = None,
-             layers: Sequence[int] | None = None) -> Estimate:
+             layers: Sequence[int] | None = None,
+             stream_dtype: torch.dtype | str | None = None,
+             exact_streams: bool | None = None) -> Estimate:
     """The saved-for-backward bytes of a training forward, by part; see the module doc.
 
-    ``layers``: for ``revffn`` / ``revnet``, the decoder layers that are converted (None:
-    all). The others run under plain autograd and save what a plain layer saves; each run
-    of consecutive converted layers is one reversible stack that keeps its output.
+    ``layers``: for a coupling, the decoder layers that are converted (None: all). The
+    others run under plain autograd and save what a plain layer saves; each run of
+    consecutive converted layers is one reversible stack that keeps its output.
+    ``stream_dtype``, ``exact_streams``: the coupling's streams (:func:`stream_layout`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -208,16 +266,27 @@ def estimate(config: Any, batch: int, seq: int, method: str,
         p["layers"] = sum(per_layer)
         # at the start of backward, before any gradient: all saved, logits and their gradient
         est.peak_activation_bytes = sum(p.values()) + 2 * t * m.vocab * 4
-    elif method == "checkpoint":
-        p["layer boundaries"] = m.layers * td
+    elif method in ("checkpoint", "offload"):
+        if method == "offload":  # on the host, but for the one being copied back
+            est.host_bytes = sum(p.values()) - p["token ids"] + m.layers * td
+            for k in ("final norm", "head input + fp32 log-softmax", "labels"):
+                p.pop(k, None)
+            p["boundary in flight"] = td
+        else:
+            p["layer boundaries"] = m.layers * td
         # at the end of backward: one layer recomputed
         est.peak_activation_bytes = est.recompute_bytes = max(per_layer) + td
     else:
+        layout = STACKS[method]
         converted = sorted({i for i in (range(m.layers) if layers is None else layers)
                             if 0 <= i < m.layers})
         plain = [i for i in range(m.layers) if i not in converted]
-        stack = td * (2 if method == "revnet" else 1)
+        sb, bits = stream_layout(config, method, dtype, stream_dtype, exact_streams)
+        stack = t * m.hidden * layout.streams * sb
         p["stack output"] = stack * max(_runs(converted), 1 if not plain else 0)
+        if bits:
+            p["stored bits"] = (len(converted) * layout.scaled_updates * t * m.hidden
+                                * bits // 8)
         if plain:
             p["layers left out"] = sum(per_layer[i] for i in plain)
         # backward at layer i: the plain layers below it are still saved; a converted layer
@@ -253,8 +322,8 @@ def estimate_parameter_bytes(config: Any, dtype: torch.dtype | str | None = None
         model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for p in model.parameters())
     m = Dims.of(config)
-    if method == "revffn":
-        n += 2 * m.hidden * m.hidden * m.layers
+    if method in STACKS:
+        n += STACKS[method].adapters * m.hidden * m.hidden * m.layers
     return n * _dtype_bytes(config, dtype)
 
 

@@ -1,7 +1,9 @@
 """``revffn plan``: will full fine-tuning fit? Peak memory by category, from a config alone.
 
-For plain fine-tuning, gradient checkpointing, the reversible stack, the reversible stack
-with the lean loss head and the exact mode (checkpointing + lean head), each with an
+For plain fine-tuning, gradient checkpointing, the reversible stack, every coupling's
+reversible stack with the lean loss head (:data:`~revffn_fx.tools.estimate_memory.STACKS`:
+its streams and, with exact streams, its stored bits), the exact mode (checkpointing + lean
+head) and the exact mode with its saved tensors offloaded to the host, each with an
 ordinary optimizer and with the optimizer fused into the backward
 (:mod:`revffn_fx.training.fused`), the peak of one whole training step is
 
@@ -20,6 +22,9 @@ at the larger of two moments (:func:`whole_step`, what ``revffn bench --step`` m
 Activations come from :mod:`revffn_fx.tools.estimate_memory`; parameters are counted on a
 meta-device model built from the config (no weights are read). Optimizer states: AdamW keeps two
 moments in the parameters' dtype, 8-bit AdamW two one-byte moments, SGD one momentum.
+
+:func:`longest` answers the long-context question: for each method, the longest sequence at a
+batch whose planned peak fits a budget (a binary search over the same estimate).
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from typing import Any
 import torch
 
 from ..output import parse_bytes
-from .estimate_memory import Dims, _dtype_bytes, estimate
+from .estimate_memory import STACKS, Dims, _dtype_bytes, estimate
 
-__all__ = ["PlanRow", "activation_peak", "memory_plan", "parse_bytes"]
+__all__ = ["PlanRow", "activation_peak", "longest", "memory_plan", "parse_bytes",
+           "plan_for_step_method"]
 
 OPTIMIZERS = {"adamw": 2.0, "adamw8bit": 2.0, "sgd": 1.0}  # states per parameter
 # (label, estimate method, loss head)
@@ -41,7 +47,10 @@ METHODS = (("plain fine-tuning", "none", "original"),
            ("gradient checkpointing", "checkpoint", "original"),
            ("reversible (revffn)", "revffn", "original"),
            ("reversible + lean loss head", "revffn", "chunked"),
-           ("exact mode", "checkpoint", "chunked"))
+           # every other coupling, full stack (a coupling added to STACKS is a row here)
+           *((f"{c} + lean loss head", c, "chunked") for c in STACKS if c != "revffn"),
+           ("exact mode", "checkpoint", "chunked"),
+           ("exact mode + offload", "offload", "chunked"))
 _HEAD_PARTS = ("head input + fp32 log-softmax", "labels", "head gradients (hidden, weight)")
 
 
@@ -56,6 +65,11 @@ class PlanRow:
     optimizer: int
     activations: int
     loss_head: int
+    #: parts of ``activations``: a coupling's streams and stored bits (0 for the others)
+    streams: int = 0
+    stored_bits: int = 0
+    #: ``exact mode + offload``: bytes kept in host memory instead (not in ``total``)
+    host: int = 0
 
     @property
     def total(self) -> int:
@@ -67,16 +81,13 @@ def _param_stats(config: Any, method: str,
                  layers: Sequence[int] | None = None) -> tuple[int, int]:
     """(number of parameters, numel of the largest one) of the transformed model; tied
     embeddings count once (``parameters()`` yields a shared tensor once)."""
-    from transformers import AutoModelForCausalLM
+    from ..frontend.loading import count_parameters
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    sizes = [p.numel() for p in model.parameters()]
-    n, biggest = sum(sizes), max(sizes)
-    if method == "revffn":
+    n, biggest = count_parameters(config)  # one decoder layer per kind: O(kinds), not O(layers)
+    if method in STACKS and STACKS[method].adapters:  # revffn: up + down per converted layer
         hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0))
         converted = int(config.num_hidden_layers) if layers is None else len(set(layers))
-        n += 2 * hidden * hidden * converted  # up + down adapters per converted layer
+        n += STACKS[method].adapters * hidden * hidden * converted
     return n, biggest
 
 
@@ -85,10 +96,10 @@ def activation_peak(config: Any, batch: int, seq: int, method: str = "revffn",
                     layers: Sequence[int] | None = None, fused: bool = False) -> int:
     """Activations + loss head at the step's peak: what ``revffn plan`` adds to the
     parameters, gradients and optimizer states for ``method`` (``none``, ``checkpoint``,
-    ``revffn``, ``revnet``), with ``layers`` converted (None: all)."""
+    ``offload`` or a coupling), with ``layers`` converted (None: all)."""
     n, biggest = _param_stats(config, method, layers)
     row = whole_step(config, batch, seq, method, loss_head, fused, n, biggest, dtype=dtype,
-                     layers=layers if method in ("revffn", "revnet") else None)
+                     layers=layers if method in STACKS else None)
     return row.activations + row.loss_head  # the same accounting as memory_plan's rows
 
 
@@ -111,7 +122,9 @@ def _head_transient(config: Any, batch: int, seq: int, e: int, head: str) -> int
 def whole_step(config: Any, batch: int, seq: int, method: str, head: str, fused: bool,
                n: int, biggest: int, optimizer: str = "adamw",
                dtype: torch.dtype | str | None = None,
-               layers: Sequence[int] | None = None) -> PlanRow:
+               layers: Sequence[int] | None = None,
+               stream_dtype: torch.dtype | str | None = None,
+               exact_streams: bool | None = None) -> PlanRow:
     """The peak of a whole step (forward, loss, backward, optimizer step), as the larger of
     its two candidate moments (what ``revffn bench --step`` measures):
 
@@ -126,7 +139,8 @@ def whole_step(config: Any, batch: int, seq: int, method: str, head: str, fused:
     e = _dtype_bytes(config, dtype)
     state_bytes = 1 if optimizer == "adamw8bit" else e
     params, states = n * e, int(OPTIMIZERS[optimizer] * n * state_bytes)
-    est = estimate(config, batch, seq, method, dtype, head, layers)
+    est = estimate(config, batch, seq, method, dtype, head, layers, stream_dtype,
+                   exact_streams)
     head_saved = sum(est.parts.get(k, 0) for k in _HEAD_PARTS)
     saved_rest = est.saved_bytes - head_saved
     loss = PlanRow("", fused, params, 0, states, max(saved_rest, 0),
@@ -144,7 +158,12 @@ def whole_step(config: Any, batch: int, seq: int, method: str, head: str, fused:
     else:
         end = PlanRow("", False, params, n * e, states,
                       max(recompute if method != "none" else 0, step_temps), 0)
-    return max(loss, end, key=lambda r: r.total)
+    row = max(loss, end, key=lambda r: r.total)
+    if row.activations:  # the stacks' own part, when what is saved is held at the peak
+        row.streams = est.parts.get("stack output", 0)
+        row.stored_bits = est.parts.get("stored bits", 0)
+    row.host = est.host_bytes
+    return row
 
 
 def memory_plan(config: Any, batch: int, seq: int, optimizer: str = "adamw",
@@ -154,13 +173,88 @@ def memory_plan(config: Any, batch: int, seq: int, optimizer: str = "adamw",
     ``layers``: the decoder layers the reversible methods convert (None: all)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    stats = {m: _param_stats(config, m, layers) for m in ("none", "revffn")}
+    stats = _stats(config, layers)
     rows = []
     for label, method, head in METHODS:
-        n, biggest = stats["revffn" if method == "revffn" else "none"]
+        n, biggest = stats[method]
         for fused in (False, True):
             row = whole_step(config, batch, seq, method, head, fused, n, biggest, optimizer,
-                             dtype, layers if method == "revffn" else None)
+                             dtype, layers if method in STACKS else None)
             row.method = label
             rows.append(row)
     return rows
+
+
+def _stats(config: Any, layers: Sequence[int] | None) -> dict[str, tuple[int, int]]:
+    """(parameters, largest parameter) per method: the meta model is built once, and once
+    more for each coupling that adds parameters."""
+    base = _param_stats(config, "none", layers)
+    out = {m: base for _, m, _ in METHODS}
+    for c, layout in STACKS.items():
+        if layout.adapters:
+            out[c] = _param_stats(config, c, layers)
+    return out
+
+
+@dataclass
+class Longest:
+    """The longest sequence of one method that fits (``seq`` 0: not even one token)."""
+
+    method: str
+    fused: bool
+    seq: int
+    row: PlanRow | None  # the planned peak at ``seq``
+
+
+def longest(config: Any, batch: int, budget: int, optimizer: str = "adamw",
+            dtype: torch.dtype | str | None = None, layers: Sequence[int] | None = None,
+            max_seq: int = 2 ** 24) -> list[Longest]:
+    """For every row of :func:`memory_plan`: the longest sequence at ``batch`` whose planned
+    whole-step peak is within ``budget`` bytes (binary search; the peak grows with the
+    sequence), up to ``max_seq``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    stats = _stats(config, layers)
+    out = []
+    for label, method, head in METHODS:
+        n, biggest = stats[method]
+        for fused in (False, True):
+            def peak(seq: int, method: str = method, head: str = head,
+                     fused: bool = fused, n: int = n, biggest: int = biggest) -> PlanRow:
+                return whole_step(config, batch, seq, method, head, fused, n, biggest,
+                                  optimizer, dtype, layers if method in STACKS else None)
+
+            lo, hi = 0, max_seq  # peak(lo) fits (or lo == 0), the answer is in [lo, hi]
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if peak(mid).total <= budget:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            row = peak(lo) if lo else None
+            if row is not None:
+                row.method = label
+            out.append(Longest(label, fused, lo, row))
+    return out
+
+
+def plan_for_step_method(config: Any, batch: int, seq: int, step_method: str,
+                         dtype: torch.dtype | str | None = None) -> PlanRow:
+    """The planned peak of a ``revffn bench --step`` method (its coupling, head, fusion,
+    offloading and stream options): what the measurement is compared with."""
+    from .step_bench import STEP_METHODS
+
+    spec = STEP_METHODS[step_method]
+    if spec.coupling is None:
+        method = "checkpoint" if spec.checkpoint else "none"
+    elif spec.coupling == "none":
+        method = "offload" if spec.offload else "checkpoint"
+    else:
+        method = spec.coupling
+    kw = dict(spec.transform)
+    n, biggest = _param_stats(config, method)
+    row = whole_step(config, batch, seq, method, spec.head, spec.fused, n, biggest,
+                     dtype=dtype, stream_dtype=kw.get("stream_dtype"),
+                     exact_streams=kw.get("exact_streams"))
+    row.method = step_method
+    return row
