@@ -82,10 +82,17 @@ def _human(n: int | float) -> str:
               help="momentum / meft: the fraction of the overwritten stream each update "
                    "keeps (default 0.125); smaller is closer to the pretrained model, and "
                    "the backward's inverse divides by it.")
-@click.option("--exact-streams", is_flag=True,
-              help="momentum / meft: float64 streams on a fixed-point grid with the bits "
-                   "each division by G drops stored (one byte per element per update): "
-                   "exact reconstruction at any depth; G must be 2**-k.")
+@click.option("--exact-streams/--no-exact-streams", default=None,
+              help="Float64 streams on a fixed-point grid with the bits each division by G "
+                   "drops stored: exact reconstruction at any depth (G must be 2**-k). "
+                   "Default: on for momentum / meft, off for the others; "
+                   "--no-exact-streams is refused where float streams would make the "
+                   "backward less exact than autograd.")
+@click.option("--guard", type=click.Choice(["raise", "warn", "off"]), default="raise",
+              show_default=True,
+              help="The run-time reconstruction guard: each layer's reconstructed input is "
+                   "compared with a fingerprint of its forward input; raise (stop with "
+                   "ReconstructionError naming the layer), warn, or off.")
 @click.option("--layers", "layers", metavar="SPEC", default=None,
               help="Decoder layers to convert, e.g. '0-11' or '0,2,4' (default: every "
                    "convertible layer).")
@@ -121,21 +128,20 @@ def _human(n: int | float) -> str:
                    "Loads the model for real.")
 @click.option("--calibration-tokens", type=click.IntRange(min=2), default=16384,
               show_default=True, help="Tokens of --calibrate FILE used.")
-@click.option("--stream-dtype", type=click.Choice(["auto", "float64", "float32", "bfloat16",
-                                                   "float16"]), default="auto",
-              show_default=True,
+@click.option("--stream-dtype", type=click.Choice(["auto", "float64", "float32"]),
+              default="auto", show_default=True,
               help="Dtype of the coupled streams inside the reversible stacks (branches still "
-                   "compute in the model's dtype). auto: one step wider than the weights "
-                   "when --calibrate is given or the coupling is momentum/meft (calibrated "
-                   "adapters have larger gains, and the scaled couplings' inverse divides by "
-                   "G: wide streams keep the reconstruction exact), else the model's own.")
+                   "compute in the model's dtype). auto: one step wider than the hidden "
+                   "state at run time (bf16 -> fp32, fp32 -> fp64), float64 with exact "
+                   "streams; the same rule as rf.transform. 16-bit streams are refused "
+                   "(the backward would be less exact than autograd).")
 @click.option("--estimate-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Batch size the report's activation estimate assumes (nothing else).")
 @click.option("--estimate-seq", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Sequence length the report's activation estimate assumes.")
 @click.version_option(__version__, "-V", "--version", prog_name="revffn-transform")
 def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | None,
-              exact_streams: bool, layers: str | None, verify: bool,
+              exact_streams: bool | None, guard: str, layers: str | None, verify: bool,
               force: bool, dry_run: bool, max_shard_size: str, attention: str,
               fixed_point_iters: int | None, fixed_point_tol: float | None,
               calibrate: str | None, calibration_tokens: int, stream_dtype: str,
@@ -169,7 +175,7 @@ def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | Non
     options = TransformOptions(coupling=coupling, layers=layers, attention=attention,
                                fixed_point_iters=fixed_point_iters,
                                fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype,
-                               momentum=momentum, exact_streams=exact_streams)
+                               momentum=momentum, exact_streams=exact_streams, guard=guard)
     check_out_dir(Path(out_dir).expanduser(), force, Path(model_dir).expanduser(),
                   force_foreign=force_foreign)
     from revffn_fx.export import transform_dir  # lazy: the heavy part of the package

@@ -441,6 +441,13 @@ class RevModel(nn.Module):
 
     # -- the parts of the transformers model API that trainers reach for ----------------
     @property
+    def loss_type(self) -> str | None:
+        """The wrapped model's loss type: the Trainer counts ``num_items_in_batch`` over the
+        shifted labels only when this names the causal-LM loss (without it, it counts one
+        token per sequence too many and every logged loss is too small)."""
+        return getattr(self.model, "loss_type", None)
+
+    @property
     def generation_config(self) -> Any:
         return getattr(self.model, "generation_config", None)
 

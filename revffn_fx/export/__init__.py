@@ -44,8 +44,8 @@ from .layout import (  # noqa: F401
     WEIGHTS_NAME,
     parse_size,
 )
-from .save_load import RevFFNForCausalLM, load, save
+from .save_load import RevFFNConfig, RevFFNForCausalLM, load, save
 from .transform import TransformSummary, transform_dir
 
-__all__ = ["ADAPTER_FILE", "RevFFNForCausalLM", "TransformSummary", "load", "parse_size", "save",
-           "transform_dir"]
+__all__ = ["ADAPTER_FILE", "RevFFNConfig", "RevFFNForCausalLM", "TransformSummary", "load",
+           "parse_size", "save", "transform_dir"]

@@ -19,6 +19,13 @@ FORMAT_VERSION = 1
 ADAPTER_FILE = "revffn_adapters.safetensors"
 SHIM_FILE = "modeling_revffn.py"
 SHIM_CLASS = "RevFFNForCausalLM"
+SHIM_CONFIG = "RevFFNConfig"
+# config.json's model_type for an export whose function is not the original architecture's
+# (every coupling but the exact mode): a plain from_pretrained must not load its weights
+# into the original class and compute another function; the original model_type moves to
+# the revffn section ("model_type")
+EXPORT_MODEL_TYPE = "revffn"
+FUNCTION_PRESERVING = ("none",)  # couplings whose export is the original architecture
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # Files carried over from MODEL_DIR besides the weights: tokenizer and generation defaults.
@@ -36,9 +43,9 @@ needs revffn-fx installed (pip install revffn-fx): it rebuilds the reversible mo
 config.json's "revffn" section and loads the safetensors weights (``revffn_fx.load``).
 """
 
-from revffn_fx.export import {SHIM_CLASS}
+from revffn_fx.export import {SHIM_CLASS}, {SHIM_CONFIG}
 
-__all__ = ["{SHIM_CLASS}"]
+__all__ = ["{SHIM_CLASS}", "{SHIM_CONFIG}"]
 '''
 
 def parse_size(size: int | str) -> int:
@@ -168,11 +175,24 @@ with `model.save_pretrained(dir)`. `config.json`'s `revffn` section records what
 """
 
 
+def base_model_type(config: dict[str, Any]) -> Any:
+    """The original architecture's model_type of a config.json (an export's own
+    :data:`EXPORT_MODEL_TYPE` resolved through its revffn section)."""
+    if config.get("model_type") == EXPORT_MODEL_TYPE and isinstance(config.get("revffn"), dict):
+        return config["revffn"].get("model_type")
+    return config.get("model_type")
+
+
 def write_meta(out: Path, config: dict[str, Any], section: dict[str, Any]) -> list[str]:
     """config.json (with ``revffn`` and ``auto_map``), the loader shim and the model card."""
     config = {k: v for k, v in config.items() if k not in ("revffn", "auto_map")}
     config["revffn"] = section
     config["auto_map"] = {"AutoModelForCausalLM": f"{SHIM_FILE[:-3]}.{SHIM_CLASS}"}
+    if section["coupling"] not in FUNCTION_PRESERVING:  # never passes for the plain class
+        section["model_type"] = base_model_type(config)
+        config["model_type"] = EXPORT_MODEL_TYPE
+        config["architectures"] = [SHIM_CLASS]
+        config["auto_map"]["AutoConfig"] = f"{SHIM_FILE[:-3]}.{SHIM_CONFIG}"
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / SHIM_FILE).write_text(_SHIM)
     (out / "README.md").write_text(_model_card(config, section))

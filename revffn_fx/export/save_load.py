@@ -152,6 +152,9 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     clean = {k: v for k, v in raw.items() if k not in ("revffn", "auto_map")}
+    if raw.get("model_type") != model_type:  # an export's own "revffn" type: the original
+        clean["model_type"] = model_type
+        clean.pop("architectures", None)
     try:
         with quiet():
             config = CONFIG_MAPPING[model_type].from_dict(clean)
@@ -187,6 +190,22 @@ def load(out_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | None = N
         with torch.no_grad():
             rev.adapters.load_state_dict({k[len("adapters."):]: v for k, v in tensors.items()})
     return rev.eval()
+
+
+def _config_class() -> Any:
+    from transformers import PretrainedConfig
+
+    class RevFFNConfig(PretrainedConfig):
+        """The ``auto_map`` AutoConfig of an export whose function is not the original
+        architecture's (model_type "revffn"): only an entry point; ``rf.load`` rebuilds
+        the original config from the fields and the revffn section."""
+
+        model_type = "revffn"
+
+    return RevFFNConfig
+
+
+RevFFNConfig = _config_class()
 
 
 class RevFFNForCausalLM:

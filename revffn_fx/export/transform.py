@@ -210,7 +210,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                   calibrate: str | os.PathLike[str] | None = None,
                   calibration_tokens: int = 16384,
                   stream_dtype: str | torch.dtype | None = None,
-                  momentum: float | None = None, exact_streams: bool = False,
+                  momentum: float | None = None, exact_streams: bool | None = None,
                   estimate_batch: int = 8, estimate_seq: int = 2048,
                   options: TransformOptions | None = None, force_foreign: bool = False,
                   allow_nonfinite: bool = False) -> TransformSummary:
@@ -225,8 +225,8 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     by least squares (:func:`revffn_fx.calibration.calibrate`; loads the model for real).
     ``momentum``, ``exact_streams``: options of the momentum and meft couplings
     (:func:`revffn_fx.transform`).
-    ``stream_dtype`` (recorded, see :func:`revffn_fx.transform`): "auto" widens the
-    streams one step (fp32 -> fp64, 16-bit -> fp32) when calibrating, else keeps them.
+    ``stream_dtype`` (recorded, see :func:`revffn_fx.transform`): unset or "auto" is the
+    run-time rule (one step wider than the hidden state); float64 when calibrating fp32.
     ``estimate_batch`` x ``estimate_seq``: the batch the summary's activation estimate
     assumes (nothing else uses them). ``options``: the transform's options as one
     :class:`~revffn_fx.options.TransformOptions` (what the CLI passes); when given it

@@ -315,9 +315,16 @@ def _rebuild(leaves: list[Any], spec: Any, pos: list[int], tensors: Any) -> dict
     return pytree.tree_unflatten(leaves, spec)
 
 
+@torch.compiler.disable(recursive=True)
 def run_reversible(stack: RevStack, streams: list[torch.Tensor], ctx: dict[str, Any],
                    params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """Run ``stack`` on ``streams`` with the memory-saving backward."""
+    """Run ``stack`` on ``streams`` with the memory-saving backward.
+
+    Opaque to torch.compile on purpose (a graph break): the backward rebuilds each layer's
+    input by recomputing its branches eagerly, which undoes the forward exactly only if the
+    forward ran the same kernels; inductor fusing the forward differently (measured: momentum
+    gradients off by 0.6) would make the reconstruction wrong. Everything around the stacks
+    (embeddings, head, loss) still compiles."""
     leaves, spec = pytree.tree_flatten(ctx)
     pos = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
     ctx_t = [leaves[i] for i in pos]
