@@ -280,7 +280,8 @@ def estimate(config: Any, batch: int, seq: int, method: str,
         layout = STACKS[method]
         converted = sorted({i for i in (range(m.layers) if layers is None else layers)
                             if 0 <= i < m.layers})
-        plain = [i for i in range(m.layers) if i not in converted]
+        is_converted = set(converted)  # membership and the sum below in O(layers), not O(layers^2)
+        plain = [i for i in range(m.layers) if i not in is_converted]
         sb, bits = stream_layout(config, method, dtype, stream_dtype, exact_streams)
         stack = t * m.hidden * layout.streams * sb
         p["stack output"] = stack * max(_runs(converted), 1 if not plain else 0)
@@ -292,15 +293,16 @@ def estimate(config: Any, batch: int, seq: int, method: str,
         # backward at layer i: the plain layers below it are still saved; a converted layer
         # recomputes one branch (the larger: the feed-forward) with the streams and their
         # grads, a plain layer frees its own saved tensors with one boundary gradient
-        peaks, recomputes = [], []
+        peaks, recomputes, below = [], [], 0
         for i in range(m.layers):
-            below = sum(per_layer[j] for j in plain if j < i)
-            if i in converted:
+            if i in is_converted:
                 here = _ffn(m, t, e, i in m.dense_layers) + 3 * td + stack
             else:
                 here = per_layer[i] + td
             peaks.append(below + here)
             recomputes.append(here)
+            if i not in is_converted:
+                below += per_layer[i]
         est.peak_activation_bytes = max(peaks)
         est.recompute_bytes = max(recomputes)
     return est
