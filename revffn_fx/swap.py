@@ -11,6 +11,7 @@ others hand its output on. Which layers chain is read off the example forward
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint
 
 from .errors import RevFFNError
 from .frontend.capture import bind_call, same_context
 from .frontend.ir import _router_logits_off, logits_and_loss, template_of
-from .runtime.stack import Checkpointed, RevLayer, RevStack, RuntimeOptions
+from .runtime.stack import RevLayer, RevStack, RuntimeOptions
 
 
 def find_runs(traced: Any, converted: Sequence[int]) -> list[list[int]]:
@@ -70,22 +72,23 @@ class SwapRunner(nn.Module):
         traced = self.traced
         saved = [(lg.module, lg.module.__dict__.get("forward")) for lg in traced.layers]
         try:
+            # set in __dict__ directly: nn.Module.__setattr__ would refuse or register a module
             for run, stack in zip(self.runs, self.stacks()):
                 state: dict[str, Any] = {}
                 for pos, i in enumerate(run):
                     lg = traced.layers[i]
-                    lg.module.forward = self._layer_forward(lg, stack, state, pos == 0,
-                                                            run[0])
+                    lg.module.__dict__["forward"] = self._layer_forward(lg, stack, state,
+                                                                        pos == 0, run[0])
             for i in self.rest:
                 mod = traced.layers[i].module
-                mod.forward = Checkpointed(_Original(mod))
+                mod.__dict__["forward"] = functools.partial(_checkpointed, mod)
             yield
         finally:
             for mod, fwd in saved:
                 if fwd is None:
                     mod.__dict__.pop("forward", None)
                 else:
-                    mod.forward = fwd
+                    mod.__dict__["forward"] = fwd
 
     def _layer_forward(self, lg: Any, stack: RevStack, state: dict[str, Any], first: bool,
                        head: int) -> Any:
@@ -143,16 +146,13 @@ class SwapRunner(nn.Module):
         return logits_and_loss(out)
 
 
-class _Original(nn.Module):
-    """A layer's own forward (class method), for checkpointing a layer whose instance
-    ``forward`` is swapped."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.__dict__["layer"] = layer
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return type(self.layer).forward(self.layer, *args, **kwargs)
+def _checkpointed(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A layer left out of the stacks, its own forward run under activation checkpointing
+    (``checkpoint_rest``)."""
+    forward = functools.partial(type(layer).forward, layer)
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -393,3 +394,330 @@ def tiny_parallel_hf(name: str, dtype: torch.dtype = torch.float32, seed: int = 
     cfg = CONFIG_MAPPING[name](**PARALLEL_HF[name], pad_token_id=0, bos_token_id=1,
                                eos_token_id=2)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Issue 27: models the project had not seen (``tiny_model(name)`` for a name in
+# :data:`UNSEEN`). Every one converts exactly with no leaf_modules given, except the
+# residual forms that are not x + f(x) (:data:`REFUSED_FORMS`), refused with the form named.
+
+
+class FusedSdpaAttention(nn.Module):
+    """One fused qkv projection and ``F.scaled_dot_product_attention(is_causal=True)``:
+    no mask argument, so only a probe can tell it mixes tokens."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.out = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, h))
+
+
+class ShapeMaskAttention(HandAttention):
+    """Builds its causal mask from traced shapes (``torch.ones(t, t).triu``)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        t = x.shape[1]
+        causal = torch.ones(t, t, dtype=x.dtype, device=x.device).triu(1) * -1e9
+        return super().forward(x, causal if mask is None else mask + causal)
+
+
+class ConvMixer(nn.Module):
+    """A causal depthwise-convolution token mixer (mamba/short-conv style): a mixer."""
+
+    def __init__(self, hidden: int, width: int = 4) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(hidden, 2 * hidden, bias=False)
+        self.conv = nn.Conv1d(hidden, hidden, width, groups=hidden, padding=width - 1)
+        self.out_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, gate = self.in_proj(x).chunk(2, dim=-1)
+        u = self.conv(u.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        return self.out_proj(u * F.silu(gate))
+
+
+class PaddingMoE(HandMoEBlock):
+    """A MoE that also takes the padding mask (zeroing padded tokens): it consumes a layer
+    input besides the hidden state, yet is no token mixer."""
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(x)
+        return out if keep is None else out * keep[..., None].to(out.dtype)
+
+
+class NormedMoE(nn.Module):
+    """A norm and a MoE in one container (traced through, like dbrx's norm_attn_norm)
+    whose forward branches on a tensor value, so torch.fx cannot trace it: kept whole
+    automatically, as it feeds the MoE branch only."""
+
+    def __init__(self, hidden: int, inner: int, n_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.moe = HandMoEBlock(hidden, inner, n_experts, top_k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        if bool(h.isnan().any()):
+            raise FloatingPointError("nan")
+        return self.moe(h)
+
+
+@dataclass
+class LayerContext:
+    """A custom argument object handed to every layer (the model's own calling convention)."""
+
+    mask: torch.Tensor
+    keep: torch.Tensor | None = None
+
+
+class ZooBlock(nn.Module):
+    """``x + attn(n1(x)) + moe(n2(x))`` in sequence, with the attention, the MoE and the
+    residual form chosen by name (see :data:`ZOO_BLOCKS`)."""
+
+    def __init__(self, hidden: int, heads: int, inner: int, n_experts: int, top_k: int,
+                 attn: str = "hand", moe: str = "hand", form: str = "plain") -> None:
+        super().__init__()
+        self.attn_kind, self.moe_kind, self.form = attn, moe, form
+        self.n1, self.n2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.attn = {"hand": lambda: HandAttention(hidden, heads),
+                     "sdpa": lambda: FusedSdpaAttention(hidden, heads),
+                     "shape": lambda: ShapeMaskAttention(hidden, heads),
+                     "conv": lambda: ConvMixer(hidden)}[attn]()
+        self.moe = {"hand": lambda: HandMoEBlock(hidden, inner, n_experts, top_k),
+                    "padding": lambda: PaddingMoE(hidden, inner, n_experts, top_k),
+                    "guarded": lambda: NormedMoE(hidden, inner, n_experts, top_k)}[moe]()
+        if form == "gated":
+            self.gate = nn.Linear(hidden, hidden)
+        if form == "affine":
+            self.w = nn.Parameter(torch.full((hidden,), 0.9))
+            self.b = nn.Parameter(torch.zeros(hidden))
+
+    def mix(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.n1(x)
+        if self.attn_kind == "hand":
+            return self.attn(h, mask)
+        return self.attn(h) if self.attn_kind != "shape" else self.attn(h, mask)
+
+    def ffn(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        h = x if self.moe_kind == "guarded" else self.n2(x)
+        return self.moe(h, keep) if self.moe_kind == "padding" else self.moe(h)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None, ctx: LayerContext | None = None,
+                carry: torch.Tensor | None = None) -> Any:
+        if ctx is not None:
+            mask, keep = ctx.mask, ctx.keep
+        if self.form == "handoff":  # returns state that the next layer reads
+            if carry is not None:
+                mask = mask + (carry[:, None, None, :] * 0).to(mask.dtype)
+            x = x + self.mix(x, mask)
+            x = x + self.ffn(x, keep)
+            return x, x.abs().argmax(-1)
+        form = self.form
+        if form == "scaled":  # a*x + b*f(x)
+            x = 0.5 * x + 2.0 * self.mix(x, mask)
+            return 0.5 * x + 2.0 * self.ffn(x, keep)
+        if form == "gated":  # (1-g)*x + g*f(x)
+            g = torch.sigmoid(self.gate(x))
+            x = (1 - g) * x + g * self.mix(x, mask)
+            return x + self.ffn(x, keep)
+        if form == "affine":  # w*x + c + f(x)
+            x = self.w * x + self.b + self.mix(x, mask)
+            return x + self.ffn(x, keep)
+        if form == "post_norm":  # norm(x + f(x)), the original transformer
+            x = self.n1(x + self.attn(x, mask))
+            return self.n2(x + self.moe(x))
+        x = x + self.mix(x, mask)
+        return x + self.ffn(x, keep)
+
+
+class ZooLM(nn.Module):
+    """A GPT-style MoE LM: ``forward(input_ids, attention_mask=None, labels=None,
+    position_ids=None) -> dict(logits, loss)``, its blocks held in ``container``
+    ("list": nn.ModuleList, "dict": nn.ModuleDict, "seq": nn.Sequential of blocks that
+    build their own mask, "attr": a plain list attribute of blocks registered as
+    ``block_0``, ...) and its forward written ``style``:
+
+    - "plain": traceable;
+    - "branchy": data-dependent Python control flow (a check on the ids, a loop bound
+      read off the mask) that torch.fx cannot trace;
+    - "context": a :class:`LayerContext` object handed to every layer;
+    The causal mask is always built from traced shapes (``torch.ones(t, t).tril()``),
+    with a document mask where ``position_ids`` restart (packed sequences).
+    """
+
+    def __init__(self, vocab: int = 128, hidden: int = 64, layers: int = 2, heads: int = 4,
+                 inner: int = 96, n_experts: int = 4, top_k: int = 2, max_len: int = 64,
+                 container: str = "list", style: str = "plain", **block: Any) -> None:
+        super().__init__()
+        self.container, self.style = container, style
+        self.wte = nn.Embedding(vocab, hidden)
+        self.wpe = nn.Embedding(max_len, hidden)
+        blocks = [ZooBlock(hidden, heads, inner, n_experts, top_k, **block)
+                  for _ in range(layers)]
+        if container == "dict":
+            self.blocks = nn.ModuleDict({f"layer{i}": b for i, b in enumerate(blocks)})
+        elif container == "seq":
+            self.blocks = nn.Sequential(*blocks)
+        elif container == "attr":
+            for i, b in enumerate(blocks):
+                self.add_module(f"block_{i}", b)
+            self.layers = blocks  # a plain list: not a registered container
+        else:
+            self.blocks = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def _blocks(self) -> list[nn.Module]:
+        if self.container == "attr":
+            return list(self.layers)
+        return list(self.blocks.values() if self.container == "dict" else self.blocks)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                ) -> dict[str, Any]:
+        b, t = input_ids.shape
+        if self.style == "branchy" and bool((input_ids < 0).any()):
+            raise ValueError("negative token id")
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device)[None].expand(b, t)
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        # a document mask: a token sees the tokens of its own document (positions restart)
+        doc = (position_ids == 0).cumsum(-1)
+        allowed = causal[None] & (doc[:, :, None] == doc[:, None, :])
+        keep = None
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, :].bool()
+            keep = attention_mask
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~allowed, -1e9)[:, None]
+        if self.style == "branchy":
+            for _ in range(int(attention_mask.sum()) % 1 if attention_mask is not None else 0):
+                pass  # a loop bound read off a tensor value
+        carry = None
+        for block in self._blocks():
+            if self.container == "seq":
+                x = block(x)
+            elif self.style == "context":
+                x = block(x, ctx=LayerContext(mask, keep))
+            elif block.form == "handoff":
+                x, carry = block(x, mask, keep, carry=carry)
+            else:
+                x = block(x, mask, keep)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return {"logits": logits, "loss": loss}
+
+
+class HyperBlock(nn.Module):
+    """Hyper-connections: the residual is ``n`` streams (batch, seq, n, hidden) mixed by a
+    learned matrix at every update, ``H x + beta f(alpha x)``: not x + f(x)."""
+
+    def __init__(self, hidden: int, heads: int, inner: int, n_experts: int, top_k: int,
+                 n: int = 2) -> None:
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.attn = HandAttention(hidden, heads)
+        self.moe = HandMoEBlock(hidden, inner, n_experts, top_k)
+        self.alpha = nn.Parameter(torch.full((2, n), 1.0 / n))
+        self.mix = nn.Parameter(torch.eye(n).repeat(2, 1, 1) * 0.9 + 0.05)
+        self.beta = nn.Parameter(torch.ones(2, n))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = torch.einsum("btnh,n->bth", h, self.alpha[0])
+        y = self.attn(self.n1(x), mask)
+        h = torch.einsum("btnh,nm->btmh", h, self.mix[0]) + y[:, :, None] * self.beta[0][:, None]
+        x = torch.einsum("btnh,n->bth", h, self.alpha[1])
+        y = self.moe(self.n2(x))
+        return torch.einsum("btnh,nm->btmh", h, self.mix[1]) + y[:, :, None] * self.beta[1][:, None]
+
+
+class HyperLM(GPTMoE):
+    """GPT-style LM over hyper-connection blocks (:class:`HyperBlock`), two streams."""
+
+    block_class = HyperBlock
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        x = self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))
+        mask = self.bias[:t, :t].to(x.dtype)
+        h = x[:, :, None].expand(-1, -1, 2, -1).contiguous()
+        for block in self.h:
+            h = block(h, mask)
+        return self.lm_head(self.ln_f(h.sum(2)))
+
+
+# name -> ZooLM keywords; the expected sublayer labels of each layer, and whether it converts
+UNSEEN: dict[str, dict[str, Any]] = {
+    "untraceable": dict(style="branchy"),
+    "context_object": dict(style="context", moe="padding"),
+    "shape_mask": dict(attn="shape"),
+    "moduledict": dict(container="dict"),
+    "sequential": dict(container="seq", attn="shape"),
+    "list_attr": dict(container="attr"),
+    "auto_leaf": dict(moe="guarded"),
+    "sdpa_fused_qkv": dict(attn="sdpa"),
+    "padding_moe": dict(moe="padding"),
+    "conv_mixer": dict(attn="conv"),
+    "handoff": dict(form="handoff"),
+    "scaled": dict(form="scaled"),
+    "gated": dict(form="gated"),
+    "affine": dict(form="affine"),
+    "post_norm": dict(form="post_norm"),
+    "hyper": {},
+}
+# the residual forms that are not x + f(x): refused, with the form named
+REFUSED_FORMS = {"scaled": "scaled", "gated": "gated", "affine": "affine",
+                 "post_norm": "post-norm", "hyper": "hyper-connection"}
+UNSEEN_KINDS = {name: ["attention", "moe"] for name in UNSEEN}
+UNSEEN_KINDS["conv_mixer"] = ["mixer", "moe"]
+
+
+def unseen_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A tiny model of :data:`UNSEEN`."""
+    torch.manual_seed(seed)
+    if name == "hyper":
+        return HyperLM().to(dtype)
+    return ZooLM(**UNSEEN[name]).to(dtype)
+
+
+# Hugging Face architectures the project had not covered (transformers 5.25): what each
+# shows. Built from a config with the keys below on top of :data:`_UNSEEN_COMMON`.
+_UNSEEN_COMMON: dict[str, Any] = dict(
+    _COMMON, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=32, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_DSA = dict(n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+            kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=16, num_key_value_heads=4)
+UNSEEN_HF: dict[str, dict[str, Any]] = {
+    "qwen3_5_moe_text": {},  # model-level forward untraceable: layers traced alone
+    "deepseek_v32": _DSA,  # attention untraceable: kept whole automatically
+    "bailing_hybrid": {},  # linear attention calling an unregistered module: kept whole
+    "jamba": {},  # mamba mixers
+    "glm_moe_dsa": _DSA,  # hands top-k indices to the next layer: refused
+    "gemma4_text": {},  # model-level untraceable, and scales the stream: refused (scaled)
+}
+
+
+def unseen_hf(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A tiny random-weight model of :data:`UNSEEN_HF`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    torch.manual_seed(seed)
+    cfg = CONFIG_MAPPING[name](**{**_UNSEEN_COMMON, **UNSEEN_HF[name]})
+    kw: dict[str, Any] = {"dtype": dtype}
+    if dtype == torch.float64:
+        kw["experts_implementation"] = "eager"
+    return AutoModelForCausalLM.from_config(cfg, **kw)

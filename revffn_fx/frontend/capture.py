@@ -48,7 +48,7 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
 
 
-def _held(value: Any) -> set[int]:
+def held_tensors(value: Any) -> set[int]:
     """Ids of the tensors an argument object holds (two levels into its attributes)."""
     out: set[int] = set()
     todo, depth = [value], 0
@@ -137,7 +137,7 @@ def capture(model: nn.Module, layers: Sequence[nn.Module],
         records[i] = LayerCapture(name, hidden, bound, None)
         for k, v in bound.items():
             if _stateful(v):
-                held[i] = (k, _held(v), v)
+                held[i] = (k, held_tensors(v), v)
 
     def post(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         i = index[id(mod)]
@@ -147,7 +147,7 @@ def capture(model: nn.Module, layers: Sequence[nn.Module],
         rec.output = out
         if i in held:
             k, before, value = held[i]
-            if _held(value) != before:
+            if held_tensors(value) != before:
                 rec.handoff = (f"it writes into its {k!r} argument (a {type(value).__name__}), "
                                "which the model hands to the next layer: layers that hand "
                                "state to the next cannot be coupled")
@@ -165,18 +165,21 @@ def capture(model: nn.Module, layers: Sequence[nn.Module],
         for h in handles:
             h.remove()
     chained = []
-    for i, rec in enumerate(records):
+    # tensors some layer reads that an earlier layer returned besides its hidden state
+    read = {id(t) for rec in records if rec is not None for t in _tensors(rec.kwargs)}
+    hands = any(rec is not None and rec.returns_tuple
+                and any(id(t) in read for t in _tensors(list(rec.output[1:])))
+                for rec in records)
+    for rec in records:
         if rec is None:
             continue
-        nxt = records[i + 1] if i + 1 < len(records) else None
         if rec.returns_tuple:
-            extra = [t for t in _tensors(list(rec.output[1:]))]
-            passed = nxt is not None and any(
-                any(t is e for e in extra) for t in _tensors(nxt.kwargs))
+            extra = _tensors(list(rec.output[1:]))
+            passed = hands and bool(extra)
             if passed and not rec.handoff:
-                rec.handoff = ("it returns a tensor besides the hidden state that the next "
-                               "layer reads (state handed between layers, e.g. top-k indices): "
-                               "layers that hand state to the next cannot be coupled")
+                rec.handoff = ("it returns a tensor besides the hidden state, which the model "
+                               "hands to the next layer (e.g. top-k indices): layers that hand "
+                               "state to the next cannot be coupled")
             elif extra and not rec.handoff:
                 rec.handoff = (f"it returns {len(extra)} tensor(s) besides the hidden state, "
                                "which the model reads: only the hidden state leaves a coupling")

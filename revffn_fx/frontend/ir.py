@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from ..errors import RevFFNError, TraceError
-from .capture import Capture, capture, forward_params, residual_shaped
+from .capture import Capture, capture, forward_params, held_tensors, residual_shaped
 from .tracer import (
     find_decoder_layers,
     is_norm,
@@ -622,12 +622,14 @@ class TracedModel(nn.Module):
                              f"{type(self.model).__name__}.forward (and the model-level "
                              f"forward cannot be traced: {self.model_error})")
         if not residual_shaped(rec):
-            raise TraceError(f"{qn} ({type(rec).__name__}) does not return a tensor of the "
+            kind = type(self._layer_modules[i]).__name__
+            raise TraceError(f"{qn} ({kind}) does not return a tensor of the "
                              "shape of its input, so it is not a residual decoder layer; the "
                              f"model-level forward cannot be traced either: {self.model_error}")
         inputs, consts = [], {}
         for k, v in rec.kwargs.items():
-            if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v)):
+            # tensors, and argument objects holding tensors, are inputs of the layer graph
+            if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v)) or held_tensors(v):
                 inputs.append(k)
             else:
                 consts[k] = v

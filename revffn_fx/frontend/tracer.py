@@ -185,6 +185,10 @@ class RevTracer(fx.Tracer):
         try:
             return super().create_arg(a)
         except NotImplementedError:
+            if _holds_proxy(a):
+                raise TraceError(
+                    f"a {type(a).__name__} object holding traced values is passed to a "
+                    "module: torch.fx cannot put it in a graph") from None
             name = f"_revffn_const_{len(self._constants)}"
             self._constants.append(a)
             setattr(self.root, name, a)
@@ -201,6 +205,23 @@ class RevTracer(fx.Tracer):
             raise
         finally:
             self.module_stack_names.pop()
+
+
+def _holds_proxy(value: Any, depth: int = 3) -> bool:
+    """``value`` (an object, a container) holds an fx.Proxy within ``depth`` levels."""
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth == 0 or isinstance(value, (nn.Module, type, str, bytes)):
+        return False
+    if isinstance(value, dict):
+        items: Any = value.values()
+    elif isinstance(value, (list, tuple, set)):
+        items = value
+    elif hasattr(value, "__dict__"):
+        items = vars(value).values()
+    else:
+        return False
+    return any(_holds_proxy(v, depth - 1) for v in items)
 
 
 def _opaque(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -241,7 +241,7 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
 
 # the residual forms that are not x + f(x), as refusals name them
 FORMS = {
-    "scaled": "the stream itself is multiplied by a constant: a*x + b*f(x)",
+    "scaled": "the stream itself is multiplied by a constant or a scalar: a*x + b*f(x)",
     "gated": "the stream is multiplied by a gate computed from the input: (1-g)*x + g*f(x)",
     "affine": "the stream is multiplied by or added to learned parameters: w*x + c + f(x)",
     "hyper-connection": "the streams are mixed by a learned matrix: H x + f(x)",
