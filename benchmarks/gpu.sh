@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# revffn bench on one CUDA GPU: torch.cuda.max_memory_allocated and tokens/s per method.
+# revffn-fx on one CUDA GPU (H100 or H200), in under 10 minutes: torch.cuda.max_memory_allocated
+# and tokens/s per method, every ratio taken inside one run.
 #
-#   bash benchmarks/gpu.sh              # from anywhere; results in benchmarks/gpu/
+#   bash benchmarks/gpu.sh                    # from anywhere; results in benchmarks/gpu/
+#   ONLY=exactness bash benchmarks/gpu.sh     # one part: exactness, headline, long, bench
+#   ONLY=headline,long bash benchmarks/gpu.sh # or several, comma-separated
 #   PYTHON=/path/to/python OUT=/tmp/x bash benchmarks/gpu.sh
-#   LIMIT_FP32=120 LIMIT_BF16=130 bash benchmarks/gpu.sh   # tighter caps (seconds)
-#   ONLY=headline bash benchmarks/gpu.sh   # only the whole-step headline (3.), ~5 minutes
-#   LAYERS=16 BATCH=2 ONLY=headline ...     # its depth and batch (defaults)
+#   LAYERS=16 BATCH=2 ONLY=headline ...       # the headline's depth and batch
 #
-# Needs a Python with CUDA torch, transformers, click, rich, matplotlib (the repository is put
-# on PYTHONPATH, nothing is installed or downloaded: the models are synthetic). Two runs, each
-# capped by `timeout`, so the whole script ends in under 8 minutes even on a slow GPU:
-#   1. the reference config of docs/benchmarks.md (mixtral-like, batch 4 x seq 256, fp32,
-#      depths 4/8/16/32), for the same figures as the CPU run plus max_memory_allocated;
-#   2. a larger step (batch 8 x seq 2048, bf16, depths 8 and 32), where activations, not
-#      parameters, dominate the GPU memory;
-#   3. the headline (revffn bench --step): peak of a whole training step with AdamW, bf16,
-#      Qwen1.5-MoE-shaped at its real width (hidden 2048, 60 experts top-4, vocab 151936),
-#      LAYERS deep (16: the AdamW baseline with all gradients must fit 141 GB), seq 2048
-#      and 4096; JSON and the table in $OUT/headline/.
-# Exit status: 0 when both runs finished; 3 when no CUDA device is visible; otherwise the
-# status of the first run that failed (124: it hit its timeout).
+# Needs a Python with CUDA torch, transformers, click, rich (the repository is put on
+# PYTHONPATH, nothing is installed or downloaded: the models are synthetic). The default
+# parts, each capped by `timeout` (LIMIT_* seconds), 9 minutes at most together:
+#   1. exactness (LIMIT_EXACT=120): the bf16 exactness table, benchmarks/gpu_exactness.py:
+#      each coupling's generated backward and plain bf16 autograd against float64 of the
+#      same function (the criterion of rf.verify); Mixtral-shaped, hidden 1024, 8 layers,
+#      2 x 512 tokens; $OUT/exactness.json and .md; the part fails if a coupling fails;
+#   2. headline (LIMIT_STEP=240): revffn bench --step, the peak of a whole training step
+#      (forward, loss, backward, AdamW) in bf16, Qwen1.5-MoE-shaped at its real width
+#      (hidden 2048, 60 experts top-4, vocab 151936), LAYERS deep (default 16 on a GPU with
+#      more than 100 GB, else 8: the baseline keeps every gradient), batch BATCH (2) x seq
+#      4096; methods ckpt (the baseline of the ratios), exact, offload (the exact mode with
+#      its saved tensors in pinned host memory), revffn, revnet, momentum;
+#      $OUT/headline/*.json and .txt;
+#   3. long (LIMIT_LONG=180): one long-context point, Mixtral-shaped hidden 1024 (8 experts
+#      top-2, vocab 32000), LONG_LAYERS (16) layers, batch 1 x LONG_SEQ (32768) tokens,
+#      bf16; methods exact (the baseline of the ratios), offload, revnet, revffn, momentum;
+#      $OUT/long/*.json and .txt.
+#   ONLY=bench: the older per-part runs (revffn bench, mixtral-like, fp32 4 x 256 and bf16
+#      8 x 2048), about 7 minutes more.
+# At the end, one table per run: max_memory_allocated and tokens/s, with their ratios.
+# Exit status: 0 when every part finished (and every coupling passed the exactness table);
+# 3 when no CUDA device is visible; otherwise the status of the first part that failed
+# (124: it hit its timeout).
 set -uo pipefail
 case "${1:-}" in  # --help: the comment above, nothing run
     -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -28,6 +40,7 @@ esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/benchmarks/gpu}"
+ONLY="${ONLY:-exactness,headline,long}"
 mkdir -p "$OUT"
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python3
@@ -39,7 +52,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-"$PYTHON" - <<'EOF' || exit 3
+GPU_GB=$("$PYTHON" - <<'EOF'
 import sys
 try:
     import torch
@@ -50,73 +63,93 @@ except ImportError:
 if not torch.cuda.is_available():
     print("gpu.sh: no CUDA device visible to torch", torch.__version__, file=sys.stderr)
     sys.exit(1)
-print(f"gpu.sh: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
-      f"CUDA {torch.version.cuda}", flush=True)
+p = torch.cuda.get_device_properties(0)
+print(f"gpu.sh: {p.name}, {p.total_memory / 1e9:.0f} GB, torch {torch.__version__}, "
+      f"CUDA {torch.version.cuda}", file=sys.stderr, flush=True)
+print(int(p.total_memory / 1e9))
 EOF
+) || exit 3
+LAYERS="${LAYERS:-$([[ $GPU_GB -gt 100 ]] && echo 16 || echo 8)}"
 
 status=0
-run() {  # run NAME TIMEOUT_S ARGS...: one bench, JSON and PNG into $OUT
-    local name="$1" limit="$2"
-    shift 2
-    echo "== $name: revffn bench $* --device cuda"
-    timeout "$limit" "$PYTHON" -m revffn_fx bench "$@" --device cuda \
-        --json "$OUT/$name.json" --plot "$OUT/$name.png"
-    local rc=$?
-    if [[ $rc -ne 0 ]]; then
-        echo "gpu.sh: $name failed with status $rc" >&2
-        [[ $status -eq 0 ]] && status=$rc
-    fi
+fail() {  # fail NAME RC: remember the first failure
+    echo "gpu.sh: $1 failed with status $2" >&2
+    [[ $status -eq 0 ]] && status=$2
 }
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
-run_step() {  # run_step NAME TIMEOUT_S ARGS...: one whole-step headline, JSON + table
-    local name="$1" limit="$2"
-    shift 2
-    mkdir -p "$OUT/headline"
-    echo "== $name: revffn bench --step $* --device cuda"
+run_step() {  # run_step DIR NAME TIMEOUT_S ARGS...: one revffn bench --step, JSON + table
+    local dir="$1" name="$2" limit="$3"
+    shift 3
+    mkdir -p "$OUT/$dir"
+    echo "== $dir/$name: revffn bench --step $* --device cuda"
     timeout "$limit" "$PYTHON" -m revffn_fx bench --step "$@" --device cuda \
-        --json "$OUT/headline/$name.json" | tee "$OUT/headline/$name.txt"
+        --json "$OUT/$dir/$name.json" | tee "$OUT/$dir/$name.txt"
     local rc=${PIPESTATUS[0]}
-    if [[ $rc -ne 0 ]]; then
-        echo "gpu.sh: $name failed with status $rc" >&2
-        [[ $status -eq 0 ]] && status=$rc
-    fi
+    [[ $rc -ne 0 ]] && fail "$dir/$name" $rc
 }
 
 SECONDS=0
-if [[ "${ONLY:-}" != "headline" ]]; then
-run mixtral-like-fp32 "${LIMIT_FP32:-200}" --synthetic mixtral-like --layers 4,8,16,32 --batch 4 --seq 256 \
-    --repeats 5 --dtype float32
-run mixtral-like-bf16-b8s2048 "${LIMIT_BF16:-220}" --synthetic mixtral-like --layers 8,32 --batch 8 --seq 2048 \
-    --repeats 5 --dtype bfloat16
+if want exactness; then
+    echo "== exactness: benchmarks/gpu_exactness.py (bf16)"
+    timeout "${LIMIT_EXACT:-120}" "$PYTHON" benchmarks/gpu_exactness.py --device cuda \
+        --dtype bfloat16 --preset mixtral-shaped --hidden 1024 --layers 8 --batch 2 \
+        --seq 512 --json "$OUT/exactness.json" | tee "$OUT/exactness.md"
+    rc=${PIPESTATUS[0]}
+    [[ $rc -ne 0 ]] && fail exactness $rc
 fi
-STEP_METHODS="${STEP_METHODS:-ckpt,exact,revffn,revnet,revffn/no-head}"
-for seq in 2048 4096; do
-    run_step "qwen1.5-moe-shaped-bf16-L${LAYERS:-16}-b${BATCH:-2}s$seq" "${LIMIT_STEP:-170}" \
-        --synthetic qwen1.5-moe-shaped --layers "${LAYERS:-16}" --batch "${BATCH:-2}" \
-        --seq "$seq" --dtype bfloat16 --repeats 2 --methods "$STEP_METHODS"
-done
+if want headline; then
+    run_step headline "qwen1.5-moe-shaped-bf16-L$LAYERS-b${BATCH:-2}s4096" "${LIMIT_STEP:-240}" \
+        --synthetic qwen1.5-moe-shaped --layers "$LAYERS" --batch "${BATCH:-2}" --seq 4096 \
+        --dtype bfloat16 --repeats 2 \
+        --methods "${STEP_METHODS:-ckpt,exact,offload,revffn,revnet,momentum}"
+fi
+if want long; then
+    run_step long "mixtral-shaped-h1024-bf16-L${LONG_LAYERS:-16}-s${LONG_SEQ:-32768}" \
+        "${LIMIT_LONG:-180}" --synthetic mixtral-shaped --hidden 1024 \
+        --layers "${LONG_LAYERS:-16}" --batch 1 --seq "${LONG_SEQ:-32768}" --dtype bfloat16 \
+        --repeats 2 --methods "${LONG_METHODS:-exact,offload,revnet,revffn,momentum}"
+fi
+if want bench; then
+    for spec in "mixtral-like-fp32 200 --batch 4 --seq 256 --layers 4,8,16,32 --dtype float32" \
+                "mixtral-like-bf16-b8s2048 220 --batch 8 --seq 2048 --layers 8,32 --dtype bfloat16"; do
+        read -r name limit rest <<<"$spec"
+        echo "== $name: revffn bench --synthetic mixtral-like $rest --device cuda"
+        # shellcheck disable=SC2086
+        timeout "$limit" "$PYTHON" -m revffn_fx bench --synthetic mixtral-like $rest \
+            --repeats 5 --device cuda --json "$OUT/$name.json" --plot "$OUT/$name.png"
+        rc=$?
+        [[ $rc -ne 0 ]] && fail "$name" $rc
+    done
+fi
 
-# one summary line per (run, depth, method): max_memory_allocated and tokens/s
+# one table per whole-step run: max_memory_allocated and tokens/s, ratios to the run's
+# baseline (ckpt, or exact where ckpt was not run), all from the same run
 "$PYTHON" - "$OUT" <<'EOF'
 import json, pathlib, sys
-for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):  # not headline/ (own table)
-    data = json.loads(path.read_text())
-    print(f"\n{path.stem}: {data['machine'].get('gpu', '?')}, batch {data['batch']} x seq "
-          f"{data['seq']}, {data['dtype']}")
-    print(f"{'layers':>6} {'method':<11} {'max_alloc MiB':>14} {'x ckpt':>7} {'tokens/s':>10} "
-          f"{'x ckpt':>7} {'saved MiB':>10}")
-    ref = {r["depth"]: r for r in data["rows"] if r["method"] == "checkpoint"}
-    for r in data["rows"]:
-        if r["error"]:
-            print(f"{r['depth']:>6} {r['method']:<11} error: {r['error']}")
-            continue
-        c = ref.get(r["depth"]) or {}
-        mem, tps = r["cuda_max_allocated"], r["tokens_per_s"]
-        xm = f"{mem / c['cuda_max_allocated']:.2f}" if c.get("cuda_max_allocated") else "-"
-        xt = f"{tps / c['tokens_per_s']:.2f}" if c.get("tokens_per_s") else "-"
-        mem_s = f"{mem / 2**20:.1f}" if mem else "-"
-        print(f"{r['depth']:>6} {r['method']:<11} {mem_s:>14} {xm:>7} {tps:>10,.0f} "
-              f"{xt:>7} {r['saved_bytes'] / 2**20:>10.1f}")
+out = pathlib.Path(sys.argv[1])
+for path in sorted([*out.glob("headline/*.json"), *out.glob("long/*.json")]):
+    for res in json.loads(path.read_text())["results"]:
+        ref_name = res.get("reference", "ckpt")
+        rows = {r["method"]: r for r in res["rows"]}
+        ref = rows.get(ref_name) or {}
+        tokens = res["batch"] * res["seq"]
+        print(f"\n{path.parent.name}/{path.stem}: {res['layers']} layers, hidden {res['hidden']}, "
+              f"batch {res['batch']} x seq {res['seq']}, {res['dtype']}, "
+              f"{res['machine'].get('gpu', '?')}")
+        print(f"{'method':<10} {'max_alloc MiB':>14} {'x ' + ref_name:>9} {'tokens/s':>10} "
+              f"{'x ' + ref_name:>9}")
+        for name, r in rows.items():
+            if r.get("error"):
+                print(f"{name:<10} error: {r['error']}")
+                continue
+            mem, t = r.get("peak_bytes"), r.get("step_s")
+            tps = tokens / t if t else None
+            rtps = tokens / ref["step_s"] if ref.get("step_s") else None
+            xm = f"{mem / ref['peak_bytes']:.3f}" if mem and ref.get("peak_bytes") else "-"
+            xt = f"{tps / rtps:.3f}" if tps and rtps else "-"
+            print(f"{name:<10} {mem / 2**20 if mem else 0:>14,.0f} {xm:>9} "
+                  f"{tps or 0:>10,.0f} {xt:>9}")
 EOF
 echo "gpu.sh: done in ${SECONDS}s, results in $OUT"
 exit $status

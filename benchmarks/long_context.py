@@ -259,13 +259,16 @@ def plot(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("part", choices=["sweep", "floor", "plot", "report"])
+    ap.add_argument("part", choices=["sweep", "floor", "plot", "report"],
+                    help="sweep: measure; floor: one layer's recompute working set; plot, "
+                         "report: render what was measured")
     ap.add_argument("--layers", default="16", help="sweep: comma list of depths")
     ap.add_argument("--seqs", default="4096,8192,16384", help="comma list of tokens per step")
-    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=512, help="hidden size of the preset")
     ap.add_argument("--vocab", type=int, default=None, help="default: the preset's 32000")
     ap.add_argument("--methods", default=None, help="default: step_bench.LONG_METHODS")
-    ap.add_argument("--warmup-seq", type=int, default=64)
+    ap.add_argument("--warmup-seq", type=int, default=64,
+                    help="tokens of the warm-up step (it only creates the AdamW states)")
     ap.add_argument("--force", action="store_true", help="measure again what is there")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
