@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -469,12 +468,12 @@ class NormedMoE(nn.Module):
         return self.moe(h)
 
 
-@dataclass
 class LayerContext:
-    """A custom argument object handed to every layer (the model's own calling convention)."""
+    """A custom argument object handed to every layer (the model's own calling convention;
+    torch.fx cannot put it in a graph, as transformers' ``KVSharingDict``)."""
 
-    mask: torch.Tensor
-    keep: torch.Tensor | None = None
+    def __init__(self, mask: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        self.mask, self.keep = mask, keep
 
 
 class ZooBlock(nn.Module):

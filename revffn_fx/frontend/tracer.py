@@ -186,9 +186,11 @@ class RevTracer(fx.Tracer):
             return super().create_arg(a)
         except NotImplementedError:
             if _holds_proxy(a):
+                where = _user_frame(traceback.extract_stack())
                 raise TraceError(
                     f"a {type(a).__name__} object holding traced values is passed to a "
-                    "module: torch.fx cannot put it in a graph") from None
+                    f"module{f', at {where}' if where else ''}: torch.fx cannot put it in a "
+                    "graph") from None
             name = f"_revffn_const_{len(self._constants)}"
             self._constants.append(a)
             setattr(self.root, name, a)
@@ -314,15 +316,20 @@ def patched_factories() -> Iterator[None]:
             setattr(torch, name, fn)
 
 
-def _where(exc: BaseException) -> str:
-    """``file:line`` of the innermost frame of the traceback in the model's own code
-    (not torch, not revffn-fx), or ""."""
+def _user_frame(frames: Sequence[traceback.FrameSummary]) -> str:
+    """``file:line`` of the innermost of ``frames`` in the model's own code (not torch,
+    not revffn-fx), or ""."""
     skip = (os.sep + "torch" + os.sep, os.sep + "revffn_fx" + os.sep, "<revffn wrapper")
     found = ""
-    for frame in traceback.extract_tb(exc.__traceback__):
+    for frame in frames:
         if not any(k in frame.filename for k in skip):
             found = f"{frame.filename}:{frame.lineno}"
     return found
+
+
+def _where(exc: BaseException) -> str:
+    """Where in the model's own code ``exc`` was raised (see :func:`_user_frame`)."""
+    return _user_frame(traceback.extract_tb(exc.__traceback__))
 
 
 # what torch.fx says when Python code branches on, iterates or converts a traced value
