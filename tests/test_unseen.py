@@ -194,3 +194,38 @@ def test_unseen_transformers_refusals() -> None:
 
 def test_zoo_lists_are_consistent() -> None:
     assert set(REFUSED_FORMS) <= set(UNSEEN) and set(HF_EXPECTED) <= set(UNSEEN_HF)
+
+
+class _GuardedResidual(torch.nn.Module):
+    """A norm + attention container that does the residual add itself and branches on a
+    tensor value: kept whole automatically, it hides the residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from zoo import HandAttention
+
+        self.norm = torch.nn.LayerNorm(64)
+        self.attn = HandAttention(64, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.norm(x), mask)
+        if bool(h.isnan().any()):
+            raise FloatingPointError("nan")
+        return h
+
+
+def test_automatic_leaf_on_the_stream_is_named() -> None:
+    model = ZooLM()
+    for block in model.blocks:
+        block.res = _GuardedResidual()
+        block.form = "guarded_residual"
+
+    def forward(self: Any, x: torch.Tensor, mask: torch.Tensor, keep: Any = None) -> Any:
+        x = self.res(x, mask)
+        return x + self.ffn(x, keep)
+
+    for block in model.blocks:
+        block.forward = forward.__get__(block)
+    plan = rf.analyze(rf.trace(model))
+    assert not plan.convertible
+    assert "res was kept whole because torch.fx cannot trace it" in plan.layers[0].reason

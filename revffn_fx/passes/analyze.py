@@ -232,6 +232,12 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
             if form is not None:
                 reason = (f"{reason.split('; a layer converts')[0]}; residual form "
                           f"{form[0]} at {form[1]} ({FORMS[form[0]]}), not x + f(x)")
+    auto = {n.removeprefix(layer.qualname + ".") for n in getattr(layer, "auto_leaves", ())}
+    on_stream = [n.target for n in trunk if n.op == "call_module" and n.target in auto]
+    if reason and on_stream:
+        reason += (f" ({on_stream[0]} was kept whole because torch.fx cannot trace it, and it "
+                   "sits on the residual stream; make its forward traceable, or pass "
+                   "leaf_modules naming the modules inside it that are not)")
     plan = LayerPlan(layer.index, layer.qualname, sublayers, convertible=not reason,
                      reason=reason)
     if not reason:
