@@ -107,6 +107,7 @@ def load_config(model_dir: str | os.PathLike[str]) -> Any:
     config_path, model_type = check_config(Path(model_dir))
     raw = json.loads(config_path.read_text())
     raw = {k: v for k, v in raw.items() if k not in ("revffn", "auto_map")}
+    raw["model_type"] = model_type  # an export's own "revffn": the original architecture's
     try:
         with quiet():
             return CONFIG_MAPPING[model_type].from_dict(raw)
