@@ -229,3 +229,18 @@ def test_automatic_leaf_on_the_stream_is_named() -> None:
     plan = rf.analyze(rf.trace(model))
     assert not plan.convertible
     assert "res was kept whole because torch.fx cannot trace it" in plan.layers[0].reason
+
+
+def test_layers_only_backbone_and_partial_conversion() -> None:
+    model = unseen_model("untraceable", torch.float64)
+    ids = _ids()
+    # the final hidden state, what lm_head reads
+    rev = rf.transform(model).eval()
+    with torch.no_grad():
+        hidden = rev.backbone(ids).last_hidden_state
+        torch.testing.assert_close(model.lm_head(hidden), rev(ids)["logits"])
+    # one layer converted, the other checkpointed: still the generated backward, exactly
+    rev = rf.transform(model, layers=[1], checkpoint_rest=True)
+    assert rev.converted == [1]
+    report = rf.verify(rev, ids)
+    assert report.ok and report.max_grad_rel_err <= 1e-10, report.summary()
