@@ -26,7 +26,7 @@ def test_criterion() -> None:
     assert tolerance(0.0, torch.float64) == pytest.approx(1e-9)
 
 
-@pytest.mark.parametrize("layers", [4, 24])
+@pytest.mark.parametrize("layers", [4, pytest.param(24, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("coupling", COUPLINGS)
 def test_defaults_meet_the_criterion(coupling: str, dtype: torch.dtype, layers: int) -> None:
@@ -116,18 +116,22 @@ def test_guard_cost_is_a_few_numbers_per_sequence() -> None:
     assert fp.shape == (4, 2, 9) and fp.numel() * 8 < x.numel() * 4 / 100  # < 1% of one
 
 
+@pytest.mark.slow
 def test_compile_gives_the_eager_gradients() -> None:
-    """torch.compile (inductor) of a RevModel: the reversible stacks are opaque to it
-    (before: momentum gradients off by 0.6, revffn by 3.5e-5). A hand-written float64
-    model, whose loss is float64 too (HF's upcasts logits to float32, which inductor
-    rounds differently from eager, 7e-8 on the plain HF model itself)."""
-    model = tiny_model("hand", dtype=torch.float64)
+    """torch.compile (inductor) of a RevModel: the reversible run is opaque to it (a graph
+    break), so the stacks run the kernels their backward recomputes with. Mixtral fp32,
+    momentum with exact streams: 1.5e-7 from eager with the break (the HF loss upcasts
+    logits to fp32, which inductor rounds its own way), 9.8e-6 without it."""
+    from revffn_fx.runtime import function
+
+    assert getattr(function.run_reversible, "_torchdynamo_disable", False)
+    model = tiny_model("mixtral", num_hidden_layers=2)
     ids = _ids()
     rev = rf.transform(model, coupling="momentum").train()
     g_eager, _ = flat_grads(rev, lambda: rev(ids, labels=ids))
     compiled = torch.compile(rev, backend="inductor")
     g_comp, _ = flat_grads(rev, lambda: compiled(ids, labels=ids))
-    assert relative_error(g_comp, g_eager) <= 1e-10
+    assert relative_error(g_comp, g_eager) <= 1e-6
 
 
 def _trainer_losses(model: torch.nn.Module, tmp: str) -> tuple[list[float], dict]:
