@@ -244,3 +244,25 @@ def test_layers_only_backbone_and_partial_conversion() -> None:
     assert rev.converted == [1]
     report = rf.verify(rev, ids)
     assert report.ok and report.max_grad_rel_err <= 1e-10, report.summary()
+
+
+class _WithHeads(ZooLM):
+    """A larger container of modules that do not carry the residual stream (wide heads)."""
+
+    def __init__(self) -> None:
+        super().__init__(container="dict")
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(64, 2048) for _ in range(3))
+
+    def forward(self, input_ids: torch.Tensor, labels: Any = None) -> dict[str, Any]:
+        out = super().forward(input_ids, labels=labels)
+        aux = sum(h(self.wte(input_ids)).mean() for h in self.heads)
+        return {"logits": out["logits"] + 0 * aux, "loss": out["loss"]}
+
+
+def test_the_layers_are_the_group_that_carries_the_residual_stream() -> None:
+    model = _WithHeads()
+    # structure alone ranks the larger group first; the example forward rules it out
+    assert [q for q, _ in find_decoder_layers(model)] == ["heads.0", "heads.1", "heads.2"]
+    traced = rf.trace(model)
+    assert [lg.qualname for lg in traced.layers] == ["blocks.layer0", "blocks.layer1"]
+    assert rf.analyze(traced).convertible == [0, 1]

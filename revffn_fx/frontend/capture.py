@@ -164,6 +164,13 @@ def capture(model: nn.Module, layers: Sequence[nn.Module],
         model.train(was)
         for h in handles:
             h.remove()
+    return finish(records, out, ids)
+
+
+def finish(records: list[LayerCapture | None], out: Any, ids: torch.Tensor | None = None
+           ) -> Capture:
+    """A :class:`Capture` of ``records`` (one group of layers, in order): which layers
+    chain, which hand state to the next."""
     chained = []
     # tensors some layer reads that an earlier layer returned besides its hidden state
     read = {id(t) for rec in records if rec is not None for t in _tensors(rec.kwargs)}

@@ -23,10 +23,17 @@ from torch.utils import _pytree as pytree
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from ..errors import RevFFNError, TraceError
-from .capture import Capture, capture, forward_params, held_tensors, residual_shaped
+from .capture import (
+    Capture,
+    capture,
+    finish,
+    forward_params,
+    held_tensors,
+    residual_shaped,
+)
 from .tracer import (
-    find_decoder_layers,
     is_norm,
+    layer_candidates,
     layer_leaves,
     make_call_wrapper,
     strip_prefix,
@@ -544,22 +551,24 @@ class TracedModel(nn.Module):
         super().__init__()
         self.model = model
         self.leaf_modules = tuple(leaf_modules)
-        found = find_decoder_layers(model)
-        if not found:
+        candidates = layer_candidates(model)[:4]
+        if not candidates:
             raise TraceError(
                 f"no decoder layers found in {type(model).__name__}: expected a container "
                 "(ModuleList, ModuleDict, Sequential, a list) of identical parameterised blocks")
-        self.layer_names = [q for q, _ in found]
-        # a plain list, not ids: a deepcopy then holds the copied layers (ids would name
-        # the original's, and a copy's first trace would go into its layers)
-        self.__dict__["_layer_modules"] = [m for _, m in found]
         self.convention = convention_of(model)
         self._graphs: dict[tuple[bool, bool, bool], fx.GraphModule] = {}
         # modules of the model-level graph kept whole because tracing into them failed
         self.auto_leaves: set[str] = set()
         # the example forward of the untouched model (None when it could not run, e.g. on
-        # the meta device): how each layer is called, state handed between layers
-        self.__dict__["capture"] = self._capture()
+        # the meta device): how each layer is called, state handed between layers; the
+        # layers are the first candidate group whose modules carry the residual stream
+        found, cap = self._capture(candidates)
+        self.__dict__["capture"] = cap
+        self.layer_names = [q for q, _ in found]
+        # a plain list, not ids: a deepcopy then holds the copied layers (ids would name
+        # the original's, and a copy's first trace would go into its layers)
+        self.__dict__["_layer_modules"] = [m for _, m in found]
         # why the model-level forward cannot be traced ("" when it can): then the layers
         # are traced on their own and the model's forward runs as written, with converted
         # layers substituted (revffn_fx.swap)
@@ -598,9 +607,12 @@ class TracedModel(nn.Module):
         """The model-level forward could not be traced: only the layers are."""
         return bool(self.model_error)
 
-    def _capture(self) -> Capture | None:
-        """One forward of the untouched model with hooks on its layers; None when it fails
-        (then the model-level trace alone says how layers are called)."""
+    def _capture(self, candidates: list[list[tuple[str, nn.Module]]]
+                 ) -> tuple[list[tuple[str, nn.Module]], Capture | None]:
+        """One forward of the untouched model with hooks on the candidate layers: the first
+        candidate group whose every module takes and returns the residual stream, and its
+        capture. Without a forward (it fails, e.g. on the meta device) the first candidate
+        and None (then the model-level trace alone says how layers are called)."""
         conv = self.convention
 
         def call(ids: torch.Tensor) -> Any:
@@ -608,11 +620,19 @@ class TracedModel(nn.Module):
             return self.model(ids, **kw) if conv.ids_positional else self.model(
                 **{conv.ids: ids}, **kw)
 
+        modules = list({id(m): m for group in candidates for _, m in group}.values())
         try:
             with _router_logits_off(self.model):
-                return capture(self.model, self._layer_modules, call)
+                cap = capture(self.model, modules, call)
         except Exception:  # noqa: BLE001 - the model-level trace may still do without it
-            return None
+            return candidates[0], None
+        index = {id(m): i for i, m in enumerate(modules)}
+        for group in candidates:
+            records = [cap.layers[index[id(m)]] for _, m in group]
+            if all(residual_shaped(r) for r in records):
+                return group, finish(records, cap.output, cap.ids)
+        group = candidates[0]
+        return group, finish([cap.layers[index[id(m)]] for _, m in group], cap.output, cap.ids)
 
     def _captured_call(self, i: int, qn: str) -> LayerCall:
         """A layer's calling convention read off the example forward."""

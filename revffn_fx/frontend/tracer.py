@@ -80,14 +80,23 @@ def _groups(model: nn.Module) -> Iterator[tuple[str, list[tuple[str, nn.Module]]
 
 
 def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The decoder layers of ``model``, as (qualified name, module), in order.
+    """The decoder layers of ``model``, as (qualified name, module), in order: the first
+    of :func:`layer_candidates`."""
+    found = layer_candidates(model)
+    return found[0] if found else []
+
+
+def layer_candidates(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
+    """Groups of modules that may be the decoder layers, as (qualified name, module), most
+    likely first.
 
     Hugging Face layers subclass ``GradientCheckpointingLayer``; otherwise the layers are
-    the largest group of sibling parameterised modules of one class held in any container
+    groups of sibling parameterised modules of one class held in any container
     (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``, a list attribute, numbered
-    attributes) that no other such group holds: the experts of a block are inside a layer,
-    never the layers themselves. :func:`~revffn_fx.frontend.capture.capture` then checks
-    on a forward that each one takes and returns the residual stream.
+    attributes), those no other group holds first (the experts of a block are inside a
+    layer, never the layers themselves), then the largest. The tracer takes the first
+    whose modules, on one forward, each take and return the residual stream
+    (:func:`~revffn_fx.frontend.capture.residual_shaped`).
     """
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
@@ -109,9 +118,9 @@ def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         return not any(id(c) in inside[j] for _, c in candidates[k][3]
                        for j in range(len(candidates)) if j != k)
 
-    ranked = max(range(len(candidates)),
-                 key=lambda k: (candidates[k][0], outermost(k), candidates[k][2]))
-    return list(candidates[ranked][3])
+    ranked = sorted(range(len(candidates)), reverse=True,
+                    key=lambda k: (candidates[k][0], outermost(k), candidates[k][2]))
+    return [list(candidates[k][3]) for k in ranked]
 
 
 def layer_leaves(layer: nn.Module, trace_through: Sequence[str] = ()) -> set[nn.Module]:
