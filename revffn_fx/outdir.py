@@ -319,6 +319,9 @@ def recover(out: Path, model_dir: Path | None = None,
         else:
             log.warning("warning: %s: removed, left by a killed revffn-fx run (process %d)",
                         path, pid)
+    stray = read_marker(out, ASIDE) if out.is_dir() and not out.is_symlink() else None
+    if stray is not None and stray.get("token") in runs.values():
+        os.unlink(out / ASIDE)  # a run killed just before its swap had marked OUT_DIR
     legacy = sorted(out.parent.glob(f".{out.name}.revffn-tmp-*"))
     if legacy:
         log.warning("warning: %s: leftover staging directory of an older revffn-fx (delete it "

@@ -489,3 +489,18 @@ def test_attention_mask_of_another_shape_is_read_as_hugging_face_reads_it() -> N
             with pytest.raises(RevFFNError, match=r"attention_mask has shape .* it must be "
                                                   r"\(batch, sequence\) = \[2, 16\]"):
                 rev(ids, attention_mask=torch.ones(shape, dtype=torch.long))
+
+
+def test_stray_aside_marker_of_a_killed_run_is_removed(export: Path, tmp_path: Path) -> None:
+    """Killed after marking OUT_DIR for its swap but before the swap: OUT_DIR is the old
+    export plus that run's .revffn-aside; recovery removes the marker it recorded only."""
+    out = Path(shutil.copytree(export, tmp_path / "out"))
+    (out / ASIDE).write_text(json.dumps({"written_by": "revffn-fx", "token": "a" * 32}))
+    (tmp_path / "out.revffn-lock").write_text(json.dumps(
+        {"runs": [{"pid": 2**22 + 5, "token": "b" * 32}]}))
+    recover(out)
+    assert (out / ASIDE).exists()  # not the recorded token: not touched
+    (tmp_path / "out.revffn-lock").write_text(json.dumps(
+        {"runs": [{"pid": 2**22 + 5, "token": "a" * 32}]}))
+    recover(out)
+    assert not (out / ASIDE).exists() and rf.load(out).converted == [0, 1, 2, 3]
