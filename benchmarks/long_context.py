@@ -72,10 +72,12 @@ def sweep(args: argparse.Namespace) -> None:
 def floor(args: argparse.Namespace) -> None:
     """What one layer's recompute holds at its peak: each sublayer (attention, MoE) run
     forward and backward with gradients, as the generated backward (or checkpointing)
-    recomputes it, under MemTracker; parameters and their gradients excluded."""
+    recomputes it: the peak of the tensors it creates (measure_memory.peak_live_bytes),
+    parameters frozen so no weight gradient is counted; and the MoE recomputed in token
+    chunks, one chunk's forward and backward after the other."""
     import torch
-    from torch.distributed._tools.mem_tracker import MemTracker
 
+    from revffn_fx.tools.measure_memory import peak_live_bytes
     from revffn_fx.tools.step_bench import build_model
 
     torch.set_num_threads(1)
@@ -94,27 +96,34 @@ def floor(args: argparse.Namespace) -> None:
         def moe(h, layer=layer):  # noqa: ANN001, ANN202
             return layer.mlp(layer.post_attention_layernorm(h))
 
-        parts = {"attention": attention, "moe": moe}
+        def moe_chunked(h, layer=layer, chunks=args.chunks):  # noqa: ANN001, ANN202
+            # what a generated backward that recomputes the token-local MoE branch chunk by
+            # chunk would hold: each chunk's forward and backward, one after the other
+            for piece in h.split(-(-h.shape[1] // chunks), dim=1):
+                out = layer.mlp(layer.post_attention_layernorm(piece))
+                out.backward(torch.ones_like(out))
+            return None
+
+        parts = {"attention": attention, "moe": moe,
+                 f"moe in {args.chunks} token chunks": moe_chunked}
+        for q in layer.parameters():  # the activation working set only (no weight grads)
+            q.requires_grad_(False)
         for name, fn in parts.items():
             h = x.clone().requires_grad_(True)
-            mt = MemTracker()
-            mt.track_external(layer)
-            with mt:
+
+            def run(fn=fn, h=h):  # noqa: ANN001, ANN202
                 out = fn(h)
                 out = out[0] if isinstance(out, tuple) else out
-                out.backward(torch.ones_like(out))
-            snap = mt.get_tracker_snapshot("peak")
-            dev = next(iter(snap.values()))
-            by = {str(k).rsplit(".", 1)[-1]: int(v) for k, v in dev.items()}
-            total = by.pop("Total")
-            act = total - by.get("PARAM", 0) - by.get("BUFFER", 0) - by.get("GRAD", 0)
+                if out is not None:
+                    out.backward(torch.ones_like(out))
+
+            act, _ = peak_live_bytes(run)
             td = seq * args.hidden * 4
             rows.append(dict(seq=seq, part=name, working_set_bytes=act,
                              hidden_state_bytes=td))
             print(f"seq {seq} {name}: {act / MiB:,.0f} MiB = {act / td:.1f} x the hidden "
                   f"state ({td / MiB:,.0f} MiB)", flush=True)
-            layer.zero_grad(set_to_none=True)
-            del out, h, mt
+            del h
     OUT.mkdir(exist_ok=True)
     (OUT / "floor.json").write_text(json.dumps(dict(hidden=args.hidden, rows=rows),
                                                indent=2) + "\n")
@@ -240,7 +249,8 @@ def plot(args: argparse.Namespace) -> None:
     for ax, title in ((axes[0], "activation part of the peak (peak - params, grads, optimizer)"),
                       (axes[1], "whole-step peak (MemTracker)")):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
+        if ax is axes[0]:
+            ax.set_yscale("log", base=2)
         ax.set_xlabel("tokens per step (batch 1)")
         ax.set_ylabel("MiB")
         ax.set_title(title, fontsize=9)
@@ -270,6 +280,8 @@ def main() -> None:
     ap.add_argument("--warmup-seq", type=int, default=64,
                     help="tokens of the warm-up step (it only creates the AdamW states)")
     ap.add_argument("--force", action="store_true", help="measure again what is there")
+    ap.add_argument("--chunks", type=int, default=8,
+                    help="floor: token chunks of the chunked MoE recompute")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     {"sweep": sweep, "floor": floor, "plot": plot, "report": report}[args.part](args)

@@ -111,9 +111,10 @@ def test_longest_is_the_last_sequence_that_fits() -> None:
         head = "chunked" if label == "exact mode" else "original"
         s = by[(label, True)].seq
         assert whole_step(cfg, 2, s + 1, method, head, True, n, biggest).total > budget
-    # reversibility buys length over the exact mode; plain fine-tuning the least
-    assert by[("revnet + lean loss head", False)].seq > by[("exact mode", False)].seq
-    assert by[("plain fine-tuning", False)].seq < by[("exact mode", False)].seq
+    # plain fine-tuning keeps every activation: the shortest (whether a coupling beats the
+    # exact mode depends on depth and the MoE's recompute: docs/benchmarks.md)
+    assert all(by[("plain fine-tuning", False)].seq < f.seq for f in found
+               if not f.method.startswith("plain"))
     # more memory, longer sequences
     assert all(g.seq >= f.seq for f, g in zip(found, longest(cfg, 2, 2 * budget)))
 

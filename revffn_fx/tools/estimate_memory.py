@@ -198,6 +198,21 @@ def _ffn(m: Dims, t: int, e: int, dense: bool) -> int:
     return total
 
 
+def _ffn_backward(m: Dims, t: int, e: int, dense: bool) -> int:
+    """What the feed-forward's backward holds on top of what it saved, when a reversible
+    stack recomputes it with gradients: the gradients of the gate and up projections'
+    outputs and of the (gathered) input. Fitted to the MoE working set measured at long
+    context (benchmarks/long_context.py floor: 49 x the hidden state at hidden 512, top-2,
+    intermediate 1792, of which 32 are saved)."""
+    if dense:
+        return t * e * (2 * m.dense_inter + m.hidden)
+    rows = t * m.top_k
+    total = rows * e * (2 * m.expert_inter + m.hidden)
+    if m.shared_inter:
+        total += t * e * 2 * m.shared_inter
+    return total
+
+
 def _layer(m: Dims, i: int, b: int, s: int, e: int) -> int:
     """All a decoder layer saves under plain autograd."""
     t = b * s
@@ -296,7 +311,8 @@ def estimate(config: Any, batch: int, seq: int, method: str,
         peaks, recomputes, below = [], [], 0
         for i in range(m.layers):
             if i in is_converted:
-                here = _ffn(m, t, e, i in m.dense_layers) + 3 * td + stack
+                dense = i in m.dense_layers
+                here = _ffn(m, t, e, dense) + _ffn_backward(m, t, e, dense) + 3 * td + stack
             else:
                 here = per_layer[i] + td
             peaks.append(below + here)
