@@ -187,9 +187,12 @@ def test_unseen_transformers_refusals() -> None:
     plan = rf.analyze(rf.trace(unseen_hf("glm_moe_dsa")))
     assert not plan.convertible
     assert "hands to the next layer" in plan.layers[0].reason
-    plan = rf.analyze(rf.trace(unseen_hf("gemma4_text")))
-    assert not plan.convertible
-    assert all("residual form scaled" in lp.reason for lp in plan.layers)
+    forms = {"gemma4_text": "scaled", "ergo": "affine", "doge": "affine",
+             "deepseek_v4": "hyper-connection"}
+    for name, form in forms.items():
+        plan = rf.analyze(rf.trace(unseen_hf(name)))
+        assert not plan.convertible
+        assert all(f"residual form {form} " in lp.reason for lp in plan.layers), plan
 
 
 def test_zoo_lists_are_consistent() -> None:

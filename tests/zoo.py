@@ -706,6 +706,9 @@ UNSEEN_HF: dict[str, dict[str, Any]] = {
     "jamba": {},  # mamba mixers
     "glm_moe_dsa": _DSA,  # hands top-k indices to the next layer: refused
     "gemma4_text": {},  # model-level untraceable, and scales the stream: refused (scaled)
+    "ergo": {},  # a residual gate module, learned per-channel weights: refused (affine)
+    "doge": {},  # learned residual weights: refused (affine)
+    "deepseek_v4": {},  # hyper-connections: refused (hyper-connection)
 }
 
 

@@ -12,8 +12,10 @@ class Sublayer:
 
     ``residual_form``: "pre_norm" (norm at the branch input), "post_norm" (norm on the
     branch output), "sandwich" (both), "scaled" (a constant multiplies the branch),
-    "plain" (no norm), or "norm_residual" (the residual is taken after a norm and both
-    sides are scaled: not of the form x + f(x)).
+    "plain" (no norm), or, in a layer that is not of the form x + f(x), "norm_residual"
+    (the residual is taken after a norm and both sides are scaled), "gated", "affine" or
+    "hyper_connection" (the stream multiplied by a gate, by learned weights, mixed with
+    other streams by a learned matrix).
     """
 
     kind: str

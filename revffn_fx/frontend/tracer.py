@@ -30,7 +30,8 @@ from ..errors import TraceError
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A normalisation module: no children, only 1-D parameters (weight, maybe bias)."""
+    """A normalisation module: no children, only 1-D parameters (weight, maybe bias), one
+    tensor in (a module that takes two is a combiner: see :func:`is_combiner`)."""
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)):
         return True
     params = list(module.parameters(recurse=False))
@@ -38,7 +39,27 @@ def is_norm(module: nn.Module) -> bool:
         not any(True for _ in module.children())
         and bool(params)
         and all(p.dim() == 1 for p in params)
+        and _arity(module) <= 1
     )
+
+
+def _arity(module: nn.Module) -> int:
+    """How many positional parameters without a default the module's forward has."""
+    try:
+        params = list(inspect.signature(inspect.unwrap(type(module).forward)).parameters.values())
+    except (TypeError, ValueError):
+        return 1
+    return sum(1 for p in params[1:]
+               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty)
+
+
+def is_combiner(module: nn.Module) -> bool:
+    """A module that combines two tensors with only scalar or per-channel weights and no
+    submodules (a residual gate ``g * branch + r * residual``): traced through, so the
+    residual form it computes is visible."""
+    params = list(module.parameters(recurse=False))
+    return (not any(True for _ in module.children()) and all(p.dim() <= 1 for p in params)
+            and _arity(module) >= 2)
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -127,8 +148,9 @@ def layer_leaves(layer: nn.Module, trace_through: Sequence[str] = ()) -> set[nn.
     """Modules inside ``layer`` that are traced *through* (not leaves).
 
     The layer's children are leaves, except containers that hold a norm next to a
-    composite sublayer (dbrx's ``norm_attn_norm``: norm, attention, norm): those hide
-    residual additions and are traced through, recursively. A module whose children are
+    composite sublayer (dbrx's ``norm_attn_norm``: norm, attention, norm) and modules that
+    combine two tensors with per-channel weights (a residual gate): those hide residual
+    additions and are traced through, recursively. A module whose children are
     all atomic (an attention with q/k norms, MLA with its low-rank norms) stays a leaf.
     Classes named in ``trace_through`` are always traced.
     """
@@ -140,7 +162,7 @@ def layer_leaves(layer: nn.Module, trace_through: Sequence[str] = ()) -> set[nn.
             composite = (any(is_norm(k) for k in kids)
                          and any(not is_norm(k) and any(_has_params(g) for g in k.children())
                                  for k in kids))
-            if composite or type(child).__name__ in trace_through:
+            if composite or is_combiner(child) or type(child).__name__ in trace_through:
                 through.add(child)
                 visit(child)
 

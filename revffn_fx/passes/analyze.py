@@ -232,6 +232,10 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
             if form is not None:
                 reason = (f"{reason.split('; a layer converts')[0]}; residual form "
                           f"{form[0]} at {form[1]} ({FORMS[form[0]]}), not x + f(x)")
+                if form[0] in ("scaled", "gated", "affine", "hyper-connection"):
+                    for sub in sublayers:  # the sums listed for the report
+                        if sub.residual_form == "norm_residual":
+                            sub.residual_form = form[0].replace("-", "_")
     auto = {n.removeprefix(layer.qualname + ".") for n in getattr(layer, "auto_leaves", ())}
     on_stream = [n.target for n in trunk if n.op == "call_module" and n.target in auto]
     if reason and on_stream:
