@@ -599,7 +599,10 @@ def _parse_depths(spec: str) -> list[int]:
 @click.option("--warmup", type=int, default=1, show_default=True,
               help="Untimed steps per method before measuring.")
 @click.option("--methods", default=",".join(METHODS), show_default=True, metavar="LIST",
-              help=f"Methods to compare; also {', '.join(EXTRA_METHODS)}.")
+              help=f"Methods to compare; also {', '.join(EXTRA_METHODS)}. With --step: "
+                   "sft, ckpt, exact, offload (the exact mode with saved tensors in pinned "
+                   "host memory), every coupling by name, <coupling>/no-head, /no-fusion "
+                   "(revffn_fx.tools.step_bench.STEP_METHODS).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", default="float32", show_default=True,
               help="Synthetic models' dtype (MODEL_DIR keeps its own unless given).")
