@@ -174,7 +174,8 @@ def _check_ours(out: Path) -> None:
         extra = sorted(set(os.listdir(out)) - set(files) - {MARKER, ASIDE})
         if extra:
             raise ExportError(f"{out}: holds {extra[0]!r}, which revffn-fx did not write "
-                              f"({len(extra)} such entries): --force replaces only what "
+                              f"({len(extra)} such {'entry' if len(extra) == 1 else 'entries'}"
+                              "): --force replaces only what "
                               f"revffn-fx wrote; move it out, or {hint} (nothing was changed)")
 
 
