@@ -433,6 +433,87 @@ def test_sigkill_at_every_point_leaves_old_or_new(old_export: Path, new_export: 
         assert _digest(out) == new
 
 
+def _fork_killed_in_swap(args: list[str], log: Path, op: int, when: str) -> int:
+    """revffn-transform ARGS in a forked child that SIGKILLs itself ``when`` ("before" or
+    "after") the ``op``-th filesystem change of the swap (the Linux exchange, a rename, an
+    unlink or rmdir, counted from the start of ``outdir._swap_in``); every change is
+    logged as ``op N: NAME -> RESULT``. The exchange stays on (no pause point is set)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        stream = open(log, "w", buffering=1)  # noqa: SIM115 -- the child exits below
+        sys.stdout = sys.stderr = stream
+        from revffn_fx import outdir
+
+        seen, swapping = [0], [False]
+
+        def counted(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+            def change(*a: object, **k: object) -> object:
+                if not swapping[0]:
+                    return fn(*a, **k)
+                seen[0] += 1
+                if seen[0] == op and when == "before":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                result = fn(*a, **k)
+                print(f"op {seen[0]}: {name} -> {result!r}", flush=True)
+                if seen[0] == op and when == "after":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return result
+            return change
+
+        for name in ("rename", "replace", "unlink", "remove", "rmdir"):
+            setattr(os, name, counted(name, getattr(os, name)))
+        outdir._exchange = counted("exchange", outdir._exchange)
+        swap_in = outdir._swap_in
+
+        def swap(*a: object, **k: object) -> bool:
+            swapping[0] = True
+            return swap_in(*a, **k)
+
+        outdir._swap_in = swap
+        transform.main(args, prog_name="revffn-transform")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="renameat2(RENAME_EXCHANGE) is Linux's")
+def test_sigkill_around_the_linux_exchange(old_export: Path, new_export: Path,
+                                           tmp_path: Path) -> None:
+    """The swap users run on Linux (the atomic exchange on; the pause points turn it off):
+    --force over a good OUT_DIR, SIGKILLed right before the exchange, right after it, and
+    after the rename that follows. OUT_DIR is the old or the new export bit for bit and
+    loads; the leftovers are the killed run's and recovery removes them. A swap that
+    deleted OUT_DIR and then renamed the new one in would be caught half deleted."""
+    old, new = _digest(old_export), _digest(new_export)
+    kills = {(1, "before"): old, (1, "after"): new, (2, "after"): new}
+    runs = {}
+    for op, when in kills:
+        name = f"{when}{op}"
+        out = Path(shutil.copytree(old_export, tmp_path / name / "out"))
+        runs[op, when] = (out, tmp_path / f"{name}.log", _fork_killed_in_swap(
+            [str(TINY), str(out), "--force", "--coupling", "revnet", "--max-shard-size",
+             "256KB"], tmp_path / f"{name}.log", op, when))
+    for (op, when), (out, log, pid) in runs.items():
+        assert _exit_code(pid) == -signal.SIGKILL, log.read_text()
+        changes = [ln for ln in log.read_text().splitlines() if ln.startswith("op ")]
+        if op == 1 and when == "after" and changes == ["op 1: exchange -> False"]:
+            pytest.skip(f"{tmp_path}: this filesystem has no RENAME_EXCHANGE")
+        want = kills[op, when]
+        assert _digest(out) == want, (op, when, changes)
+        assert rf.load(out).coupling == ("revnet" if want is new else "revffn")
+        if when == "after":  # the first change of the swap is the exchange, and it ran
+            assert changes[0] == "op 1: exchange -> True", changes
+        recover(out)  # what the next run does first: the killed run's leftovers go
+        assert sorted(p.name for p in out.parent.iterdir()) == ["out", "out.revffn-lock"]
+        assert _digest(out) == want
+
+
 def test_sigterm_cleans_up_and_concurrent_writer_refused(old_export: Path,
                                                          tmp_path: Path) -> None:
     # SIGTERM in the middle of the shards: exit 130, staging removed, OUT_DIR untouched
