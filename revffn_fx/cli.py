@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from revffn_fx import __version__
+from revffn_fx import __version__, couplings
 from revffn_fx.errors import RevFFNError
 from revffn_fx.exits import EXIT_HELP, Command, Group
 from revffn_fx.output import check_model_dir as _check_model_dir
@@ -70,13 +70,13 @@ def _human(n: int | float) -> str:
                short_help="Rewrite a model dir into reversible layers.")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.argument("out_dir", type=click.Path(path_type=str))
-@click.option("--coupling", type=click.Choice(["revffn", "revnet", "momentum", "meft", "none"]),
+@click.option("--coupling", type=click.Choice(couplings.NAMES),
               default="revffn", show_default=True,
-              help="revffn: attention and MoE as the two halves of one coupling; "
-                   "revnet: a RevNet-style split of the hidden state; momentum / meft: "
-                   "keep the pretrained function to within --momentum (docs/quality.md); "
-                   "none: the exact mode (same function, every layer checkpointed, lean "
-                   "loss head).")
+              help="; ".join(f"{c.name}: {c.summary}" for c in couplings.REGISTRY.values())
+              + " (docs/quality.md).")
+@click.option("--bdia-gamma", type=click.Choice(["0.5", "0.25", "0.125"]), default=None,
+              help="bdia: |gamma|, the weight of the layer before (default 0.5; stores "
+                   "log2(1/gamma) bits per element per layer).")
 @click.option("--momentum", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=None, metavar="G",
               help="momentum / meft: the fraction of the overwritten stream each update "
@@ -140,7 +140,8 @@ def _human(n: int | float) -> str:
 @click.option("--estimate-seq", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Sequence length the report's activation estimate assumes.")
 @click.version_option(__version__, "-V", "--version", prog_name="revffn-transform")
-def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | None,
+def transform(model_dir: str, out_dir: str, coupling: str, bdia_gamma: str | None,
+              momentum: float | None,
               exact_streams: bool | None, guard: str, layers: str | None, verify: bool,
               force: bool, dry_run: bool, max_shard_size: str, attention: str,
               fixed_point_iters: int | None, fixed_point_tol: float | None,
@@ -175,7 +176,8 @@ def transform(model_dir: str, out_dir: str, coupling: str, momentum: float | Non
     options = TransformOptions(coupling=coupling, layers=layers, attention=attention,
                                fixed_point_iters=fixed_point_iters,
                                fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype,
-                               momentum=momentum, exact_streams=exact_streams, guard=guard)
+                               momentum=momentum, exact_streams=exact_streams, guard=guard,
+                               bdia_gamma=None if bdia_gamma is None else float(bdia_gamma))
     check_out_dir(Path(out_dir).expanduser(), force, Path(model_dir).expanduser(),
                   force_foreign=force_foreign)
     from revffn_fx.export import transform_dir  # lazy: the heavy part of the package
@@ -337,6 +339,39 @@ def verify(out_dir: str, batch: int, seq: int, seed: int, router: bool,
         raise VerificationFailed(f"{out_dir}: verification failed: {report.summary()}")
 
 
+# ------------------------------------------------------------------------------ export-original
+
+@click.command("export-original", cls=Command, context_settings=_CONTEXT, epilog=EXIT_HELP,
+               short_help="A standard checkpoint of the original architecture.")
+@click.argument("rev_dir", type=click.Path(path_type=str))
+@click.argument("hf_dir", type=click.Path(path_type=str))
+@click.option("--force", is_flag=True, help="Replace an HF_DIR that revffn-fx wrote.")
+@click.option("--force-foreign", is_flag=True, help="Replace any non-empty HF_DIR.")
+def export_original_command(rev_dir: str, hf_dir: str, force: bool,
+                            force_foreign: bool) -> None:
+    """Write REV_DIR's model as the original Hugging Face architecture into HF_DIR.
+
+    Only for couplings whose trained model is the original architecture: none (the exact
+    mode) and bdia (trained with +-gamma of the layer before, evaluated as the original
+    layers). HF_DIR is a standard checkpoint (config.json, safetensors, tokenizer files)
+    that loads with AutoModelForCausalLM and no revffn-fx, no auto_map.
+
+    \b
+    Example:
+      revffn-transform examples/tiny-moe-stdlib /tmp/rev --coupling bdia
+      revffn export-original /tmp/rev /tmp/hf
+    """
+    _check_model_dir(rev_dir)
+    from revffn_fx.outdir import check_out_dir
+
+    check_out_dir(Path(hf_dir).expanduser(), force, Path(rev_dir).expanduser(),
+                  force_foreign=force_foreign)
+    from revffn_fx.export.original import export_original
+
+    out = export_original(rev_dir, hf_dir, force=force, force_foreign=force_foreign)
+    click.echo(f"wrote {out}: the original architecture with the trained weights")
+
+
 # ----------------------------------------------------------------------------------------- main
 
 def _print_diff(text: str) -> None:
@@ -349,7 +384,8 @@ def _print_diff(text: str) -> None:
 @click.command("diff", cls=Command, context_settings=_CONTEXT, epilog=EXIT_HELP,
                short_help="Show the graphs the transform changes.")
 @click.argument("model_dir", type=click.Path(path_type=str))
-@click.option("--coupling", type=click.Choice(["revffn", "revnet", "momentum", "meft"]),
+@click.option("--coupling", type=click.Choice([c.name for c in couplings.REGISTRY.values()
+                                                if c.converts]),
               default="revffn", show_default=True, help="The coupling to transform with.")
 @click.option("--layer", type=click.IntRange(min=0), default=None,
               help="The decoder layer to show (default: the first convertible one).")
@@ -572,6 +608,7 @@ main.add_command(verify)
 main.add_command(diff_command)
 main.add_command(plan)
 main.add_command(bench_command)
+main.add_command(export_original_command)
 
 #: ``revffn-transform``: the transform command on its own.
 transform_main = transform

@@ -15,11 +15,11 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from . import couplings
 from .errors import ConversionError
 from .frontend.ir import TracedModel, call_arguments
 from .frontend.registry import facts_for
 from .passes.analyze import analyze_layer, router_ids
-from .passes.couple import COUPLINGS
 from .passes.cross_branch import cross_attentions
 from .passes.inverse import ReversibleSpec, generate_inverse
 from .passes.manager import Pass, PassManager, PassRecord, snapshot
@@ -103,7 +103,8 @@ class CompiledModel:
 
     def _compile_layer(self, i: int, plan: Any, cross: Any, training: bool) -> ReversibleSpec:
         """The layer pass list (Couple, the user's passes), then the inverse."""
-        adapters = self.adapters[str(i)] if self.coupling == "revffn" else None
+        adapters = (self.adapters[str(i)] if couplings.get(self.coupling).adapter_params
+                    else None)
         couple = Couple(plan, self.coupling, adapters, cross, self.momentum,
                         self.update_targets[i][0])
         # the coupling invariant is checked after every pass: a user's pass that breaks it
@@ -142,7 +143,7 @@ class CompiledModel:
             self.model, "get_output_embeddings") else None
         head = head or dict(self.model.named_modules()).get(
             self.lm_head_target().removeprefix("model."))
-        runner = SwapRunner(self.traced, layers, COUPLINGS.get(self.coupling, "copies"),
+        runner = SwapRunner(self.traced, layers, (couplings.get(self.coupling).split or "copies"),
                             self.options, self.checkpoint_rest, hidden_only, head, training)
         self.loss_head_status = ("original: the model's own forward runs (its decoder layers "
                                  "were traced on their own)")
@@ -157,7 +158,7 @@ class CompiledModel:
         for i, spec in self.specs(training).items():
             lg = self.traced.layers[i]
             layers["model." + lg.qualname] = (spec.layer(lg.qualname), lg.call.inputs)
-        split = COUPLINGS.get(self.coupling, "copies")  # exact mode: no stack
+        split = (couplings.get(self.coupling).split or "copies")  # exact mode: no stack
         by_target = {"model." + lg.qualname: lg.module for lg in self.traced.layers}
 
         def bind(node: fx.Node) -> tuple[Any, dict[str, Any]]:

@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
+from . import couplings
 from .compiled import CompiledModel
 from .errors import ConversionError, RevFFNError
 from .frontend.ir import (
@@ -29,7 +30,7 @@ from .frontend.ir import (
     trace,
 )
 from .frontend.plan import Plan
-from .options import SCALED_COUPLINGS, TransformOptions, check_amplification, parse_layer_spec
+from .options import TransformOptions, check_amplification, parse_layer_spec
 from .passes.analyze import (
     analyze,
     describe_pairing,
@@ -51,7 +52,7 @@ _BENIGN_KWARGS = {"use_cache", "return_dict"}
 _NONE_KWARGS = {"inputs_embeds", "output_attentions", "output_hidden_states"}
 #: the coupling name of the exact mode: no coupling, every decoder layer as it is under
 #: activation checkpointing, with the lean loss head (the strongest non-reversible stack)
-EXACT = "none"
+EXACT = couplings.EXACT
 
 
 def parse_layers(spec: str | Sequence[int] | None, n: int) -> list[int] | None:
@@ -111,7 +112,8 @@ class RevModel(nn.Module):
         self.model = model
         self.coupling = coupling
         # the fraction of the overwritten stream kept by the momentum and meft couplings
-        self.momentum: float | None = options.momentum
+        self.momentum: float | None = options.momentum if options.momentum is not None \
+            else options.bdia_gamma  # bdia: |gamma|, what its updates keep
         self.user_passes = list(passes or [])
         for user_pass in self.user_passes:
             scope_of(user_pass)  # a bad scope is refused now, not at the first compile
@@ -136,9 +138,11 @@ class RevModel(nn.Module):
             raise ConversionError("no convertible decoder layer"
                                   + (f": {sorted(reasons)[0]}" if reasons else ""))
         self.converted = chosen
-        if coupling in SCALED_COUPLINGS and not options.exact_streams:
-            scaled = sum(len(self.plan.layers[i].sublayers) for i in chosen)
-            check_amplification(coupling, float(options.momentum), scaled,
+        spec = couplings.get(coupling)
+        if spec.scaled and not options.exact_streams:
+            scaled = sum(spec.scaled_updates(len(self.plan.layers[i].sublayers))
+                         for i in chosen)
+            check_amplification(coupling, float(spec.scale(options.to_dict())), scaled,
                                 options.stream_dtype or str(wider_stream_dtype(
                                     next(model.parameters()).dtype)).replace("torch.", ""))
         # the stream each residual update of a converted layer writes (0: X1, 1: X2):
@@ -148,13 +152,18 @@ class RevModel(nn.Module):
         start = 0
         for i in chosen:
             lp = self.plan.layers[i]
+            if spec.whole_layer:  # the layer is one update (bdia)
+                self.update_targets[i] = [start]
+                lp.pairing = f"the whole layer -> X{start + 1} (reads X{2 - start})"
+                start = (start + 1) % 2
+                continue
             self.update_targets[i] = update_targets(lp, start)
             lp.pairing = describe_pairing(lp, start)
             start = (start + len(lp.sublayers)) % 2
         self.hidden_size = hidden_size_of(model)
         p = next(model.parameters())
         self.adapters = nn.ModuleDict()
-        if coupling == "revffn":
+        if spec.adapter_params:
             for i in chosen:
                 self.adapters[str(i)] = make_adapters(self.hidden_size, p.dtype, p.device,
                                                       self.update_targets[i])
@@ -574,6 +583,23 @@ class RevModel(nn.Module):
         return (f"RevModel({kind}, {self.coupling}: layers {span}"
                 f" of {len(self.plan.layers)} reversible, {n:,} parameters, loss head "
                 f"{self.loss_head})")
+
+    def to_original(self) -> nn.Module:
+        """The original Hugging Face model with the trained weights (it shares them with
+        this RevModel): its ``save_pretrained`` writes a standard checkpoint any serving
+        stack loads. Only for couplings whose function is the original architecture's
+        (the exact mode ``none``, and ``bdia``, which evaluates as the original layers);
+        in eval mode its logits equal this RevModel's."""
+        spec = couplings.get(self.coupling)
+        if not spec.preserves_function:
+            keep = ", ".join(n for n, c in couplings.REGISTRY.items() if c.preserves_function)
+            raise RevFFNError(f"the {self.coupling} coupling computes another function than "
+                              f"the original architecture: its weights are not the original "
+                              f"model's (couplings that train the original: {keep})")
+        if len(self.adapters):
+            raise RevFFNError("this RevModel has adapters of its own; the original "
+                              "architecture has no place for them")
+        return self.model
 
     # -- saving and loading (revffn_fx.export; imported lazily: it imports this module) --
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:

@@ -14,13 +14,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import couplings
+from .couplings.base import power_of_two_fraction
 from .errors import ConversionError, RevFFNError
 
-# the couplings, as the passes name them (passes.couple.COUPLINGS, and "none": the exact
-# mode); tests check the two lists agree
-COUPLINGS = ("revffn", "revnet", "momentum", "meft", "none")
-SCALED_COUPLINGS = ("momentum", "meft")  # their inverse divides by the momentum g
-DEFAULT_MOMENTUM = 0.125  # passes.couple_momentum.DEFAULT_MOMENTUM
+# the couplings, from the registry (revffn_fx.couplings)
+COUPLINGS = couplings.NAMES
+SCALED_COUPLINGS = tuple(n for n, c in couplings.REGISTRY.items() if c.scaled)  # divide by g
+#: every coupling-specific option, and the couplings that take it
+_COUPLING_OPTIONS = {name: tuple(c.name for c in couplings.REGISTRY.values() if name in c.options)
+                     for c in couplings.REGISTRY.values() for name in c.options}
 ATTENTIONS = ("plain", "cross")
 GUARDS = ("raise", "warn", "off")  # the reconstruction guard (runtime/guard.py)
 LOSS_HEADS = ("chunked", "original")
@@ -62,6 +65,7 @@ class TransformOptions:
     fixed_point_iters: int | None = None
     fixed_point_tol: float | None = None
     momentum: float | None = None
+    bdia_gamma: float | None = None
     exact_streams: bool | None = None
     leaf_modules: tuple[str, ...] = ()
     guard: str = "raise"
@@ -70,13 +74,11 @@ class TransformOptions:
         def put(name: str, value: Any) -> None:  # frozen: normalise through object
             object.__setattr__(self, name, value)
 
-        if self.coupling not in COUPLINGS:
-            raise ConversionError(f"unknown coupling {self.coupling!r}; choose from "
-                                  f"{', '.join(COUPLINGS)}")
+        coupling = couplings.get(self.coupling)  # unknown: a ConversionError
         put("layers", _layers(self.layers))
         if self.attention not in ATTENTIONS:
             raise ConversionError(f"unknown attention {self.attention!r}; choose plain or cross")
-        if self.attention == "cross" and self.coupling != "revffn":
+        if self.attention == "cross" and not coupling.cross_attention:
             raise ConversionError("cross-branch attention is an option of the revffn coupling")
         if self.loss_head not in LOSS_HEADS:
             raise ConversionError(f"unknown loss head {self.loss_head!r}; choose chunked or "
@@ -95,7 +97,9 @@ class TransformOptions:
                     or not 0 < tol < math.inf:
                 raise ConversionError(f"fixed_point_tol must be a positive number, not {tol}")
             put("fixed_point_tol", float(tol))
-        put("momentum", _momentum(self.coupling, self.momentum, self.exact_streams))
+        for name, takers in _COUPLING_OPTIONS.items():
+            put(name, _coupling_option(coupling, name, getattr(self, name), takers,
+                                       self.exact_streams))
         if self.guard not in GUARDS:
             raise ConversionError(f"unknown guard {self.guard!r}; choose from "
                                   f"{', '.join(GUARDS)}")
@@ -180,22 +184,26 @@ def _stream_dtype(value: Any) -> str | None:
     return name
 
 
-def _momentum(coupling: str, g: Any, exact: bool) -> float | None:
-    if coupling not in SCALED_COUPLINGS:
-        if g is not None:
-            raise ConversionError(f"momentum is an option of the "
-                                  f"{' and '.join(SCALED_COUPLINGS)} couplings, not of "
-                                  f"{coupling!r}")
+def _coupling_option(coupling: couplings.Coupling, name: str, value: Any,
+                     takers: tuple[str, ...], exact: bool) -> float | None:
+    """A coupling's own option (momentum, bdia_gamma): refused on other couplings,
+    defaulted and checked on its own; with exact streams a scale must be 2**-k."""
+    if name not in coupling.options:
+        if value is not None:
+            raise ConversionError(f"{name} is an option of the {' and '.join(takers)} "
+                                  f"coupling{'s' if len(takers) > 1 else ''}, not of "
+                                  f"{coupling.name!r}")
         return None
-    g = DEFAULT_MOMENTUM if g is None else check_momentum(g)
+    default, check = coupling.options[name]
+    g = default if value is None else check(value)
     if exact:
         k = -math.log2(g)
         if k != round(k) or k > MAX_MOMENTUM_BITS:
             near = 2.0 ** -min(MAX_MOMENTUM_BITS, max(1, round(k)))
             raise ConversionError(
-                f"momentum {g} cannot be inverted exactly: exact streams (the default of "
-                f"{coupling}) need g = 2**-k with k in 1..{MAX_MOMENTUM_BITS} (0.5, 0.25, "
-                f"0.125, ...); use momentum={near:g}")
+                f"{name} {g} cannot be inverted exactly: exact streams (the default of "
+                f"{coupling.name}) need g = 2**-k with k in 1..{MAX_MOMENTUM_BITS} (0.5, "
+                f"0.25, 0.125, ...); use {name}={near:g}")
     return g
 
 
@@ -215,14 +223,7 @@ def check_amplification(coupling: str, g: float, scaled_updates: int,
 
 def check_momentum(g: Any) -> float:
     """``g`` as a float in (0, 1), or a ConversionError naming the valid range."""
-    try:
-        g = float(g)
-    except (TypeError, ValueError):
-        raise ConversionError(f"momentum must be a number in (0, 1), got {g!r}") from None
-    if not 0.0 < g < 1.0:
-        raise ConversionError(f"momentum must be in (0, 1) (the fraction of the stream kept "
-                              f"by each update; 0 is not invertible), got {g}")
-    return g
+    return power_of_two_fraction("momentum")(g)
 
 
 def parse_layer_spec(spec: str) -> list[int]:

@@ -196,13 +196,17 @@ def round_trip(layer: Any, streams: list[torch.Tensor], ctx: dict[str, Any],
     """Run ``layer``'s updates on ``streams`` (keeping the bits exact streams drop), undo
     them last first with the runtime's own inverse (closed form or fixed point, as the
     backward does), and return the relative error of the round trip."""
-    ys, lost = list(streams), []
+    ys, lost, drawn = list(streams), [], []
     for u in layer.updates:
+        if hasattr(u, "sampling"):  # bdia: check the training update (gamma drawn)
+            u.sampling, u.first_in_stack = True, False
+        drawn.append(u.prepare(ys))
         ys[u.target] = u.combine(ys, u.run(ys, ctx), lost)
-    for u in reversed(layer.updates):
+    for u, d in zip(reversed(layer.updates), reversed(drawn)):
+        u.restore(d)
         if u.closed_form:
             ys[u.target] = u.invert(ys[u.target], u.run(ys, ctx),
-                                    lost.pop() if u.keeps_bits else None)
+                                    lost.pop() if u.keeps_bits else None, ys)
         else:
             ys[u.target] = fixed_point(u, ys, ctx, iters, tol)[0]
     return _rel(torch.cat([y.flatten() for y in ys]), torch.cat([x.flatten() for x in streams]))

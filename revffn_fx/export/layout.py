@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .. import couplings
 from ..errors import ExportError
 from ..model import RevModel
 from ..options import TransformOptions
@@ -25,7 +26,8 @@ SHIM_CONFIG = "RevFFNConfig"
 # into the original class and compute another function; the original model_type moves to
 # the revffn section ("model_type")
 EXPORT_MODEL_TYPE = "revffn"
-FUNCTION_PRESERVING = ("none",)  # couplings whose export is the original architecture
+# couplings whose export is the original architecture (the registry says which)
+FUNCTION_PRESERVING = tuple(n for n, c in couplings.REGISTRY.items() if c.preserves_function)
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # Files carried over from MODEL_DIR besides the weights: tokenizer and generation defaults.

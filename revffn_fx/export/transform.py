@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import couplings
 from ..calibration import calibration_batches
 from ..errors import ConversionError, ExportError, LoadError
 from ..frontend.loading import check_config, check_config_bounds, check_fits, quiet
@@ -272,7 +273,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                     if lp.convertible and lp.index not in rev.converted and wanted is not None]
     # the adapters are created for real, exactly as RevModel initialises them
     adapters: dict[str, torch.Tensor] = {}
-    if rev.coupling == "revffn":
+    if couplings.get(rev.coupling).adapter_params:
         from ..passes.couple import make_adapters
 
         pdtype = next(model.parameters()).dtype
@@ -282,8 +283,9 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                 adapters[f"adapters.{i}.{k}"] = v
     calibration = None
     if calibrate is not None:
-        if rev.coupling != "revffn":
-            raise ConversionError("--calibrate fits the revffn adapters; revnet has none")
+        if not couplings.get(rev.coupling).adapter_params:
+            raise ConversionError(f"--calibrate fits the revffn adapters; {rev.coupling} has "
+                                  "none")
         batches = calibration_batches(src, calibrate, calibration_tokens)
         if not dry_run:
             adapters, calibration = _calibrated_adapters(src, rev, batches, adapters)

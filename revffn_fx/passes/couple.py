@@ -34,13 +34,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import couplings
 from ..errors import ConversionError
 from ..frontend.plan import LayerPlan
 from ..runtime.streams import MERGES, SPLITS
 from .analyze import update_targets
-from .couple_momentum import DEFAULT_MOMENTUM, SCALED_COUPLINGS, couple_scaled_layer
+from .graph_copy import keep_target, tag
 
-COUPLINGS = {"revffn": "halves", "revnet": "copies", **SCALED_COUPLINGS}
+#: coupling -> its stream split, for every coupling that converts layers (the registry's)
+COUPLINGS = {c.name: c.split for c in couplings.REGISTRY.values() if c.converts}
+#: this module's own rewrite (revffn, revnet): the registry names it for them
+REWRITE = f"{__name__}:couple_layer"
 
 
 # adapter name prefixes of a layer's residual updates, in order (two: F, G as in RevNet)
@@ -82,11 +86,6 @@ def make_adapters(hidden: int, dtype: torch.dtype, device: torch.device | str = 
     return mods
 
 
-def _tag(node: fx.Node, tag: str) -> fx.Node:
-    node.meta["revffn"] = tag
-    return node
-
-
 def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
                  adapters: nn.ModuleDict | None = None,
                  cross: dict[str, nn.Module] | None = None,
@@ -103,20 +102,20 @@ def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
     """
     if not plan.convertible:
         raise ConversionError(f"layer {plan.qualname} is not convertible: {plan.reason}")
-    if coupling not in COUPLINGS:
-        raise ConversionError(f"unknown coupling {coupling!r}; choose from {sorted(COUPLINGS)}")
-    if coupling in SCALED_COUPLINGS:  # momentum, meft: keep the pretrained function
-        if len({sub.residual_node for sub in plan.sublayers}) < len(plan.sublayers):
-            raise ConversionError(f"layer {plan.qualname} has a parallel residual; the "
-                                  f"{coupling} coupling takes sequential ones only (use "
-                                  "revffn or revnet)")
+    spec = couplings.get(coupling)
+    if not spec.converts:
+        raise ConversionError(f"the {coupling} coupling rewrites no layer")
+    if spec.rewrite != REWRITE:  # its own rewrite pass (registry: revffn_fx.couplings)
         if adapters is not None or cross:
             raise ConversionError(f"the {coupling} coupling has no adapters and no "
                                   "cross-branch attention")
-        return couple_scaled_layer(gm, plan, coupling,
-                                   DEFAULT_MOMENTUM if momentum is None else momentum)
-    if (coupling == "revffn") != (adapters is not None):
-        raise ConversionError("revffn needs adapters; revnet has none")
+        default = next(iter(spec.options.values()), (None, None))[0]
+        return spec.rewrite_pass()(gm, plan, coupling,
+                                   scale=default if momentum is None else momentum,
+                                   start=start)
+    if bool(spec.adapter_params) != (adapters is not None):
+        raise ConversionError(f"the {coupling} coupling "
+                              f"{'needs adapters' if spec.adapter_params else 'has none'}")
     split_kind = COUPLINGS[coupling]
     subs = plan.sublayers
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -138,19 +137,19 @@ def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
         if adapters is None:
             return x
         root[f"adapters.{name}"] = adapters[name]
-        return _tag(graph.call_module(f"adapters.{name}", (x,)), "adapter")
+        return tag(graph.call_module(f"adapters.{name}", (x,)), "adapter")
 
     streams: list[fx.Node] = []
     for node in gm.graph.nodes:  # inputs, the split, then what does not read the stream
         if node.op == "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
             if node is hidden:
-                pair = _tag(graph.call_function(SPLITS[split_kind], (env[node],)), "split")
-                streams = [_tag(graph.call_function(operator.getitem, (pair, i)), "split")
+                pair = tag(graph.call_function(SPLITS[split_kind], (env[node],)), "split")
+                streams = [tag(graph.call_function(operator.getitem, (pair, i)), "split")
                            for i in (0, 1)]
         elif node.op != "output" and node not in dependent:
             env[node] = graph.node_copy(node, lambda n: env[n])
-            _keep_target(node, gm, root)
+            keep_target(node, gm, root)
     for j, (sub, t) in enumerate(zip(subs, targets)):
         name = UPDATE_NAMES[j]
         r = by_name[sub.residual_node]
@@ -178,10 +177,10 @@ def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
             new.meta["from_node"] = node.name
             new.meta["revffn_branch"] = name
             local[node] = new
-            _keep_target(node, gm, root)
+            keep_target(node, gm, root)
         upd = adapter(f"{name}_down", local[mine[-1]])
-        streams[t] = _tag(graph.call_function(operator.add, (streams[t], upd)), "coupling")
-    graph.output(_tag(graph.call_function(MERGES[split_kind], tuple(streams)), "merge"))
+        streams[t] = tag(graph.call_function(operator.add, (streams[t], upd)), "coupling")
+    graph.output(tag(graph.call_function(MERGES[split_kind], tuple(streams)), "merge"))
     out = fx.GraphModule(root, graph, class_name=f"{coupling.capitalize()}Coupling")
     out.graph.eliminate_dead_code()
     out.graph.lint()
@@ -198,7 +197,7 @@ def _cross_call(graph: fx.Graph, node: fx.Node, module: nn.Module,
     """``cross(query, *args, **kwargs)`` in place of the attention call ``node``, the
     query computed by a copy of the F-branch path from ``r`` to the attention input with
     ``r`` replaced by ``query_in`` (the X1 stream through F_up)."""
-    _tag(query_in, "cross_query")
+    tag(query_in, "cross_query")
     on_path = {r}
     for n in r.graph.nodes:  # graph order: the path from r, up to the attention call
         if n is node:
@@ -215,34 +214,11 @@ def _cross_call(graph: fx.Graph, node: fx.Node, module: nn.Module,
         if n is node:
             break
         if n in on_path and n is not r:
-            env[n] = _tag(graph.node_copy(n, lambda a: env[a] if a in env else arg(a)),
+            env[n] = tag(graph.node_copy(n, lambda a: env[a] if a in env else arg(a)),
                           "cross_query")
             env[n].meta["from_node"] = n.name
     target = f"{node.target}_cross".replace(".", "_")
     root[target] = module
     args = tuple(fx.map_arg(node.args, arg))
     kwargs = dict(fx.map_arg(node.kwargs, arg))
-    return _tag(graph.call_module(target, (env[reads[0]], *args), kwargs), "cross_attention")
-
-
-def node_of_branch_out(add: fx.Node, r: fx.Node) -> fx.Node:
-    """The operand of a residual ``add`` that is not the residual ``r``."""
-    a, b = add.args[:2]
-    return b if a is r else a
-
-
-def _reads(node: fx.Node, hidden_dependent: set[fx.Node]) -> bool:
-    return any(n in hidden_dependent for n in node.all_input_nodes)
-
-
-def _keep_target(node: fx.Node, gm: fx.GraphModule, root: dict[str, Any]) -> None:
-    if node.op in ("call_module", "get_attr"):
-        root[node.target] = _fetch(gm, node.target)
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
+    return tag(graph.call_module(target, (env[reads[0]], *args), kwargs), "cross_attention")

@@ -29,33 +29,36 @@ from typing import Any
 
 import torch.fx as fx
 
+from .. import couplings
+from ..couplings.momentum import DEFAULT_MOMENTUM
 from ..errors import ConversionError
 from ..frontend.plan import LayerPlan
-from ..options import check_momentum  # the one check (torch-free, for the CLI too)
+from ..runtime.streams import MERGES, SPLITS
+from .graph_copy import keep_target, node_of_branch_out, reads_any
+from .graph_copy import tag as _tag
 
-# coupling -> split kind (revffn_fx.runtime.streams)
-SCALED_COUPLINGS = {"momentum": "momentum", "meft": "copies_last"}
-DEFAULT_MOMENTUM = 0.125  # g = 1/8: step-0 loss within 0.1% (docs/quality.md), 3 bits lost
-
-
-def _tag(node: fx.Node, tag: str) -> fx.Node:
-    node.meta["revffn"] = tag
-    return node
+# coupling -> split kind (revffn_fx.runtime.streams), from the registry
+SCALED_COUPLINGS = {c.name: c.split for c in couplings.REGISTRY.values()
+                    if c.update == "scaled"}
 
 
 def couple_scaled_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
-                        momentum: float = DEFAULT_MOMENTUM) -> fx.GraphModule:
+                        scale: float = DEFAULT_MOMENTUM, start: int = 0) -> fx.GraphModule:
     """Return the ``momentum`` or ``meft`` coupling graph of one layer (``gm`` is not
     modified). Every residual sublayer of the plan becomes one scaled update (meft) or a
-    velocity and a position update (momentum), in graph order."""
-    from .couple import _keep_target, _reads, node_of_branch_out
-
+    velocity and a position update (momentum), in graph order. ``scale``: the momentum g;
+    ``start`` is not used (these couplings start every layer on the same stream)."""
+    del start
     if not plan.convertible:
         raise ConversionError(f"layer {plan.qualname} is not convertible: {plan.reason}")
     if coupling not in SCALED_COUPLINGS:
         raise ConversionError(f"unknown scaled coupling {coupling!r}; choose from "
                               f"{sorted(SCALED_COUPLINGS)}")
-    g = check_momentum(momentum)
+    if len({sub.residual_node for sub in plan.sublayers}) < len(plan.sublayers):
+        raise ConversionError(f"layer {plan.qualname} has a parallel residual; the "
+                              f"{coupling} coupling takes sequential ones only (use "
+                              "revffn or revnet)")
+    g = couplings.get(coupling).options["momentum"][1](scale)
     subs = list(plan.sublayers)
     if coupling == "meft" and len(subs) % 2:
         raise ConversionError(
@@ -83,12 +86,12 @@ def couple_scaled_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
         if node.op == "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
             if not cur and node is residual[0]:
-                pair = _tag(graph.call_function(_split_fn(split_kind), (env[node],)), "split")
+                pair = _tag(graph.call_function(SPLITS[split_kind], (env[node],)), "split")
                 cur = [_tag(graph.call_function(operator.getitem, (pair, i)), "split")
                        for i in (0, 1)]
             continue
         if node.op == "output":
-            merged = _tag(graph.call_function(_merge_fn(split_kind), tuple(cur)), "merge")
+            merged = _tag(graph.call_function(MERGES[split_kind], tuple(cur)), "merge")
             graph.output(merged)
             continue
         if node in adds:
@@ -109,9 +112,9 @@ def couple_scaled_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
                 env[node] = cur[w]
             continue
         k = which.get(node)
-        if k is None and not _reads(node, dependent):
+        if k is None and not reads_any(node, dependent):
             env[node] = graph.node_copy(node, lambda n: env[n])  # hidden-independent
-            _keep_target(node, gm, root)
+            keep_target(node, gm, root)
             continue
         if k is None:
             dependent.add(node)
@@ -123,7 +126,7 @@ def couple_scaled_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
         new.meta["from_node"] = node.name
         new.meta["revffn_branch"] = "FG"[k] if k < 2 else f"B{k}"
         env[node] = new
-        _keep_target(node, gm, root)
+        keep_target(node, gm, root)
     if not cur:
         raise ConversionError(f"layer {plan.qualname}: the first sublayer's residual is not "
                               "the layer's hidden-state input")
@@ -134,15 +137,3 @@ def couple_scaled_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
     out.meta["revffn"] = {"coupling": coupling, "layer": plan.qualname, "split": split_kind,
                           "momentum": g}
     return out
-
-
-def _split_fn(kind: str) -> Any:
-    from ..runtime.streams import SPLITS
-
-    return SPLITS[kind]
-
-
-def _merge_fn(kind: str) -> Any:
-    from ..runtime.streams import MERGES
-
-    return MERGES[kind]

@@ -7,7 +7,8 @@ is the current value of a stream is an update ``stream[t] += u``, and the nodes 
 - it reads stream t: ``x_t`` solves ``x = y_t - branch(..., x, ...)`` (fixed point).
 An update may keep a fraction of the stream, ``stream[t] = c * stream[t] + u`` (the
 coupling pass tags the ``* c`` node "coupling_scale"); its inverse divides by ``c``.
-The result is the list of runtime updates plus an fx GraphModule of the inverse.
+The result is the list of runtime updates: their ``invert`` (and the fixed-point solver)
+is the one inverse there is, what the backward runs and what ``rf.verify`` checks.
 """
 
 from __future__ import annotations
@@ -16,23 +17,21 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
-import networkx as nx
 import torch.fx as fx
 
 from ..errors import ConversionError
-from ..runtime.fixed_point import solve_fixed_point
+from ..runtime.sampled import SampledUpdate
 from ..runtime.stack import RevLayer, Update
 from ..runtime.streams import MERGES, SPLITS
 
 
 @dataclass
 class ReversibleSpec:
-    """A coupling ready for the runtime: its updates, forward and inverse graphs."""
+    """A coupling ready for the runtime: its updates and its forward graph."""
 
     split: str
     updates: list[Update]
     forward: fx.GraphModule
-    inverse: fx.GraphModule
 
     def layer(self, name: str) -> RevLayer:
         """The runtime layer (one per spec, shared by every graph of this mode)."""
@@ -41,17 +40,8 @@ class ReversibleSpec:
         return self._layer
 
 
-def _digraph(graph: fx.Graph) -> nx.DiGraph:
-    g = nx.DiGraph()
-    for node in graph.nodes:
-        g.add_node(node)
-        for inp in node.all_input_nodes:
-            g.add_edge(inp, node)
-    return g
-
-
 def extract(gm: fx.GraphModule, inputs: list[fx.Node], output: fx.Node,
-            g: nx.DiGraph, name: str) -> tuple[fx.GraphModule, list[str]]:
+            name: str) -> tuple[fx.GraphModule, list[str]]:
     """The subgraph computing ``output`` from ``inputs`` and the graph's other placeholders.
 
     Returns the GraphModule (placeholders: one per input, then the context placeholders
@@ -107,7 +97,7 @@ def _scaled(node: Any, current: list[fx.Node]) -> bool:
 
 
 def generate_inverse(coupling: fx.GraphModule) -> ReversibleSpec:
-    """Analyse a coupling graph into updates and emit its inverse GraphModule."""
+    """Analyse a coupling graph into the runtime's updates (each knows its inverse)."""
     graph = coupling.graph
     split_fns = {v: k for k, v in SPLITS.items()}
     split = next((n for n in graph.nodes
@@ -118,7 +108,6 @@ def generate_inverse(coupling: fx.GraphModule) -> ReversibleSpec:
     streams = sorted((u for u in split.users), key=lambda u: u.args[1])
     current: list[fx.Node] = list(streams)
     versions = set(streams)
-    g = _digraph(graph)
     updates: list[Update] = []
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target is operator.add):
@@ -139,40 +128,16 @@ def generate_inverse(coupling: fx.GraphModule) -> ReversibleSpec:
             raise ConversionError(f"branch of {node.name} reads an overwritten stream value "
                                   f"({stale[0].name}): not reversible")
         reads = [i for i, v in enumerate(current) if v in anc]
-        branch, ctx_names = extract(coupling, [current[i] for i in reads], u, g,
+        branch, ctx_names = extract(coupling, [current[i] for i in reads], u,
                                     f"Branch_{node.name}")
-        updates.append(Update(branch, t, reads, ctx_names, scale))
+        if scale != 1.0 and a.meta.get("revffn_sampled"):  # bdia: sign drawn per sample
+            updates.append(SampledUpdate(branch, t, reads, ctx_names, scale))
+        else:
+            updates.append(Update(branch, t, reads, ctx_names, scale))
         current[t] = node
         versions.add(node)
     merge = next((n for n in graph.nodes if n.op == "call_function"
                   and n.target in MERGES.values()), None)
     if merge is None or list(merge.args) != current:
         raise ConversionError("coupling graph does not merge the final streams")
-    return ReversibleSpec(kind, updates, coupling, _inverse_graph(updates, len(streams)))
-
-
-def _inverse_graph(updates: list[Update], n: int) -> fx.GraphModule:
-    """``(y_0..y_{n-1}, **ctx) -> (x_0..x_{n-1})``, undoing the updates in reverse."""
-    graph = fx.Graph()
-    ys = [graph.placeholder(f"y{i}") for i in range(n)]
-    ctx_names = sorted({c for u in updates for c in u.ctx_names})
-    ctx = {c: graph.placeholder(c) for c in ctx_names}
-    root: dict[str, Any] = {}
-    cur: list[fx.Node] = list(ys)
-    for j in reversed(range(len(updates))):
-        u = updates[j]
-        name = f"update_{j}"
-        kw = {c: ctx[c] for c in u.ctx_names}
-        if u.closed_form:
-            root[f"{name}.branch"] = u.branch
-            f = graph.call_module(f"{name}.branch", tuple(cur[i] for i in u.reads), kw)
-            cur[u.target] = graph.call_function(operator.sub, (cur[u.target], f))
-            if u.scale != 1.0:
-                cur[u.target] = graph.call_function(operator.truediv,
-                                                    (cur[u.target], u.scale))
-        else:
-            root[name] = u
-            mod = graph.get_attr(name)
-            cur[u.target] = graph.call_function(solve_fixed_point, (mod, tuple(cur), kw))
-    graph.output(tuple(cur))
-    return fx.GraphModule(root, graph, class_name="Inverse")
+    return ReversibleSpec(kind, updates, coupling)

@@ -4,8 +4,8 @@ reach both follow the dtype the branches compute in.
 
 One solver, :func:`fixed_point`, for every reconstruction: the training backward
 (:mod:`.function`, budget and tolerance from ``RuntimeOptions``, which the transform sets
-from this rule or the user's values), the transform's convergence probe, and the emitted
-inverse graphs (:func:`solve_fixed_point`, used by verification).
+from this rule or the user's values), the transform's convergence probe, and rf.verify's
+round trip.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ..errors import FixedPointError
 from .stack import Update
 
 # default relative residual of a fixed-point reconstruction, by the dtype branches compute
@@ -55,18 +54,3 @@ def fixed_point_tolerance(dtype: torch.dtype) -> float:
 def fixed_point_iters(dtype: torch.dtype) -> int:
     """The most iterations by default: 200 in fp64 (its tighter tolerance), else 50."""
     return 200 if dtype == torch.float64 else 50
-
-
-def solve_fixed_point(update: Update, streams: tuple[torch.Tensor, ...],
-                      ctx: dict[str, Any], iters: int | None = None,
-                      tol: float | None = None) -> torch.Tensor:
-    """The fixed-point inverse step of ``update``; FixedPointError when it does not reach
-    ``tol`` within ``iters`` (defaults: the dtype rule above)."""
-    dtype = streams[update.target].dtype
-    iters = fixed_point_iters(dtype) if iters is None else iters
-    tol = fixed_point_tolerance(dtype) if tol is None else tol
-    x, n, res = fixed_point(update, list(streams), ctx, iters, tol)
-    if not res <= tol:
-        raise FixedPointError(f"fixed-point inverse of stream {update.target} did not "
-                              f"converge: residual {res:.3g} after {n} iterations")
-    return x

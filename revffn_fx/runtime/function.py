@@ -63,6 +63,7 @@ class RevFunction(torch.autograd.Function):
         layer_now, units = None, []
         layers = list(stack.layers)
         prints: list[torch.Tensor] = []  # the guard's fingerprint of each layer's input
+        draws: list[Any] = []  # what each update drew before its branch (bdia's gamma)
         for _, u, layer in _updates(stack):
             if layer is not layer_now:  # FSDP2: gather one layer's parameters at a time
                 reshard(units, forward=True)
@@ -70,6 +71,7 @@ class RevFunction(torch.autograd.Function):
                 unshard(units, _next_units(layers, layer, 1, opts))
                 if opts.guard != "off":
                     prints.append(guard.fingerprint(streams))
+            draws.append(u.prepare(streams))  # before the capture: the branch replays alone
             states.append(rng.capture(devices))
             if record:
                 with tap.recording() as rec:  # type: ignore[union-attr]
@@ -86,7 +88,7 @@ class RevFunction(torch.autograd.Function):
         fctx.ctx_meta = (ctx_leaves, ctx_spec, tensor_pos)
         fctx.params = tensors[n + n_ctx:]
         fctx.states, fctx.counts, fctx.record = states, counts, record
-        fctx.prints = prints
+        fctx.prints, fctx.draws = prints, draws
         fctx.amp = _autocast_state()
         return (*streams, *logits)
 
@@ -183,7 +185,7 @@ class _Walk:
         fp = [u for u in layer.updates if not u.closed_form]
         compute = layer.updates[0].compute_dtype or self.y[0].dtype
         tol = guard.tolerance(self.y[0].dtype, compute, self.opts.fixed_point_tol if fp else None)
-        scaled = any(u.scale != 1.0 for u in layer.updates)
+        scaled = any(u.scaled for u in layer.updates)
         if scaled and not self.opts.exact_streams:
             hint = "the scaled coupling's inverse divides by g: use exact_streams=True"
         elif fp:
@@ -227,6 +229,7 @@ class _Walk:
                                                      list[torch.Tensor]]:
         """``f(x_reads)`` again, with grad on, in the forward's RNG and autocast state:
         (the inputs it reads, as leaves; its output; the router logits it produced)."""
+        u.restore(self.fctx.draws[j])
         with torch.enable_grad(), self._replayed(j):
             reads = {i: self.y[i].detach().requires_grad_(True) for i in sorted(set(u.reads))}
             streams = [reads.get(i, y) for i, y in enumerate(self.y)]
@@ -241,7 +244,8 @@ class _Walk:
         """``x_t = (y_t - f(x_reads)) / scale`` from the recompute's ``f`` (and, on the
         exact-streams grid, the bits the forward's division dropped)."""
         t = u.target
-        self.y[t] = u.invert(self.y[t], out, self.lost.pop() if u.keeps_bits else None).detach()
+        self.y[t] = u.invert(self.y[t], out, self.lost.pop() if u.keeps_bits else None,
+                             self.y).detach()
 
     def propagate(self, j: int, u: Update, reads: dict[int, torch.Tensor], out: torch.Tensor,
                   logits: list[torch.Tensor]) -> tuple[list[Any], list[Any]]:
@@ -260,8 +264,8 @@ class _Walk:
         order = sorted(reads)
         inputs = [reads[i] for i in order] + params + [self.ctx_in[i] for i in self.ctx_req]
         got = torch.autograd.grad(outs, inputs, g_outs, allow_unused=True)
-        if u.scale != 1.0:  # the old target value reached the new one times scale
-            self.gy[t] = self.gy[t] * u.scale
+        if u.scaled:  # the old target value reached the new one times the factor
+            self.gy[t] = self.gy[t] * u.factor
         for i, g in zip(order, got):
             if g is not None:
                 self.gy[i] = self.gy[i] + g

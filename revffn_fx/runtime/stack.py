@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bits import pack_bits, unpack_bits
 from .router import RouterTap
-from .streams import MERGES, SPLITS
+from .streams import MERGES, SPLITS, WRITTEN_LAST
 
 
 @dataclass
@@ -40,10 +41,10 @@ class RuntimeOptions:
     # (nearly) exact, so the backward's reconstruction does not accumulate rounding error
     # through large-gain branches; each branch still computes in the hidden state's dtype.
     stream_dtype: torch.dtype | None = None
-    # exact reconstruction for scaled updates (momentum, meft): the float64 streams are
-    # kept on a fixed-point grid of 2**-EXACT_GRID_BITS, where adding is exact and keeping
-    # g = 2**-k of a stream drops exactly k low bits, which the forward stores (one byte
-    # per element per scaled update) for the backward to put back
+    # exact reconstruction for scaled updates (momentum, meft, bdia): the float64 streams
+    # are kept on a fixed-point grid of 2**-EXACT_GRID_BITS, where adding is exact and
+    # keeping g = 2**-k of a stream drops exactly k low bits, which the forward stores
+    # (packed: k/8 bytes per element per scaled update) for the backward to put back
     exact_streams: bool = False
     # the reconstruction guard (runtime/guard.py): "raise", "warn" or "off"
     guard: str = "raise"
@@ -86,9 +87,27 @@ class Update(nn.Module):
         self.grid: int | None = None
 
     @property
+    def scaled(self) -> bool:
+        """Its inverse divides (it keeps a fraction of the stream it overwrites)."""
+        return self.scale != 1.0
+
+    @property
+    def factor(self) -> Any:
+        """What the overwritten stream is multiplied by (the backward scales its gradient)."""
+        return self.scale
+
+    @property
     def keeps_bits(self) -> bool:
         """The forward stores the bits this update drops (exact_streams, scale < 1)."""
         return self.grid is not None and self.scale != 1.0
+
+    def prepare(self, streams: list[torch.Tensor]) -> Any:
+        """Anything this call draws before the branch runs (bdia's gamma); the backward
+        gives it back through :meth:`restore`."""
+        return None
+
+    def restore(self, drawn: Any) -> None:
+        """Put back what :meth:`prepare` drew for the call being undone."""
 
     @property
     def closed_form(self) -> bool:
@@ -116,15 +135,15 @@ class Update(nn.Module):
             m = round(1 / self.scale)
             dropped = torch.remainder(o, m)
             kept = (o - dropped) * self.scale
-            if lost is not None:
-                lost.append(dropped.to(torch.uint8 if m <= 256 else torch.int32))
+            if lost is not None:  # log2(m) bits per element, packed (runtime/bits.py)
+                lost.append(pack_bits(dropped, m.bit_length() - 1))
         exact = (kept + torch.round(out.detach().to(o.dtype) * s)) / s
         if not naive.requires_grad:
             return exact
         return naive + (exact - naive).detach()  # the grid's rounding, gradient 1
 
-    def invert(self, new: torch.Tensor, out: torch.Tensor,
-               lost: torch.Tensor | None = None) -> torch.Tensor:
+    def invert(self, new: torch.Tensor, out: torch.Tensor, lost: torch.Tensor | None = None,
+               streams: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The old value of the target stream from its new value and the branch output
         (exactly, with a grid and the bits :meth:`combine` stored)."""
         if self.grid is None:
@@ -134,7 +153,8 @@ class Update(nn.Module):
         d = new * s - torch.round(out.detach().to(new.dtype) * s)
         if self.scale != 1.0:
             assert lost is not None, "exact_streams: the dropped bits were not stored"
-            d = d * round(1 / self.scale) + lost.to(d.dtype)
+            m = round(1 / self.scale)
+            d = d * m + unpack_bits(lost, m.bit_length() - 1, d.shape).to(d.dtype)
         return d / s
 
 
@@ -149,6 +169,7 @@ class RevLayer(nn.Module):
     def forward(self, streams: list[torch.Tensor], ctx: dict[str, Any]) -> list[torch.Tensor]:
         streams = list(streams)
         for u in self.updates:
+            u.prepare(streams)
             streams[u.target] = u.combine(streams, u.run(streams, ctx))
         return streams
 
@@ -278,13 +299,17 @@ class RevStack(nn.Module):
             wide = torch.float64 if hidden.dtype in (torch.float32, torch.float64) \
                 else torch.float32
         wide = wide if wide != hidden.dtype else None
-        for layer in self.layers:
-            for u in layer.updates:
+        for i, layer in enumerate(self.layers):
+            for j, u in enumerate(layer.updates):
                 u.compute_dtype = hidden.dtype if wide is not None else None
                 u.grid = None
+                u.first_in_stack = i == 0 and j == 0  # bdia: no state before it
+                u.sampling = self.training and torch.is_grad_enabled()
         if wide is not None:
             streams = [s.to(wide) for s in streams]
-        if self.options.exact_streams:  # sets each update's grid
+        # the grid serves a reconstruction: only in training with gradients (eval keeps the
+        # plain arithmetic; bdia's eval is then the original layers bit for bit)
+        if self.options.exact_streams and self.training and torch.is_grad_enabled():
             _grid_for(self, streams)
             streams = _round_to_grid(streams)
         check_params(self)
@@ -316,6 +341,8 @@ class RevStack(nn.Module):
             from .function import run_reversible
 
             streams = run_reversible(self, streams, ctx, params)
+        if self.split in WRITTEN_LAST:  # the stream the stack's last update wrote
+            return streams[self.layers[-1].updates[-1].target].to(hidden.dtype)
         return MERGES[self.split](*streams).to(hidden.dtype)
 
 
@@ -330,8 +357,8 @@ def _grid_for(stack: RevStack, streams: list[torch.Tensor]) -> None:
                           "(or a float64 model)")
     for layer in stack.layers:
         for u in layer.updates:
-            m = 1 / u.scale
-            if u.scale != 1.0 and not (m == round(m) and round(m) & (round(m) - 1) == 0):
+            m = 1 / getattr(u, "magnitude", u.scale)
+            if u.scaled and not (m == round(m) and round(m) & (round(m) - 1) == 0):
                 raise RevFFNError(f"exact_streams needs a scale of 2**-k, got {u.scale} "
                                   "(momentum=0.5, 0.25, 0.125, ...)")
             u.grid = EXACT_GRID_BITS

@@ -50,7 +50,22 @@ def merge_last(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
     return y2
 
 
+def read_stream(x: torch.Tensor) -> torch.Tensor:
+    """The identity: where a branch reads a stream through its own residual adds (bdia's
+    whole-layer branch), so those adds are not taken for stream updates."""
+    return x
+
+
+def split_bdia(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bdia: two copies of H, the states before and after a layer (its own function: the
+    inverse generator tells the split kinds apart by the function)."""
+    return h, h
+
+
 SPLITS = {"halves": split_halves, "copies": split_copies, "momentum": split_momentum,
-          "copies_last": split_copies_last}
+          "copies_last": split_copies_last, "bdia": split_bdia}
+#: a stack of these kinds ends on the stream its last update wrote (bdia alternates which
+#: stream holds the newest state, layer by layer); the merges below serve one layer's graph
+WRITTEN_LAST = ("bdia",)
 MERGES = {"halves": merge_halves, "copies": merge_mean, "momentum": merge_first,
-          "copies_last": merge_last}
+          "copies_last": merge_last, "bdia": merge_last}
