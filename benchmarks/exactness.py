@@ -23,6 +23,7 @@ import torch
 
 import revffn_fx as rf
 from revffn_fx.checks.exactness import exactness
+from revffn_fx.options import COUPLINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -45,12 +46,13 @@ def model_for(name: str, dtype: torch.dtype):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--couplings", default="revffn,revnet,momentum,meft,none")
-    ap.add_argument("--dtypes", default="bfloat16,float32")
-    ap.add_argument("--depths", default="stdlib,4,24", help="'stdlib' and/or layer counts")
-    ap.add_argument("--seq", type=int, default=48)
-    ap.add_argument("--option", action="append", default=[], help="key=value (repeatable)")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--couplings", default=",".join(COUPLINGS),
+                    help="comma list (default: every coupling of the registry)")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="weight dtypes, comma list (default: bfloat16,float32)")
+    ap.add_argument("--depths", default="stdlib,4,24", help="'stdlib' and/or layer counts (default: stdlib,4,24)")
+    ap.add_argument("--seq", type=int, default=48, help="tokens per sequence, batch 2 (default: 48)")
+    ap.add_argument("--option", action="append", default=[], help="a transform option key=value, repeatable (default: none)")
+    ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import couplings
 from .couplings.base import power_of_two_fraction
+from .couplings.momentum import DEFAULT_MOMENTUM as DEFAULT_MOMENTUM  # the default g
 from .errors import ConversionError, RevFFNError
 
 # the couplings, from the registry (revffn_fx.couplings)

@@ -100,21 +100,25 @@ def test_calibration_errors() -> None:
 
 
 def test_wide_streams_make_the_fp32_backward_exact() -> None:
-    """Calibrated adapters have gains > 1: in fp32, the reconstruction's rounding error is
-    amplified through the stack (measured 7e-3 gradient error on layer 0). Streams carried
-    in fp64 make the reconstruction exact, so the generated backward equals autograd."""
+    """Calibrated adapters have gains > 1: in fp32 streams, the reconstruction's rounding
+    error is amplified through the stack (measured 7e-3 gradient error on layer 0), which
+    rf.verify's criterion fails; the default streams (fp64 over fp32 weights) make the
+    reconstruction exact, so the generated backward is as exact as autograd."""
     fit = calibration_batches(PRETRAINED, TASK / "train.jsonl", 4096, seq=128)
     model = rf.load_model(PRETRAINED, experts_implementation="eager")
     ids = _ids(model.config.vocab_size, batch=2, seq=16)
-    errs = {}
-    for wide in (None, "float64"):
+    reports = {}
+    for wide in ("float32", None):
         rev = rf.transform(model, coupling="revffn", stream_dtype=wide)
         rf.calibrate(rev, fit)
-        report = rf.verify(rev, ids)
-        errs[wide] = report.max_grad_rel_err
+        reports[wide] = rf.verify(rev, ids)
         out = rev(ids, labels=ids)
         assert out.logits is None or out.logits.dtype == torch.float32
-    assert errs["float64"] < 1e-6 and errs["float64"] <= errs[None], errs
+    default, narrow = reports[None], reports["float32"]
+    assert default.ok and default.max_grad_rel_err <= 1.01 * default.autograd_err, \
+        default.summary()
+    assert not narrow.ok and narrow.max_grad_rel_err > 100 * default.max_grad_rel_err, \
+        narrow.summary()
 
 
 def test_stream_dtype_round_trips_through_export(tmp_path: Path) -> None:

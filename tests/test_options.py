@@ -32,6 +32,7 @@ CASES: list[dict[str, Any]] = [
          stream_dtype="float64", checkpoint_rest=True, fixed_point_iters=77,
          fixed_point_tol=1e-5, leaf_modules=["MixtralRMSNorm"], guard="warn"),
     dict(coupling="momentum", momentum=0.25, exact_streams=True),
+    dict(coupling="bdia", bdia_gamma=0.25),
 ]
 
 
@@ -70,6 +71,8 @@ def test_every_option_survives_save_and_load(case: dict[str, Any], tmp_path: Pat
     (dict(coupling="meft", momentum=0.01), "use momentum=0.0078125"),
     (dict(coupling="meft", momentum=2**-17), "k in 1..16"),
     (dict(guard="maybe"), "unknown guard 'maybe'; choose from raise, warn, off"),
+    (dict(coupling="bdia", bdia_gamma=0.3), "bdia_gamma must be one of 0.5, 0.25, 0.125"),
+    (dict(coupling="revnet", bdia_gamma=0.5), "bdia_gamma is an option of the bdia coupling"),
     (dict(fixed_point_tol=0.0), "fixed_point_tol must be a positive number, not 0.0"),
     (dict(fixed_point_tol=float("nan")), "fixed_point_tol must be a positive number"),
     (dict(fixed_point_iters=0), "fixed_point_iters must be a positive integer"),
@@ -120,13 +123,22 @@ def test_inexact_scaled_streams_refused_at_depth() -> None:
     rf.transform(model, coupling="momentum", momentum=0.5, exact_streams=False)  # 2^8: fine
 
 
-def test_names_agree_with_the_passes() -> None:
+def test_names_agree_with_the_registry() -> None:
+    """One registry (revffn_fx.couplings): the options, the passes and the CLI read it."""
+    from revffn_fx import couplings
+    from revffn_fx.cli import transform
     from revffn_fx.model import EXACT
     from revffn_fx.passes import couple, couple_momentum
 
-    assert set(COUPLINGS) == {*couple.COUPLINGS, EXACT}
-    assert set(SCALED_COUPLINGS) == set(couple_momentum.SCALED_COUPLINGS)
-    assert DEFAULT_MOMENTUM == couple_momentum.DEFAULT_MOMENTUM
+    assert COUPLINGS == couplings.NAMES and EXACT in COUPLINGS
+    assert set(couple.COUPLINGS) == {n for n, c in couplings.REGISTRY.items() if c.converts}
+    assert set(SCALED_COUPLINGS) == {n for n, c in couplings.REGISTRY.items() if c.scaled}
+    assert set(couple_momentum.SCALED_COUPLINGS) <= set(SCALED_COUPLINGS)
+    assert DEFAULT_MOMENTUM == couplings.get("momentum").options["momentum"][0]
+    choice = next(p for p in transform.params if p.name == "coupling").type
+    assert tuple(choice.choices) == couplings.NAMES
+    for c in couplings.REGISTRY.values():  # every declared rewrite resolves
+        assert c.rewrite is None or callable(c.rewrite_pass())
     assert TransformOptions.build(**CASES[0]) == TransformOptions(**CASES[0])
     with pytest.raises(ConversionError, match="unknown option 'colour'; the transform takes"):
         rf.transform(tiny_model("mixtral"), colour="red")
