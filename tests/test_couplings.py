@@ -179,3 +179,86 @@ def test_exact_streams_need_a_power_of_two() -> None:
         rf.transform(tiny_model("mixtral"), coupling="momentum", momentum=0.3)
 
 
+
+
+# g != 1/2: there g and 1 - g are equal, so an inverse that swapped them would pass
+UNEVEN = [0.25, 0.125]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["float", "exact"])
+@pytest.mark.parametrize("g", UNEVEN)
+def test_update_keeps_g_and_its_inverse_divides_by_g(g: float, exact: bool) -> None:
+    """Update.combine keeps g of the overwritten stream (``g * old + out``); Update.invert
+    gives ``old`` back: to rounding on float streams, bit for bit on the exact grid."""
+    from revffn_fx.runtime.stack import EXACT_GRID_BITS, Update
+
+    torch.manual_seed(0)
+    u = Update(torch.nn.Linear(16, 16, dtype=torch.float64), target=1, reads=[0],
+               ctx_names=[], scale=g)
+    xs = [torch.randn(3, 16, dtype=torch.float64) for _ in range(2)]
+    s = 2.0 ** EXACT_GRID_BITS
+    if exact:
+        u.grid = EXACT_GRID_BITS
+        xs = [torch.round(x * s) / s for x in xs]
+    lost: list[torch.Tensor] = []
+    with torch.no_grad():
+        out = u.run(xs, {})
+        new = u.combine(xs, out, lost)
+        torch.testing.assert_close(new, g * xs[1] + out, rtol=0, atol=2 / s if exact else 0)
+        assert len(lost) == (1 if exact else 0)
+        back = u.invert(new, u.run([xs[0], new], {}), lost.pop() if u.keeps_bits else None)
+    if exact:
+        assert torch.equal(back, xs[1])
+    else:
+        torch.testing.assert_close(back, xs[1], rtol=1e-14, atol=1e-14)
+
+
+def _layer_inputs(rev: Any, ids: torch.Tensor) -> list[tuple[Any, list[torch.Tensor], dict]]:
+    """Each reversible layer with the streams and context it got in a training forward
+    (plain autograd: the layers run as modules; with exact streams the grid is set)."""
+    from revffn_fx.runtime.stack import RevStack
+
+    graph = rev.graph(training=True, has_mask=False, has_labels=True)
+    layers = [la for m in graph.modules() if isinstance(m, RevStack) for la in m.layers]
+    seen: list[tuple[Any, list[torch.Tensor], dict]] = []
+    handles = [la.register_forward_hook(
+        lambda m, args, _out: seen.append((m, [s.detach() for s in args[0]], args[1])))
+        for la in layers]
+    try:
+        with rev.plain_autograd():
+            rev.train()(ids, labels=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == len(layers) == 2
+    return seen
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["float", "exact"])
+@pytest.mark.parametrize("g", UNEVEN)
+@pytest.mark.parametrize("coupling", SCALED)
+def test_runtime_inverse_with_g_not_one_half(coupling: str, g: float, exact: bool) -> None:
+    """The runtime's inverse (verification's round_trip and the generated backward, both
+    through Update.invert) at g = 1/4 and 1/8, on float64 streams and on exact streams."""
+    from revffn_fx.checks.verification import round_trip
+
+    rev = rf.transform(tiny_model("qwen2_moe", dtype=torch.float64), coupling=coupling,
+                       momentum=g, exact_streams=exact)
+    assert rev.momentum == g and rev.options.exact_streams == exact
+    ids = _ids()
+    for layer, xs, ctx in _layer_inputs(rev, ids):
+        assert all(u.grid is not None for u in layer.updates) == exact
+        with torch.no_grad():
+            err = round_trip(layer, xs, ctx, rev.options.fixed_point_iters,
+                             rev.options.fixed_point_tol)
+        assert (err == 0.0) if exact else (err <= 1e-13), (layer.name, err)
+    with rev.plain_autograd():
+        _, g_auto = _grads_of(rev, ids)
+    with count_backwards() as calls:
+        _, g_gen = _grads_of(rev, ids)
+    assert calls, "the generated backward never ran"
+    for k in g_auto:
+        if exact:  # the backward reconstructs each layer's input on the grid exactly
+            assert torch.equal(g_gen[k], g_auto[k]), k
+        else:
+            torch.testing.assert_close(g_gen[k], g_auto[k], rtol=1e-10, atol=1e-12, msg=k)
