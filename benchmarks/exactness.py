@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--depths", default="stdlib,4,24", help="'stdlib' and/or layer counts (default: stdlib,4,24)")
     ap.add_argument("--seq", type=int, default=48, help="tokens per sequence, batch 2 (default: 48)")
     ap.add_argument("--option", action="append", default=[], help="a transform option key=value, repeatable (default: none)")
-    ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--json", type=Path, help="write the rows here (default: print only)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

@@ -33,13 +33,16 @@ def _time(fn, n: int) -> float:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--new-tokens", type=int, default=200)
-    ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--couplings", default="none,revffn,revnet,momentum")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json")
+    ap.add_argument("--new-tokens", type=int, default=200,
+                    help="tokens generated per run (default: 200)")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default: 32)")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers (default: 4)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed rounds per method (default: 3)")
+    ap.add_argument("--couplings", default="none,revffn,revnet,momentum",
+                    help="comma list (default: none,revffn,revnet,momentum)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    ap.add_argument("--json", help="write the results here (default: print only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
