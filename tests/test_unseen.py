@@ -24,7 +24,7 @@ from revffn_fx.errors import ConversionError, RevFFNError
 from revffn_fx.frontend.ir import logits_and_loss
 from revffn_fx.frontend.tracer import find_decoder_layers
 
-CONVERTS = [n for n in UNSEEN if n not in REFUSED_FORMS and n != "handoff"]
+CONVERTS = [n for n in UNSEEN if n not in REFUSED_FORMS and n not in ("handoff", "shared_kv")]
 
 
 def _ids(batch: int = 2, seq: int = 8, seed: int = 1) -> torch.Tensor:
@@ -91,10 +91,13 @@ def test_residual_forms_are_refused_by_name(name: str) -> None:
         rf.transform(model)
 
 
-def test_layers_handing_state_are_refused() -> None:
-    plan = rf.analyze(rf.trace(unseen_model("handoff")))
+@pytest.mark.parametrize("name", ["handoff", "shared_kv"])
+def test_layers_handing_state_are_refused(name: str) -> None:
+    plan = rf.analyze(rf.trace(unseen_model(name)))
     assert not plan.convertible
-    assert all("state handed between layers" in lp.reason for lp in plan.layers)
+    assert all("state handed between layers" in lp.reason for lp in plan.layers), plan
+    if name == "shared_kv":
+        assert "writes into its 'ctx' argument (a LayerContext)" in plan.layers[0].reason
 
 
 # -- every forward keyword passes through: packed sequences ---------------------------

@@ -474,6 +474,7 @@ class LayerContext:
 
     def __init__(self, mask: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         self.mask, self.keep = mask, keep
+        self.shared: dict[int, torch.Tensor] = {}  # written by "shared_kv" blocks
 
 
 class ZooBlock(nn.Module):
@@ -513,6 +514,12 @@ class ZooBlock(nn.Module):
                 carry: torch.Tensor | None = None) -> Any:
         if ctx is not None:
             mask, keep = ctx.mask, ctx.keep
+        if self.form == "shared_kv":  # keys shared with the next layer, through ctx
+            h = self.n1(x)
+            prev = ctx.shared.get(len(ctx.shared) - 1)
+            ctx.shared[len(ctx.shared)] = h
+            x = x + self.attn(h if prev is None else h + 0 * prev, mask)
+            return x + self.ffn(x, keep)
         if self.form == "handoff":  # returns state that the next layer reads
             if carry is not None:
                 mask = mask + (carry[:, None, None, :] * 0).to(mask.dtype)
@@ -670,6 +677,7 @@ UNSEEN: dict[str, dict[str, Any]] = {
     "padding_moe": dict(moe="padding"),
     "conv_mixer": dict(attn="conv"),
     "handoff": dict(form="handoff"),
+    "shared_kv": dict(style="context", form="shared_kv"),
     "scaled": dict(form="scaled"),
     "gated": dict(form="gated"),
     "affine": dict(form="affine"),

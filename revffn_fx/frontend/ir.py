@@ -600,7 +600,8 @@ class TracedModel(nn.Module):
                 layer.example = {layer.call.hidden_name: rec.hidden,
                                  **{k: rec.kwargs.get(k) for k in layer.call.inputs}}
         for layer in self.layers:  # fail now, not in a later pass, when a layer cannot be traced
-            layer.trace()
+            if not layer.handoff:  # (a layer handing state on is refused, traced or not)
+                layer.trace()
 
     @property
     def layers_only(self) -> bool:
@@ -718,13 +719,15 @@ class TracedModel(nn.Module):
     @contextmanager
     def layer_graphs(self) -> Iterator[None]:
         """Within the block, decoder layers run their traced graphs instead of their own
-        forward (wherever the model is called): a check that the layer graphs are faithful."""
-        for layer in self.layers:  # trace both modes now: tracing calls the layer's forward
+        forward (wherever the model is called): a check that the layer graphs are faithful.
+        Layers that hand state to the next run their own forward."""
+        layers = [layer for layer in self.layers if not layer.handoff]
+        for layer in layers:  # trace both modes now: tracing calls the layer's forward
             layer.trace(True)
             layer.trace(False)
-        saved = [(layer.module, layer.module.__dict__.get("forward")) for layer in self.layers]
+        saved = [(layer.module, layer.module.__dict__.get("forward")) for layer in layers]
         try:
-            for layer in self.layers:
+            for layer in layers:
                 layer.module.forward = layer.run
             yield
         finally:

@@ -159,10 +159,10 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
     the input. A layer that is such a chain (one or more updates) converts; anything else
     on the stream (a scale, a norm, an activation) is refused, naming where it sits.
     """
-    gm = layer.trace(training)
-    if getattr(layer, "handoff", ""):
+    if getattr(layer, "handoff", ""):  # refused before tracing: its code may not trace
         return LayerPlan(layer.index, layer.qualname, [], convertible=False,
                          reason=f"state handed between layers: {layer.handoff}")
+    gm = layer.trace(training)
     modules = dict(gm.named_modules())
     # which leaves mix tokens, probed on the layer's example call (eval graph)
     mixes = mixing_leaves(layer.trace(False), getattr(layer, "example", None))
