@@ -27,7 +27,7 @@
 #      bf16; methods exact (the baseline of the ratios), offload, revnet, revffn, momentum;
 #      $OUT/long/*.json and .txt.
 #   ONLY=bench: the older per-part runs (revffn bench, mixtral-like, fp32 4 x 256 and bf16
-#      8 x 2048), about 7 minutes more.
+#      8 x 2048; LIMIT_FP32=200, LIMIT_BF16=220), about 7 minutes more.
 # At the end, one table per run: max_memory_allocated and tokens/s, with their ratios.
 # Exit status: 0 when every part finished (and every coupling passed the exactness table);
 # 3 when no CUDA device is visible; otherwise the status of the first part that failed
@@ -111,8 +111,8 @@ if want long; then
         --repeats 2 --methods "${LONG_METHODS:-exact,offload,revnet,revffn,momentum}"
 fi
 if want bench; then
-    for spec in "mixtral-like-fp32 200 --batch 4 --seq 256 --layers 4,8,16,32 --dtype float32" \
-                "mixtral-like-bf16-b8s2048 220 --batch 8 --seq 2048 --layers 8,32 --dtype bfloat16"; do
+    for spec in "mixtral-like-fp32 ${LIMIT_FP32:-200} --batch 4 --seq 256 --layers 4,8,16,32 --dtype float32" \
+                "mixtral-like-bf16-b8s2048 ${LIMIT_BF16:-220} --batch 8 --seq 2048 --layers 8,32 --dtype bfloat16"; do
         read -r name limit rest <<<"$spec"
         echo "== $name: revffn bench --synthetic mixtral-like $rest --device cuda"
         # shellcheck disable=SC2086

@@ -184,6 +184,10 @@ def report(args: argparse.Namespace) -> None:
             print("| " + " | ".join(cells) + " |")
     print()
     print(crossovers(points, methods))
+    print()
+    print(plan_crossovers(points[0]["hidden"] if points else args.hidden,
+                          points[0]["vocab"] if points else args.vocab,
+                          [m for m in methods if m not in ("exact", "offload/unpinned")]))
 
 
 def _plan(d: dict) -> dict[str, int]:
@@ -224,6 +228,37 @@ def crossovers(points: list[dict], methods: list[str]) -> str:
                              f"{first} tokens" + (" (all measured)" if first == pts[0][0]
                                                   else ""))
             lines.append(f"| {layers} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plan_crossovers(hidden: int, vocab: int | None, methods: list[str],
+                    depths: tuple[int, ...] = (16, 32, 48)) -> str:
+    """The same question asked of ``revffn plan`` (validated on the measured points): per
+    depth, the token count (powers of two, 512 to 128k) from which each method's planned
+    whole-step peak stays below the exact mode's, and their ratio at 16k and 64k tokens.
+    On the CPU offloading is no gain; the offload row is the device figure of a GPU."""
+    from revffn_fx.tools.memory_plan import plan_for_step_method
+
+    seqs = [2 ** k for k in range(9, 18)]
+    lines = ["| layers | method | planned peak below exact from | /exact at 16k | "
+             "/exact at 64k | activation part /exact at 16k |", "|---|---|---|---|---|---|"]
+    for layers in depths:
+        config = _config(layers, hidden, vocab, max(seqs))
+        exact = {s: plan_for_step_method(config, 1, s, "exact") for s in seqs}
+        for m in methods:
+            rows = {s: plan_for_step_method(config, 1, s, m) for s in seqs}
+            below = [rows[s].total < exact[s].total for s in seqs]
+            first = next((s for k, s in enumerate(seqs) if all(below[k:])), None)
+
+            def act(r):  # noqa: ANN001, ANN202
+                return r.activations + r.loss_head
+
+            k16, k64 = 2 ** 14, 2 ** 16
+            lines.append(
+                f"| {layers} | {m} | {'never (to 128k)' if first is None else first} | "
+                f"{rows[k16].total / exact[k16].total:.3f} | "
+                f"{rows[k64].total / exact[k64].total:.3f} | "
+                f"{act(rows[k16]) / act(exact[k16]):.3f} |")
     return "\n".join(lines)
 
 
