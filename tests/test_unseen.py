@@ -272,3 +272,15 @@ def test_the_layers_are_the_group_that_carries_the_residual_stream() -> None:
     traced = rf.trace(model)
     assert [lg.qualname for lg in traced.layers] == ["blocks.layer0", "blocks.layer1"]
     assert rf.analyze(traced).convertible == [0, 1]
+
+
+def test_layers_only_on_the_meta_device() -> None:
+    # revffn-transform plans on a meta model: its forward runs with data-dependent reads
+    # taken as zeros, the layers stubbed when they cannot run on meta
+    with torch.device("meta"):
+        model = ZooLM(style="branchy")
+    traced = rf.trace(model)
+    assert traced.layers_only and traced.capture is not None
+    plan = rf.analyze(traced)
+    assert plan.convertible == [0, 1] and [lp.kinds for lp in plan.layers] == [
+        ["attention", "moe"]] * 2

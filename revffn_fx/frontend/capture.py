@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
@@ -75,6 +77,25 @@ def _stateful(value: Any) -> bool:
                                   torch.device)) for v in leaves)
 
 
+class _MetaValues(TorchFunctionMode):
+    """On the meta device, values read back into Python (``.item()``, ``bool(t)``, ``int(t)``,
+    ``.tolist()``) are zeros and False: the plain path of a model's data-dependent checks
+    (no padding, no cache), so a meta model runs its forward far enough to call its layers."""
+
+    _READS = {"item": 0, "__bool__": False, "__int__": 0, "__index__": 0, "__float__": 0.0}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        name = getattr(func, "__name__", "")
+        t = args[0] if args else None
+        if isinstance(t, torch.Tensor) and t.is_meta:
+            if name == "tolist":
+                return torch.zeros(t.shape, dtype=t.dtype).tolist()
+            if name in self._READS:
+                return False if t.dtype == torch.bool else self._READS[name]
+        return func(*args, **(kwargs or {}))
+
+
 @dataclass
 class LayerCapture:
     """One decoder layer's first call in the example forward."""
@@ -119,9 +140,14 @@ def example_ids(model: nn.Module, length: int = 8) -> torch.Tensor:
 
 
 def capture(model: nn.Module, layers: Sequence[nn.Module],
-            call: Callable[[torch.Tensor], Any], ids: torch.Tensor | None = None) -> Capture:
+            call: Callable[[torch.Tensor], Any], ids: torch.Tensor | None = None,
+            stub: bool = False) -> Capture:
     """Run ``call(ids)`` (the model in its own convention) once, recording every layer's
-    first call; layers called more than once are noted (a looped layer)."""
+    first call; layers called more than once are noted (a looped layer). A meta-device
+    model runs too, its data-dependent reads taken as zeros (:class:`_MetaValues`); with
+    ``stub`` the layers' bodies do not run (each returns its hidden state), for a meta model
+    whose layers cannot run on the meta device: the calls are recorded, not the outputs
+    (layers handing state on go unnoticed)."""
     ids = example_ids(model) if ids is None else ids
     records: list[LayerCapture | None] = [None] * len(layers)
     index = {id(m): i for i, m in enumerate(layers)}
@@ -155,15 +181,20 @@ def capture(model: nn.Module, layers: Sequence[nn.Module],
     for m in layers:
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
+        if stub:
+            m.__dict__["forward"] = lambda *a, _m=m, **k: bind_call(_m, a, k)[1]
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (_MetaValues() if ids.is_meta else nullcontext()):
             out = call(ids)
     finally:
         model.train(was)
         for h in handles:
             h.remove()
+        if stub:
+            for m in layers:
+                m.__dict__.pop("forward", None)
     return finish(records, out, ids)
 
 

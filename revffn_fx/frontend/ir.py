@@ -563,6 +563,7 @@ class TracedModel(nn.Module):
         # the example forward of the untouched model (None when it could not run, e.g. on
         # the meta device): how each layer is called, state handed between layers; the
         # layers are the first candidate group whose modules carry the residual stream
+        self.capture_error = ""  # why the example forward failed, when it did
         found, cap = self._capture(candidates)
         self.__dict__["capture"] = cap
         self.layer_names = [q for q, _ in found]
@@ -577,7 +578,8 @@ class TracedModel(nn.Module):
             gm = self.trace()
         except TraceError as exc:
             if self.capture is None:
-                raise
+                raise TraceError(f"{exc}; nor could the model run once to trace its layers on "
+                                 f"their own ({self.capture_error})") from exc
             self.model_error = str(exc)
             gm = None
         self.layers: list[LayerGraph] = []
@@ -622,10 +624,24 @@ class TracedModel(nn.Module):
                 **{conv.ids: ids}, **kw)
 
         modules = list({id(m): m for group in candidates for _, m in group}.values())
+        cap = None
         try:
             with _router_logits_off(self.model):
                 cap = capture(self.model, modules, call)
-        except Exception:  # noqa: BLE001 - the model-level trace may still do without it
+        except Exception as exc:  # noqa: BLE001 - the model-level trace may do without it
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self.capture_error = f"{type(exc).__name__}: {msg}"
+        if cap is None and next(self.model.parameters()).is_meta:
+            # layers that cannot run on the meta device: record the calls of the first
+            # candidate's layers with their bodies stubbed out
+            modules = [m for _, m in candidates[0]]
+            candidates = candidates[:1]
+            try:
+                with _router_logits_off(self.model):
+                    cap = capture(self.model, modules, call, stub=True)
+            except Exception:  # noqa: BLE001 - as above
+                cap = None
+        if cap is None:
             return candidates[0], None
         index = {id(m): i for i, m in enumerate(modules)}
         for group in candidates:

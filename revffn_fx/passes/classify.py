@@ -90,7 +90,7 @@ def mixing_leaves(gm: fx.GraphModule, example: dict[str, Any] | None) -> dict[st
         return {}
     names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
     hidden = example.get(names[0])
-    if not isinstance(hidden, torch.Tensor):
+    if not isinstance(hidden, torch.Tensor) or hidden.is_meta:  # no values to compare
         return {}
     found: dict[str, bool] = {}
 
