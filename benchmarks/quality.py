@@ -60,6 +60,7 @@ class Run:
     adapter_lr_mult: float = 1.0  # adapters' lr relative to the common lr (own param group)
     random_init: bool = False  # start from random weights of the same shape (a control)
     momentum: float | None = None  # rf.transform(momentum=...): momentum / meft couplings
+    bdia_gamma: float | None = None  # rf.transform(bdia_gamma=...): the bdia coupling
     note: str = ""
 
 
@@ -106,6 +107,10 @@ RUNS: dict[str, Run] = {
                      "g = 1/8, fp64 streams, full fine-tuning"),
     "meft4": Run("meft", momentum=0.25, stream_dtype="float64",
                  note="meft coupling, g = 1/4, fp64 streams"),
+    "bdia": Run("bdia", bdia_gamma=0.5, note="bdia, gamma = +-1/2 (1 stored bit), evaluated "
+                                             "as the original layers"),
+    "bdia4": Run("bdia", bdia_gamma=0.25, note="bdia, gamma = +-1/4 (2 bits)"),
+    "bdia8": Run("bdia", bdia_gamma=0.125, note="bdia, gamma = +-1/8 (3 bits)"),
     "revffn2-cal": Run("revffn", warmup_steps=50, warmup_lr=3e-3, adapter_init="calibrated",
                        stream_dtype="float64",
                        note="revffn, two-stage, adapters calibrated first, fp64 streams"),
@@ -166,11 +171,13 @@ def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str
             experts_implementation="eager").to(device)
         model = (rf.transform(base, coupling=run.coupling) if run.coupling != "none"
                  else base).train()
-    elif run.momentum is not None:
+    elif run.momentum is not None or run.bdia_gamma is not None:
         import revffn_fx as rf
 
         base = rf.load_model(model_dir, experts_implementation="eager").to(device)
-        model = rf.transform(base, coupling=run.coupling, momentum=run.momentum).train()
+        own = ({"momentum": run.momentum} if run.momentum is not None else
+               {"bdia_gamma": run.bdia_gamma} if run.bdia_gamma is not None else {})
+        model = rf.transform(base, coupling=run.coupling, **own).train()
     else:
         model = ft.load_for_finetune(model_dir, run.coupling, device=device)
     if run.coupling == "revffn":
