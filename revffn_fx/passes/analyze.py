@@ -227,7 +227,11 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
             reason = f"computation on the residual stream before the first branch ({v})"
         reason += ("; a layer converts when it is a sequence of residual updates "
                    "x <- x + f(x) on its input") if not reason.startswith("no residual") else ""
-        if not two_points and not reason.startswith("no residual"):
+        stack = _residual_stack(layer)
+        if stack and reason.startswith("no residual"):
+            reason = (f"{reason}; residual form hyper-connection at {stack} (it reads {stack}, "
+                      f"a stack of residual states: {FORMS['hyper-connection']}), not x + f(x)")
+        elif not two_points and not reason.startswith("no residual"):
             form = stream_form(gm, modules, g, idom, hidden, result, trunk)
             if form is not None:
                 reason = (f"{reason.split('; a layer converts')[0]}; residual form "
@@ -305,6 +309,21 @@ def _form_of(node: fx.Node, g: nx.DiGraph, modules: dict[str, Any], hidden: fx.N
                 return "scaled"
         return "affine"
     return "other"
+
+
+def _residual_stack(layer: LayerGraph) -> str | None:
+    """The name of a layer input that stacks several residual states (batch, seq, n,
+    hidden): hyper-connections and depth-attention residuals read one."""
+    example = getattr(layer, "example", None) or {}
+    hidden = example.get(layer.call.hidden_name)
+    if not isinstance(hidden, torch.Tensor):
+        return None
+    for name, value in example.items():
+        if (name != layer.call.hidden_name and isinstance(value, torch.Tensor)
+                and value.dim() == hidden.dim() + 1 and value.shape[-1] == hidden.shape[-1]
+                and value.shape[:2] == hidden.shape[:2] and value.is_floating_point()):
+            return name
+    return None
 
 
 def stream_form(gm: fx.GraphModule, modules: dict[str, Any], g: nx.DiGraph,

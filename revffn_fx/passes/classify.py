@@ -152,7 +152,7 @@ def module_kind(module: nn.Module, node: fx.Node, hidden: fx.Node,
 
 def branch_kind(kinds: list[str]) -> str:
     """The kind of a residual branch from the kinds of the modules it calls."""
-    for k in ("attention", "mixer", "moe", "mlp"):
+    for k in ("attention", "moe", "mixer", "mlp"):
         if k in kinds:
             return k
     return "other"
