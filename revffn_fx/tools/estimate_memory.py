@@ -37,7 +37,6 @@ within 3% at 4 x 256 tokens, up to 15% high at 2 x 64 where the activations are 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,13 +163,13 @@ def _dtype_bytes(config: Any, dtype: torch.dtype | str | None) -> int:
 
 
 def default_loss_head(method: str) -> str:
-    """``chunked`` for reversible methods when RevModel has the chunked head, else original."""
+    """The transform's default head for a coupling (``TransformOptions().loss_head``:
+    chunked); the original model's for ``none``, ``checkpoint`` and ``offload``."""
     if method in ("none", "checkpoint", "offload"):
         return "original"
-    from revffn_fx.model import RevModel
+    from revffn_fx.options import TransformOptions
 
-    param = inspect.signature(RevModel.__init__).parameters.get("loss_head")
-    return str(param.default) if param is not None else "original"
+    return TransformOptions().loss_head
 
 
 def _attention(m: Dims, t: int, b: int, s: int, e: int) -> int:
