@@ -495,6 +495,9 @@ class LayerGraph:
         self.auto_leaves: set[str] = set()
         # an example call from a forward of the model: placeholder name -> value (or None)
         self.example: dict[str, Any] | None = None
+        # residual streams the layer's hidden state holds side by side (hyper-connections
+        # packing n copies of config.hidden_size features), from the example call
+        self.streams = 1
 
     @property
     def placeholder_names(self) -> list[str]:
@@ -599,6 +602,11 @@ class TracedModel(nn.Module):
             rec = self.capture.layers[i] if self.capture is not None else None
             if rec is not None:
                 layer.handoff = rec.handoff
+                width = getattr(self.config, "hidden_size", None)
+                if (isinstance(width, int) and width and isinstance(rec.hidden, torch.Tensor)
+                        and rec.hidden.shape[-1] % width == 0
+                        and rec.hidden.shape[-1] // width > 1):
+                    layer.streams = rec.hidden.shape[-1] // width  # side by side
                 layer.example = {layer.call.hidden_name: rec.hidden,
                                  **{k: rec.kwargs.get(k) for k in layer.call.inputs}}
         for layer in self.layers:  # fail now, not in a later pass, when a layer cannot be traced

@@ -228,7 +228,12 @@ def analyze_layer(layer: LayerGraph, overrides: dict[str, str] | None = None,
         reason += ("; a layer converts when it is a sequence of residual updates "
                    "x <- x + f(x) on its input") if not reason.startswith("no residual") else ""
         stack = _residual_stack(layer)
-        if stack and reason.startswith("no residual"):
+        streams = getattr(layer, "streams", 1)
+        if streams > 1:
+            reason = (f"{reason.split('; a layer converts')[0]}; residual form hyper-connection "
+                      f"(its hidden state holds {streams} residual streams side by side: "
+                      f"{FORMS['hyper-connection']}), not x + f(x)")
+        elif stack and reason.startswith("no residual"):
             reason = (f"{reason}; residual form hyper-connection at {stack} (it reads {stack}, "
                       f"a stack of residual states: {FORMS['hyper-connection']}), not x + f(x)")
         elif not two_points and not reason.startswith("no residual"):
