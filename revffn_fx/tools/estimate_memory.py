@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from revffn_fx import couplings
+
 
 @dataclass(frozen=True)
 class StackLayout:
@@ -59,17 +61,11 @@ class StackLayout:
     adapters: int = 0
 
 
-#: every coupling of revffn_fx.options.COUPLINGS but "none" (tests check the two agree): a
-#: coupling added there is one entry here
+#: every coupling that converts layers, from the registry (revffn_fx.couplings): a coupling
+#: added there is a row here without another edit (scaled updates per layer of two sublayers)
 STACKS: dict[str, StackLayout] = {
-    "revffn": StackLayout(1, 0, 2),
-    "revnet": StackLayout(2),
-    "momentum": StackLayout(2, 2),  # (X, V); V <- g V + (1-g) f(X) per sublayer
-    "meft": StackLayout(2, 2),      # two copies; W <- g W + ... per sublayer
-}
-#: bits stored per element per scaled update with exact streams (runtime/stack.py
-#: Update.combine keeps them as uint8; packed they would be log2(1/g))
-STORED_BITS = 8
+    c.name: StackLayout(c.stream_width, c.scaled_updates(2), c.adapter_params)
+    for c in couplings.REGISTRY.values() if c.converts}
 METHODS = ("none", "checkpoint", "offload", *STACKS)
 
 
@@ -243,7 +239,9 @@ def stream_layout(config: Any, coupling: str, dtype: torch.dtype | str | None = 
                             exact_streams=exact_streams).resolved(name)
     sb = (_dtype_bytes(config, opts.stream_dtype) if opts.stream_dtype is not None
           else 8 if e >= 4 else 4)  # runtime/stack.py RevStack.forward
-    return sb, STORED_BITS if opts.exact_streams and STACKS[coupling].scaled_updates else 0
+    # packed side bits (runtime/bits.py): log2(1/g) per element per scaled update
+    bits = couplings.get(coupling).side_bits(opts.to_dict())
+    return sb, bits if opts.exact_streams and STACKS[coupling].scaled_updates else 0
 
 
 def estimate(config: Any, batch: int, seq: int, method: str,
