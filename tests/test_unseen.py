@@ -191,7 +191,8 @@ def test_unseen_transformers_refusals() -> None:
     assert not plan.convertible
     assert "hands to the next layer" in plan.layers[0].reason
     forms = {"gemma4_text": "scaled", "ergo": "affine", "doge": "affine",
-             "deepseek_v4": "hyper-connection"}
+             "deepseek_v4": "hyper-connection", "qwen4_exp_text": "hyper-connection",
+             "inkling2_text": "hyper-connection"}
     for name, form in forms.items():
         plan = rf.analyze(rf.trace(unseen_hf(name)))
         assert not plan.convertible

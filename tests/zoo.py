@@ -717,6 +717,8 @@ UNSEEN_HF: dict[str, dict[str, Any]] = {
     "ergo": {},  # a residual gate module, learned per-channel weights: refused (affine)
     "doge": {},  # learned residual weights: refused (affine)
     "deepseek_v4": {},  # hyper-connections: refused (hyper-connection)
+    "qwen4_exp_text": {},  # untraceable; hyper-connection streams side by side: refused
+    "inkling2_text": {},  # untraceable; depth-attention residuals (block_states): refused
 }
 
 
