@@ -3,6 +3,13 @@
 Graphs depend on the module's mode (``self.training`` and Python constants are baked in
 by torch.fx), and on which optional inputs are given, so they are traced lazily per
 (mode, inputs) key. The IR knows nothing of couplings or passes.
+
+The decoder layers, and how the model calls them, are read off one small forward of the
+untouched model (:mod:`.capture`). When torch.fx cannot trace the model-level forward
+(data-dependent Python control flow, an argument object it cannot put in a graph), only
+the layers are traced (``TracedModel.layers_only``, the reason in ``model_error``) and the
+model's own forward runs as written, with layer graphs or reversible stacks swapped in
+(:mod:`revffn_fx.swap`).
 """
 
 from __future__ import annotations
