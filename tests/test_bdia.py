@@ -97,6 +97,7 @@ def test_to_original_refuses_other_functions(coupling: str) -> None:
         rev.to_original()
 
 
+@pytest.mark.slow
 def test_export_original_cli(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[1] / "examples" / "tiny-mixtral"
     run = [sys.executable, "-m", "revffn_fx"]

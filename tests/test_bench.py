@@ -43,6 +43,7 @@ def _run(*args: str) -> Any:
     return CliRunner().invoke(cmd, [*prefix, *args])
 
 
+@pytest.mark.slow
 def test_bench_tiny_writes_json_and_png(tmp_path: Path) -> None:
     out, png = tmp_path / "out.json", tmp_path / "out.png"
     r = _run("--synthetic", "tiny", "--layers", "1,2", "--batch", "1", "--seq", "8",

@@ -131,6 +131,7 @@ def test_stream_dtype_round_trips_through_export(tmp_path: Path) -> None:
     torch.testing.assert_close(back(ids).logits, rev(ids).logits, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_transform_cli_calibrates(tmp_path: Path) -> None:
     out = tmp_path / "rev"
     res = subprocess.run([str(SCRIPT), str(PRETRAINED), str(out), "--calibrate",

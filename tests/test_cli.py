@@ -69,6 +69,7 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 # -------------------------------------------------------------------------------- console scripts
 
+@pytest.mark.slow
 def test_inspect_console_script_example() -> None:
     res = script("revffn", "inspect", str(EXAMPLE))
     assert res.returncode == 0, res.stderr
@@ -346,6 +347,7 @@ def test_verify_failure_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ------------------------------------------------------------------------- transform (real export)
 
+@pytest.mark.slow
 def test_transform_then_verify_end_to_end(tmp_path: Path, zoo_dir: Any) -> None:
     out = tmp_path / "rev"
     res = script("revffn-transform", str(zoo_dir("mixtral")), str(out))

@@ -237,6 +237,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("coupling", COUPLINGS)
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_gradients_equal_one_process(results: list[dict[str, Any]], wrapper: str,
@@ -247,6 +248,7 @@ def test_gradients_equal_one_process(results: list[dict[str, Any]], wrapper: str
             assert r[f"fsdp_eval_{coupling}"] <= 1e-12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("coupling", COUPLINGS)
 @pytest.mark.parametrize("case", ["ddp_fused", "fsdp_adamw", "fsdp_fused"])
 def test_three_steps_equal_one_process_adamw(results: list[dict[str, Any]], case: str,
@@ -258,29 +260,34 @@ def test_three_steps_equal_one_process_adamw(results: list[dict[str, Any]], case
             assert r[f"fsdp_fused_in_backward_{coupling}"] == 1.0
 
 
+@pytest.mark.slow
 def test_fsdp_gradient_accumulation(results: list[dict[str, Any]]) -> None:
     for r in results:
         assert r["fsdp_accumulate"] <= 1e-10
 
 
+@pytest.mark.slow
 def test_fsdp_with_a_checkpointed_layer_between_stacks(results: list[dict[str, Any]]) -> None:
     for r in results:
         assert r["fsdp_partial_stacks"] == 2
         assert r["fsdp_partial"] <= 1e-10
 
 
+@pytest.mark.slow
 def test_fully_shard_recipe_is_adopted(results: list[dict[str, Any]]) -> None:
     for r in results:
         assert r["recipe_grad"] <= 1e-10
         assert "call directly" in r["refuse_branch_unit"]
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision(results: list[dict[str, Any]]) -> None:
     for r in results:
         assert r["bf16_grad_dtypes"] == ["torch.float32"]
         assert r["bf16_grad_rel_norm_err"] < 0.05  # bf16 compute; measured 0.012
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("coupling", COUPLINGS)
 def test_each_rank_holds_its_share_of_the_layers(results: list[dict[str, Any]],
                                                  coupling: str) -> None:
@@ -288,6 +295,7 @@ def test_each_rank_holds_its_share_of_the_layers(results: list[dict[str, Any]],
         assert abs(r[f"fsdp_local_fraction_{coupling}"] - 1 / WORLD) < 0.02
 
 
+@pytest.mark.slow
 def test_unsupported_wrappers_are_refused(results: list[dict[str, Any]]) -> None:
     for r in results:
         assert "fuse_optimizer(ddp_model" in r["refuse_ddp_inner"]
@@ -443,12 +451,14 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
     return [json.loads(Path(tmp, f"ckpt{r}.json").read_text()) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 def test_dcp_resume_of_the_fused_optimizer_is_exact(checkpoints: list[dict[str, Any]]) -> None:
     for r in checkpoints:
         assert r["dcp_state_keys"] == ["adapters.0.F_down.weight"]  # by parameter name
         assert r["dcp_resume"] == 0.0
 
 
+@pytest.mark.slow
 def test_sharded_save_pretrained_gathers_or_refuses(checkpoints: list[dict[str, Any]]) -> None:
     r0 = checkpoints[0]
     assert r0["save_loaded"] == 0.0 and r0["save_still_sharded"]
@@ -457,6 +467,7 @@ def test_sharded_save_pretrained_gathers_or_refuses(checkpoints: list[dict[str, 
     assert r0["save_rank0_only_s"] < SAVE_TIMEOUT + 5
 
 
+@pytest.mark.slow
 def test_fully_shard_without_the_root_and_mixed_dtypes(checkpoints: list[dict[str, Any]]) -> None:
     for r in checkpoints:
         assert "fully_shard(rev)" in r["refuse_no_root"]

@@ -37,6 +37,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,damage,exc,message", ERRORS, ids=[e[0] for e in ERRORS])
 def test_console_script_errors(case: str, damage: Any, exc: type, message: str, source: Path,
                                tmp_path: Path) -> None:

@@ -144,6 +144,7 @@ def test_presets_have_the_real_shapes_and_narrow_consistently() -> None:
     assert d.first_k_dense_replace == 1 and d.n_routed_experts == 256
 
 
+@pytest.mark.slow
 def test_step_bench_splits_what_each_part_contributes() -> None:
     from revffn_fx.tools.step_bench import preset_config, run_step_bench
 

@@ -264,6 +264,7 @@ def _run_scripts(runs: list[list[str]]) -> dict[str, tuple[int, str, str]]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_every_script_answers_help_without_side_effects(tmp_path: Path) -> None:
     before = {p: sorted(x.name for x in p.iterdir()) for p in (ROOT / "benchmarks",
                                                                 ROOT / "examples")}

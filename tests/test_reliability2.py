@@ -181,6 +181,7 @@ def test_unmarked_leftovers_are_kept(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert len(warned) == 2, warned
 
 
+@pytest.mark.slow
 def test_killed_run_leftovers_removed_with_a_message(export: Path, tmp_path: Path) -> None:
     """Killed with the staging directory written: the next run removes it and says so;
     killed between the two renames of a swap: the aside copy is restored, but never when

@@ -211,6 +211,7 @@ def test_finetune_script_runs_on_shipped_data(tmp_path: Path) -> None:
     assert back.coupling == "revffn"
 
 
+@pytest.mark.slow
 def test_finetune_script_calibrates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     finetune = _load_example("finetune")
     result = finetune.main(["--max-steps", "2", "--eval-steps", "2", "--eval-limit", "8",
