@@ -84,6 +84,7 @@ def test_bench_bad_input_exits_2_with_one_line(args: tuple[str, ...], needle: st
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_bench_model_dir_runs_at_its_own_depth(tmp_path: Path) -> None:
     build("tiny", 2).save_pretrained(tmp_path / "m")
     out = tmp_path / "o.json"
@@ -146,6 +147,7 @@ def test_step_methods_cover_every_coupling_and_the_offloading_peer() -> None:
     assert dict(STEP_METHODS["momentum"].transform).get("exact_streams") is True
 
 
+@pytest.mark.slow
 def test_offload_is_the_exact_mode_with_saved_tensors_on_the_host() -> None:
     from revffn_fx.tools.step_bench import preset_config, run_step_bench
 

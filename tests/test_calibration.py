@@ -33,6 +33,7 @@ def _task_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 def test_calibration_brings_the_pretrained_model_back() -> None:
     """On the shipped pretrained model, calibrated adapters fit every layer better and the
     coupled model's loss on held-out text of the calibration kind drops."""
@@ -99,6 +100,7 @@ def test_calibration_errors() -> None:
         rf.transform(model, stream_dtype="int8")
 
 
+@pytest.mark.slow
 def test_wide_streams_make_the_fp32_backward_exact() -> None:
     """Calibrated adapters have gains > 1: in fp32 streams, the reconstruction's rounding
     error is amplified through the stack (measured 7e-3 gradient error on layer 0), which

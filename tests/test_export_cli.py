@@ -51,6 +51,7 @@ def test_console_script_errors(case: str, damage: Any, exc: type, message: str, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_console_script_out_dir_errors(source: Path, tmp_path: Path) -> None:
     src = _copy(source, tmp_path / "src")
     res = _run(str(src), str(src / "inside"))
@@ -90,6 +91,7 @@ def _train(model_dir: Path, out: Path, steps: int, resume: str | None = None) ->
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+@pytest.mark.slow
 def test_trainer_fine_tunes_an_exported_model(source: Path, tmp_path: Path) -> None:
     exported = tmp_path / "rev"
     rf.transform_dir(source, exported)

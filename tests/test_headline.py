@@ -182,6 +182,7 @@ def test_step_bench_splits_what_each_part_contributes() -> None:
                                                                 rows[m].peak_bytes)
 
 
+@pytest.mark.slow
 def test_bench_step_cli_writes_json_and_plot(tmp_path: Path) -> None:
     import json
 
@@ -216,6 +217,7 @@ def test_bench_step_bad_input_exits_2(args: tuple[str, ...], needle: str) -> Non
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_child_process_entry_reports_rss_and_the_tracker(capsys: pytest.CaptureFixture) -> None:
     # what ``isolate=True`` runs in each child process (here in-process: the RSS figure is
     # then only a smoke test), one JSON line out

@@ -402,6 +402,7 @@ def _wait_for(marks: list[Path], pids: list[int], timeout: float = 240) -> None:
 POINTS = ["shard", "staged", "aside", "swapped", "deleting"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_point_leaves_old_or_new(old_export: Path, new_export: Path,
                                                   tmp_path: Path) -> None:
     """--force over a good OUT_DIR, SIGKILLed at each point of the write (all at once, one
@@ -482,6 +483,7 @@ def _fork_killed_in_swap(args: list[str], log: Path, op: int, when: str) -> int:
         os._exit(code)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="renameat2(RENAME_EXCHANGE) is Linux's")
 def test_sigkill_around_the_linux_exchange(old_export: Path, new_export: Path,
                                            tmp_path: Path) -> None:
@@ -514,6 +516,7 @@ def test_sigkill_around_the_linux_exchange(old_export: Path, new_export: Path,
         assert _digest(out) == want
 
 
+@pytest.mark.slow
 def test_sigterm_cleans_up_and_concurrent_writer_refused(old_export: Path,
                                                          tmp_path: Path) -> None:
     # SIGTERM in the middle of the shards: exit 130, staging removed, OUT_DIR untouched

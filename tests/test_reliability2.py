@@ -384,6 +384,7 @@ def test_unconvertible_dtype_exits_2(tmp_path: Path) -> None:
 
 # -------------------------------------------------------- 7. sizes bounded before allocation
 
+@pytest.mark.slow
 def test_absurd_layer_count_answered_in_seconds(tmp_path: Path) -> None:
     src = Path(shutil.copytree(TINY, tmp_path / "src"))
     _edit_config(src, lambda c: c.update(num_hidden_layers=100000))

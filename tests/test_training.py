@@ -198,6 +198,7 @@ def _load_example(name: str) -> Any:
     return module
 
 
+@pytest.mark.slow
 def test_finetune_script_runs_on_shipped_data(tmp_path: Path) -> None:
     finetune = _load_example("finetune")
     out = tmp_path / "ft"
