@@ -63,8 +63,14 @@ def sweep(args: argparse.Namespace) -> None:
                                      label="mixtral-shaped", progress=_progress,
                                      warmup_seq=args.warmup_seq, one_step=True)
                 data = asdict(res)
+                if path.exists():  # another sweep may have added methods meanwhile
+                    done.update({r["method"]: r for r in json.loads(path.read_text())["rows"]
+                                 if r["method"] not in done})
                 done[m] = data["rows"][0]
                 data["rows"] = list(done.values())  # ratios: computed by the report
+                (OUT / "rows").mkdir(exist_ok=True)  # each row on its own too
+                (OUT / "rows" / f"L{layers}_s{seq}_{m.replace('/', '-')}.json").write_text(
+                    json.dumps(done[m], indent=2) + "\n")
                 path.write_text(json.dumps(data, indent=2) + "\n")
                 print(res.to_markdown().splitlines()[-1], flush=True)
 
