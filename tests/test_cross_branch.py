@@ -73,14 +73,13 @@ def test_cross_gradients_match_autograd(name: str, record_property: Any) -> None
     mask[0, :2] = 0  # a left-padded row
     kw = {"labels": ids, "attention_mask": mask}
     rev.options.fixed_point_stats.clear()
-    _, g_rev, e_rev = _grads(rev, ids, kw, 0, True)
+    _, g_rev = _grads(rev, ids, kw, 0, True)  # the embedding output's gradient among them
     stats = dict(rev.options.fixed_point_stats)
     with rev.plain_autograd():
-        _, g_ref, e_ref = _grads(rev, ids, kw, 0, True)
+        _, g_ref = _grads(rev, ids, kw, 0, True)
     assert set(g_rev) == set(g_ref)
     worst = max((_rel(g_rev[k], g_ref[k]), k) for k in g_ref)
     assert worst[0] <= 1e-10, worst
-    assert _rel(e_rev, e_ref) <= 1e-10
     # one fixed point per crossed layer, converged to the tolerance; the counts are reported
     assert len(stats) == len(crossed)
     assert all(1 <= n <= 200 and r <= 1e-11 for n, r in stats.values())

@@ -120,7 +120,7 @@ def test_exact_streams_verify_with_a_small_g(monkeypatch: pytest.MonkeyPatch) ->
     assert report.ok and max(c.reconstruction_err for c in report.layers) == 0.0, \
         report.summary()
     real = Update.invert
-    monkeypatch.setattr(Update, "invert", lambda self, new, out, lost=None: real(
-        self, new, out, None if lost is None else torch.zeros_like(lost)))
+    monkeypatch.setattr(Update, "invert", lambda self, new, out, lost=None, streams=None: real(
+        self, new, out, None if lost is None else torch.zeros_like(lost), streams))
     report = rf.verify(rev, _ids())
     assert max(c.reconstruction_err for c in report.layers) > 1e-6

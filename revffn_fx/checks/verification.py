@@ -29,7 +29,7 @@ from ..frontend.ir import logits_and_loss
 from ..model import RevModel, input_embeddings
 from ..runtime import guard
 from ..runtime.fixed_point import fixed_point
-from ..runtime.stack import RevStack
+from ..runtime.stack import EXACT_GRID_BITS, RevStack, round_to_grid
 from ..runtime.streams import MERGES
 from .exactness import float64_copy, relative_error, tolerance, worst_parameter
 
@@ -243,7 +243,15 @@ def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, 
         for name, (xs, ctx) in seen.items():
             i = names[name]
             spec, layer = specs[i], by_layer[name]
-            err = round_trip(layer, xs, ctx, opts.fixed_point_iters, opts.fixed_point_tol)
+            if opts.exact_streams:  # as training runs it: on the grid, with the stored bits
+                xs = round_to_grid(xs)
+                for u in layer.updates:
+                    u.grid = EXACT_GRID_BITS
+            try:
+                err = round_trip(layer, xs, ctx, opts.fixed_point_iters, opts.fixed_point_tol)
+            finally:
+                for u in layer.updates:
+                    u.grid = None
             fp = any(not u.closed_form for u in layer.updates)
             compute = layer.updates[0].compute_dtype or xs[0].dtype
             rtol = guard.tolerance(xs[0].dtype, compute, opts.fixed_point_tol if fp else None)

@@ -310,8 +310,8 @@ class RevStack(nn.Module):
         # the grid serves a reconstruction: only in training with gradients (eval keeps the
         # plain arithmetic; bdia's eval is then the original layers bit for bit)
         if self.options.exact_streams and self.training and torch.is_grad_enabled():
-            _grid_for(self, streams)
-            streams = _round_to_grid(streams)
+            grid_for(self, streams)
+            streams = round_to_grid(streams)
         check_params(self)
         params = self._params()
         sharded = bool(self.options.shard_units)
@@ -349,7 +349,7 @@ class RevStack(nn.Module):
 EXACT_GRID_BITS = 32  # streams on multiples of 2**-32: exact while |stream| < 2**20
 
 
-def _grid_for(stack: RevStack, streams: list[torch.Tensor]) -> None:
+def grid_for(stack: RevStack, streams: list[torch.Tensor]) -> None:
     from ..errors import RevFFNError
 
     if any(s.dtype != torch.float64 for s in streams):
@@ -364,7 +364,7 @@ def _grid_for(stack: RevStack, streams: list[torch.Tensor]) -> None:
             u.grid = EXACT_GRID_BITS
 
 
-def _round_to_grid(streams: list[torch.Tensor]) -> list[torch.Tensor]:
+def round_to_grid(streams: list[torch.Tensor]) -> list[torch.Tensor]:
     s = 2.0 ** EXACT_GRID_BITS
     out = []
     for x in streams:
