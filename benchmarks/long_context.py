@@ -162,8 +162,9 @@ def report(args: argparse.Namespace) -> None:
     methods = [m for m in dict.fromkeys([*LONG_METHODS, "offload/unpinned"])
                if any(_row(d, m) for d in points)]
     print("| layers x tokens | method | peak MiB | /exact | RSS MiB | /exact | activ. MiB | "
-          "/exact | activ. by RSS MiB | CPU s | /exact | plan MiB | plan/peak |")
-    print("|" + "---|" * 13)
+          "/exact | activ. by RSS MiB | CPU s | /exact | plan MiB | plan/peak | "
+          "plan activ./activ. |")
+    print("|" + "---|" * 14)
     for d in points:
         ref = _row(d, "exact")
         plan = _plan(d)
@@ -175,7 +176,7 @@ def report(args: argparse.Namespace) -> None:
             def x(a: float | None, b: float | None) -> str:
                 return "-" if a is None or not b else f"{a / b:.3f}"
 
-            p = plan.get(m)
+            p, pa = plan.get(m, (None, None))
             cells = [f"{d['layers']} x {d['seq']}", m, f"{r['peak_bytes'] / MiB:,.0f}",
                      x(r["peak_bytes"], ref and ref["peak_bytes"]),
                      "-" if r["rss_peak_bytes"] is None else f"{r['rss_peak_bytes'] / MiB:,.0f}",
@@ -186,18 +187,19 @@ def report(args: argparse.Namespace) -> None:
                      "-" if r["cpu_s"] is None else f"{r['cpu_s']:.0f}",
                      x(r["cpu_s"], ref and ref["cpu_s"]),
                      "-" if p is None else f"{p / MiB:,.0f}",
-                     x(p, r["peak_bytes"])]
+                     x(p, r["peak_bytes"]), x(pa, r["activations"])]
             print("| " + " | ".join(cells) + " |")
     print()
     print(crossovers(points, methods))
     print()
     print(plan_crossovers(points[0]["hidden"] if points else args.hidden,
                           points[0]["vocab"] if points else args.vocab,
-                          [m for m in methods if m not in ("exact", "offload/unpinned")]))
+                          [m for m in LONG_METHODS if m != "exact"]))
 
 
-def _plan(d: dict) -> dict[str, int]:
-    """The planned whole-step peak of each measured method at this point."""
+def _plan(d: dict) -> dict[str, tuple[int, int]]:
+    """The planned whole-step peak of each measured method at this point, and its
+    activation part (activations + loss head)."""
     from revffn_fx.tools.memory_plan import plan_for_step_method
 
     config = _config(d["layers"], d["hidden"], d["vocab"], d["seq"])
@@ -205,7 +207,8 @@ def _plan(d: dict) -> dict[str, int]:
     for r in d["rows"]:
         try:
             row = plan_for_step_method(config, d["batch"], d["seq"], r["method"])
-            out[r["method"]] = row.total + row.host  # on the CPU the host is the same memory
+            out[r["method"]] = (row.total + row.host,  # on the CPU the host is the same memory
+                                row.activations + row.loss_head + row.host)
         except KeyError:
             pass
     return out
