@@ -145,3 +145,15 @@ def test_saved_side_bytes_per_layer(coupling: str, option: dict, per_element: fl
 
     per_layer = (saved(4) - saved(2)) / 2 / (ids.numel() * 64)  # hidden 64
     assert per_layer == pytest.approx(per_element)
+
+
+def test_an_export_is_not_a_model_dir(tmp_path: Path) -> None:
+    """Transforming (or loading as a plain model) a function-changing export is refused
+    with what to do, not transformers' "custom code" message; rf.load reads it."""
+    rev = rf.transform(tiny_model("mixtral"), coupling="revnet")
+    rev.save_pretrained(tmp_path / "out")
+    with pytest.raises(RevFFNError, match="a revffn-fx export .the revnet coupling.*rf.load"):
+        rf.load_model(tmp_path / "out")
+    with pytest.raises(RevFFNError, match="start from the original model directory"):
+        rf.transform_dir(tmp_path / "out", tmp_path / "again")
+    assert rf.load(tmp_path / "out").coupling == "revnet"

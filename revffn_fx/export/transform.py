@@ -18,7 +18,13 @@ import torch
 from .. import couplings
 from ..calibration import calibration_batches
 from ..errors import ConversionError, ExportError, LoadError
-from ..frontend.loading import check_config, check_config_bounds, check_fits, quiet
+from ..frontend.loading import (
+    check_config,
+    check_config_bounds,
+    check_fits,
+    quiet,
+    refuse_export,
+)
 from ..frontend.registry import facts_for
 from ..model import RevModel, parse_layers
 from ..options import TransformOptions
@@ -248,6 +254,7 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     src, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
     limit = parse_size(max_shard_size)
     config_path, model_type = check_config(src)
+    refuse_export(config_path)  # an export of a function-changing coupling: not a MODEL_DIR
     weights, entries = checkpoint_tensors(src)
     shapes = {t.name: (t.dtype, t.shape) for t in entries}
     # the config's sizes against the headers, before the (meta) model is built

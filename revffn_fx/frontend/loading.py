@@ -67,6 +67,8 @@ def load_model(model_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | 
     """
     path = Path(model_dir).expanduser()
     config_path, model_type = check_config(path)
+    if "config" not in kwargs:  # rf.load passes the export's original config itself
+        refuse_export(config_path)
     weights = check_weights(path)
     options: dict[str, Any] = {**facts_for(model_type).load_kwargs, **kwargs}
     if dtype is not None:
@@ -100,6 +102,19 @@ def load_model(model_dir: str | os.PathLike[str], *, dtype: torch.dtype | str | 
         raise LoadError(f"{weights}: weights do not fit {config_path.name}: {len(names)} "
                         f"tensor(s) the model does not have, e.g. {names[0]}")
     return model.eval()
+
+
+def refuse_export(config_path: Path) -> None:
+    """A revffn-fx export of a function-changing coupling (config.json's model_type
+    "revffn") is not a model directory to load or transform as a plain model: say what to
+    do instead of transformers' "custom code" message."""
+    raw = json.loads(config_path.read_text())
+    if raw.get("model_type") != "revffn":
+        return
+    coupling = (raw.get("revffn") or {}).get("coupling", "?")
+    raise LoadError(f"{config_path.parent}: a revffn-fx export (the {coupling} coupling), not "
+                    "an original model: load it with rf.load (or revffn verify); to transform, "
+                    "start from the original model directory")
 
 
 def load_config(model_dir: str | os.PathLike[str]) -> Any:
