@@ -8,13 +8,12 @@ writes its measured errors, and the tests below assert on them.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from ranks import spawn, start_rank
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -66,20 +65,14 @@ def _reference(coupling: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.
 
 
 def _worker(rank: int, tmp: str) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    mesh = start_rank(rank, tmp, WORLD)
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from revffn_fx import distributed as rd
     from revffn_fx.errors import RevFFNError
     from revffn_fx.training import fuse_optimizer
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                            world_size=WORLD)
-    mesh = init_device_mesh("cpu", (WORLD,))
     out: dict[str, Any] = {}
 
     def local(step: int) -> torch.Tensor:
@@ -230,11 +223,7 @@ def _worker(rank: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    import torch.multiprocessing as mp
-
-    tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(tmp),), nprocs=WORLD, join=True)
-    return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return spawn(_worker, tmp_path_factory.mktemp("dist"), WORLD, "rank")
 
 
 @pytest.mark.slow
@@ -327,9 +316,7 @@ SAVE_TIMEOUT = 3.0  # seconds a sharded save waits for the other ranks (default 
 
 
 def _checkpoint_worker(rank: int, tmp: str) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    mesh = start_rank(rank, tmp, WORLD)
     import time
 
     import torch.distributed as dist
@@ -340,7 +327,6 @@ def _checkpoint_worker(rank: int, tmp: str) -> None:
         set_model_state_dict,
         set_optimizer_state_dict,
     )
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from zoo import tiny_model
 
@@ -349,9 +335,6 @@ def _checkpoint_worker(rank: int, tmp: str) -> None:
     from revffn_fx.errors import RevFFNError
     from revffn_fx.training import fuse_optimizer
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                            world_size=WORLD)
-    mesh = init_device_mesh("cpu", (WORLD,))
     out: dict[str, Any] = {}
 
     def local(step: int) -> torch.Tensor:
@@ -444,11 +427,7 @@ def _checkpoint_worker(rank: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    import torch.multiprocessing as mp
-
-    tmp = tmp_path_factory.mktemp("ckpt")
-    mp.spawn(_checkpoint_worker, args=(str(tmp),), nprocs=WORLD, join=True)
-    return [json.loads(Path(tmp, f"ckpt{r}.json").read_text()) for r in range(WORLD)]
+    return spawn(_checkpoint_worker, tmp_path_factory.mktemp("ckpt"), WORLD, "ckpt")
 
 
 @pytest.mark.slow

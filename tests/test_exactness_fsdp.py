@@ -7,12 +7,11 @@ momentum/meft couplings were off by 69-178% on their worst parameter)."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import spawn, start_rank
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -53,19 +52,13 @@ def _grads(model: torch.nn.Module, ids: torch.Tensor, plain: bool) -> dict[str, 
 
 
 def _worker(rank: int, tmp: str) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    mesh = start_rank(rank, tmp, WORLD)
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from revffn_fx import distributed as rd
     from revffn_fx.checks.exactness import relative_error
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                            world_size=WORLD)
-    mesh = init_device_mesh("cpu", (WORLD,))
     ids = _ids()
     out = {}
     for coupling in COUPLINGS:
@@ -77,18 +70,13 @@ def _worker(rank: int, tmp: str) -> None:
         # the loss is a mean over this rank's tokens; the reduce-scatter averages the ranks
         gen = _grads(rev, local, plain=False)
         out[coupling] = {"gen": relative_error(gen, ref), "auto": relative_error(auto, ref)}
-    if rank == 0:
-        (Path(tmp) / "result.json").write_text(json.dumps(out))
+    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    import torch.multiprocessing as mp
-
-    tmp = tmp_path_factory.mktemp("fsdp_mp")
-    mp.spawn(_worker, args=(str(tmp),), nprocs=WORLD, join=True)
-    return json.loads((tmp / "result.json").read_text())
+    return spawn(_worker, tmp_path_factory.mktemp("fsdp_mp"), WORLD, "rank")[0]
 
 
 @pytest.mark.slow
