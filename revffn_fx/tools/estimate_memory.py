@@ -53,18 +53,22 @@ class StackLayout:
     ``streams``: the width of its streams together, in hidden sizes (revffn: two halves);
     ``scaled_updates``: updates per layer that keep a fraction g of the stream they
     overwrite (with exact streams each stores the bits the division by g drops);
-    ``adapters``: parameters it adds per converted layer, in hidden**2.
+    ``adapters``: parameters it adds per converted layer, in hidden**2; ``whole_layer``:
+    one update per layer (bdia), so the backward recomputes attention and feed-forward
+    together, not one branch at a time.
     """
 
     streams: int
     scaled_updates: int = 0
     adapters: int = 0
+    whole_layer: bool = False
 
 
 #: every coupling that converts layers, from the registry (revffn_fx.couplings): a coupling
 #: added there is a row here without another edit (scaled updates per layer of two sublayers)
 STACKS: dict[str, StackLayout] = {
-    c.name: StackLayout(c.stream_width, c.scaled_updates(2), c.adapter_params)
+    c.name: StackLayout(c.stream_width, c.scaled_updates(2), c.adapter_params,
+                        bool(getattr(c, "whole_layer", False)))
     for c in couplings.REGISTRY.values() if c.converts}
 METHODS = ("none", "checkpoint", "offload", *STACKS)
 
@@ -309,7 +313,8 @@ def estimate(config: Any, batch: int, seq: int, method: str,
         for i in range(m.layers):
             if i in is_converted:
                 dense = i in m.dense_layers
-                here = _ffn(m, t, e, dense) + _ffn_backward(m, t, e, dense) + 3 * td + stack
+                branch = per_layer[i] if layout.whole_layer else _ffn(m, t, e, dense)
+                here = branch + _ffn_backward(m, t, e, dense) + 3 * td + stack
             else:
                 here = per_layer[i] + td
             peaks.append(below + here)
