@@ -48,10 +48,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--couplings", default=",".join(COUPLINGS),
                     help="comma list (default: every coupling of the registry)")
-    ap.add_argument("--dtypes", default="bfloat16,float32", help="weight dtypes, comma list (default: bfloat16,float32)")
-    ap.add_argument("--depths", default="stdlib,4,24", help="'stdlib' and/or layer counts (default: stdlib,4,24)")
-    ap.add_argument("--seq", type=int, default=48, help="tokens per sequence, batch 2 (default: 48)")
-    ap.add_argument("--option", action="append", default=[], help="a transform option key=value, repeatable (default: none)")
+    ap.add_argument("--dtypes", default="bfloat16,float32",
+                    help="weight dtypes, comma list (default: bfloat16,float32)")
+    ap.add_argument("--depths", default="stdlib,4,24",
+                    help="'stdlib' and/or layer counts (default: stdlib,4,24)")
+    ap.add_argument("--seq", type=int, default=48,
+                    help="tokens per sequence, batch 2 (default: 48)")
+    ap.add_argument("--option", action="append", default=[],
+                    help="a transform option key=value, repeatable (default: none)")
     ap.add_argument("--json", type=Path, help="write the rows here (default: print only)")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -14,8 +14,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from revffn_fx.runtime.layers import RuntimeOptions
 from revffn_fx.runtime.loss import ChunkedLossHead
-from revffn_fx.runtime.stack import RuntimeOptions
 from revffn_fx.tools.measure_memory import peak_live_bytes, saved_tensor_bytes
 
 MiB = 2**20

@@ -33,7 +33,8 @@ from .passes.pipeline import (
     layer_pipeline,
     model_pipeline,
 )
-from .runtime.stack import RevStack, RuntimeOptions
+from .runtime.layers import RuntimeOptions
+from .runtime.stack import RevStack
 
 GraphKey = tuple[bool, bool, bool, bool, bool]  # training, mask, labels, chunked, hidden
 

@@ -44,8 +44,9 @@ from .passes.pipeline import scope_of
 from .peft_support import follow_frozen_base, refresh_modules, refuse_peft_wrapper
 from .runtime import fixed_point as fixed_points
 from .runtime.fixed_point import fixed_point_tolerance  # noqa: F401 (was defined here)
+from .runtime.layers import RuntimeOptions
 from .runtime.router import RouterTap, find_routers
-from .runtime.stack import RevStack, RuntimeOptions
+from .runtime.stack import RevStack
 
 _BENIGN_KWARGS = {"use_cache", "return_dict"}
 # accepted when None (PEFT's forward passes them so)

@@ -24,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from .errors import RevFFNError
 from .frontend.capture import bind_call, same_context
 from .frontend.ir import _router_logits_off, logits_and_loss, template_of
-from .runtime.stack import RevLayer, RevStack, RuntimeOptions
+from .runtime.layers import RevLayer, RuntimeOptions
+from .runtime.stack import RevStack
 
 
 def find_runs(traced: Any, converted: Sequence[int]) -> list[list[int]]:

@@ -190,7 +190,8 @@ UNEVEN = [0.25, 0.125]
 def test_update_keeps_g_and_its_inverse_divides_by_g(g: float, exact: bool) -> None:
     """Update.combine keeps g of the overwritten stream (``g * old + out``); Update.invert
     gives ``old`` back: to rounding on float streams, bit for bit on the exact grid."""
-    from revffn_fx.runtime.stack import EXACT_GRID_BITS, Update
+    from revffn_fx.runtime.layers import Update
+    from revffn_fx.runtime.stack import EXACT_GRID_BITS
 
     torch.manual_seed(0)
     u = Update(torch.nn.Linear(16, 16, dtype=torch.float64), target=1, reads=[0],

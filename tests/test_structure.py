@@ -78,3 +78,52 @@ def test_the_checker_sees_a_cycle(tmp_path: Path) -> None:
     assert graph.number_of_edges() > 20
     assert graph.has_edge("revffn_fx.checks.verification", "revffn_fx.runtime.stack")
 
+
+
+def _all_imports(path: Path, modules: set[str]) -> set[str]:
+    """Every revffn_fx module ``path`` imports, inside functions too (not under
+    ``if TYPE_CHECKING:``, which never runs)."""
+    name = _module(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+            and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip or not isinstance(node, ast.ImportFrom) or not node.level:
+            continue
+        base = package.split(".")[:len(package.split(".")) - node.level + 1]
+        target = ".".join(base + ([node.module] if node.module else []))
+        for alias in node.names:
+            full = f"{target}.{alias.name}"
+            dst = full if full in modules else target
+            if dst in modules and dst != name:
+                found.add(dst)
+    return found
+
+
+def test_no_cycles_through_lazy_imports_in_the_compiler_and_runtime() -> None:
+    """Counting imports inside functions: the runtime, the passes, the frontend and the
+    couplings take part in no import cycle (the runtime's stack -> function -> stack knot
+    and couple <-> couple_momentum were broken up; the RevModel / export knot remains)."""
+    paths = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    graph = nx.DiGraph()
+    for name, path in paths.items():
+        graph.add_node(name)
+        for dst in _all_imports(path, set(paths)):
+            graph.add_edge(name, dst)
+    knotted = {m for scc in nx.strongly_connected_components(graph) if len(scc) > 1
+               for m in scc}
+    layers = ("revffn_fx.runtime", "revffn_fx.passes", "revffn_fx.frontend",
+              "revffn_fx.couplings")
+    assert not {m for m in knotted if m.startswith(layers)}, sorted(knotted)
+
+
+def test_couplings_import_without_torch() -> None:
+    """The registry is read by the CLI before the heavy imports."""
+    import subprocess
+    import sys
+
+    code = ("import sys, revffn_fx.couplings as c; c.get('bdia'); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

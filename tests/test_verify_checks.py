@@ -112,7 +112,7 @@ def test_parameters_shared_between_updates_accumulate(coupling: str) -> None:
 def test_exact_streams_verify_with_a_small_g(monkeypatch: pytest.MonkeyPatch) -> None:
     """exact_streams at g = 1/256: the reconstruction is checked with the stored bits (0.0),
     and without them the same check fails."""
-    from revffn_fx.runtime.stack import Update
+    from revffn_fx.runtime.layers import Update
 
     rev = rf.transform(tiny_model("mixtral"), coupling="momentum", momentum=2.0 ** -8,
                        exact_streams=True)  # float64 streams picked for the grid

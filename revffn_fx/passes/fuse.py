@@ -13,7 +13,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..runtime.stack import RevLayer, RevStack, RuntimeOptions
+from ..runtime.layers import RevLayer, RuntimeOptions
+from ..runtime.stack import RevStack
 
 Binder = Callable[[fx.Node], tuple[Any, dict[str, Any]]]
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch.fx as fx
 
 from ..errors import ConversionError
+from ..runtime.layers import RevLayer, Update
 from ..runtime.sampled import SampledUpdate
-from ..runtime.stack import RevLayer, Update
 from ..runtime.streams import MERGES, SPLITS
 
 

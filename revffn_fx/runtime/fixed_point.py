@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .stack import Update
+from .layers import Update
 
 # default relative residual of a fixed-point reconstruction, by the dtype branches compute
 # in: near its rounding level (fp64's 1e-11 takes more steps of a slow contraction)

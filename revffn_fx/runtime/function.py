@@ -23,7 +23,8 @@ from torch.utils import _pytree as pytree
 from ..errors import FixedPointError, RevFFNError
 from . import guard, rng
 from .fixed_point import fixed_point
-from .stack import RevLayer, RevStack, Update, branch_params, reduce_grads, reshard, unshard
+from .layers import RevLayer, Update, branch_params
+from .sharding import reduce_grads, reshard, unshard
 
 _AMP_DEVICES = ("cpu", "cuda")
 logger = logging.getLogger(__name__)
@@ -42,14 +43,14 @@ def _autocast(state: list[tuple[str, bool, torch.dtype]]) -> Iterator[None]:
         yield
 
 
-def _updates(stack: RevStack) -> list[tuple[str, Update, RevLayer]]:
+def _updates(stack: Any) -> list[tuple[str, Update, RevLayer]]:
     return [(f"{layer.name}.{j}", u, layer) for layer in stack.layers
             for j, u in enumerate(layer.updates)]
 
 
 class RevFunction(torch.autograd.Function):
     @staticmethod
-    def forward(fctx: Any, stack: RevStack, ctx_leaves: list[Any], ctx_spec: Any,
+    def forward(fctx: Any, stack: Any, ctx_leaves: list[Any], ctx_spec: Any,
                 tensor_pos: list[int], n: int, n_ctx: int, *tensors: torch.Tensor) -> Any:
         streams = list(tensors[:n])
         ctx_t = tensors[n:n + n_ctx]
@@ -320,7 +321,7 @@ def _rebuild(leaves: list[Any], spec: Any, pos: list[int], tensors: Any) -> dict
 
 
 @torch.compiler.disable(recursive=True)
-def run_reversible(stack: RevStack, streams: list[torch.Tensor], ctx: dict[str, Any],
+def run_reversible(stack: Any, streams: list[torch.Tensor], ctx: dict[str, Any],
                    params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     """Run ``stack`` on ``streams`` with the memory-saving backward.
 

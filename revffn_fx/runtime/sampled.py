@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .bits import pack_bits, unpack_bits
-from .stack import Update
+from .layers import Update
 
 
 class SampledUpdate(Update):
