@@ -68,6 +68,16 @@ class CompiledModel:
         # layer index -> why its cross-branch attention fell back to the plain coupling
         self.cross_fallbacks: dict[int, str] = {}
 
+    @property
+    def spec(self) -> couplings.Coupling:
+        """The coupling's declaration (revffn_fx.couplings)."""
+        return couplings.get(self.coupling)
+
+    @property
+    def split(self) -> str:
+        """The stacks' stream split ("copies" for the exact mode, which builds none)."""
+        return self.spec.split or "copies"
+
     def clear(self, specs: bool = True) -> None:
         """Forget the compiled graphs (and with ``specs`` the layer couplings)."""
         self.graphs.clear()
@@ -104,8 +114,7 @@ class CompiledModel:
 
     def _compile_layer(self, i: int, plan: Any, cross: Any, training: bool) -> ReversibleSpec:
         """The layer pass list (Couple, the user's passes), then the inverse."""
-        adapters = (self.adapters[str(i)] if couplings.get(self.coupling).adapter_params
-                    else None)
+        adapters = self.adapters[str(i)] if self.spec.adapter_params else None
         couple = Couple(plan, self.coupling, adapters, cross, self.momentum,
                         self.update_targets[i][0])
         # the coupling invariant is checked after every pass: a user's pass that breaks it
@@ -144,7 +153,7 @@ class CompiledModel:
             self.model, "get_output_embeddings") else None
         head = head or dict(self.model.named_modules()).get(
             self.lm_head_target().removeprefix("model."))
-        runner = SwapRunner(self.traced, layers, (couplings.get(self.coupling).split or "copies"),
+        runner = SwapRunner(self.traced, layers, self.split,
                             self.options, self.checkpoint_rest, hidden_only, head, training)
         self.loss_head_status = ("original: the model's own forward runs (its decoder layers "
                                  "were traced on their own)")
@@ -159,7 +168,7 @@ class CompiledModel:
         for i, spec in self.specs(training).items():
             lg = self.traced.layers[i]
             layers["model." + lg.qualname] = (spec.layer(lg.qualname), lg.call.inputs)
-        split = (couplings.get(self.coupling).split or "copies")  # exact mode: no stack
+        split = self.split  # exact mode: no stack
         by_target = {"model." + lg.qualname: lg.module for lg in self.traced.layers}
 
         def bind(node: fx.Node) -> tuple[Any, dict[str, Any]]:

@@ -44,7 +44,7 @@ from .passes.pipeline import scope_of
 from .peft_support import follow_frozen_base, refresh_modules, refuse_peft_wrapper
 from .runtime import fixed_point as fixed_points
 from .runtime.fixed_point import fixed_point_tolerance  # noqa: F401 (was defined here)
-from .runtime.layers import RuntimeOptions
+from .runtime.layers import RuntimeOptions, wider_stream_dtype  # noqa: F401 (public here too)
 from .runtime.router import RouterTap, find_routers
 from .runtime.stack import RevStack
 
@@ -669,11 +669,6 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
     elif option_kwargs or layers is not None or coupling != "revffn":
         raise RevFFNError("pass the options either as options= or as keywords, not both")
     return RevModel(model, passes=passes, options=options)
-
-
-def wider_stream_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The stream dtype one step wider than the model's (fp32 -> fp64, 16-bit -> fp32)."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 _STREAM_DTYPES = {"float64": torch.float64, "float32": torch.float32,

@@ -17,6 +17,12 @@ from .bits import pack_bits, unpack_bits
 from .router import RouterTap
 
 
+def wider_stream_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The stream rule: one step wider than the hidden state (fp32 -> fp64, 16-bit -> fp32),
+    so the additions of the couplings round no worse than autograd does."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 @dataclass
 class RuntimeOptions:
     """Switches shared by every stack of one model."""

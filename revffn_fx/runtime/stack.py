@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import RevFFNError
 from .function import run_reversible
-from .layers import RevLayer, RuntimeOptions
+from .layers import RevLayer, RuntimeOptions, wider_stream_dtype
 from .sharding import check_params, reshard, unshard
 from .streams import MERGES, SPLITS, WRITTEN_LAST
 
@@ -51,8 +51,7 @@ class RevStack(nn.Module):
         streams = list(SPLITS[self.split](hidden))
         wide = self.options.stream_dtype
         if wide is None:  # the rule: one step wider than the hidden state
-            wide = torch.float64 if hidden.dtype in (torch.float32, torch.float64) \
-                else torch.float32
+            wide = wider_stream_dtype(hidden.dtype)
         wide = wide if wide != hidden.dtype else None
         for i, layer in enumerate(self.layers):
             for j, u in enumerate(layer.updates):
