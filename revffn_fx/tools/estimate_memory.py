@@ -152,7 +152,9 @@ class Estimate:
         return sum(self.parts.values())
 
 
-def _dtype_bytes(config: Any, dtype: torch.dtype | str | None) -> int:
+def dtype_bytes(config: Any, dtype: torch.dtype | str | None) -> int:
+    """Bytes per element of ``dtype`` (a torch dtype or its name; None: the config's,
+    float32 when it names none)."""
     if dtype is None:
         dtype = _get(config, "dtype", "torch_dtype", default=torch.float32)
     if isinstance(dtype, str):
@@ -235,13 +237,13 @@ def stream_layout(config: Any, coupling: str, dtype: torch.dtype | str | None = 
     runtime's rule, one step wider than the hidden state: fp32 -> fp64, 16-bit -> fp32)."""
     from revffn_fx.options import TransformOptions
 
-    e = _dtype_bytes(config, dtype)
+    e = dtype_bytes(config, dtype)
     name = {8: "float64", 4: "float32", 2: "bfloat16"}.get(e, "float32")
     if isinstance(stream_dtype, torch.dtype):
         stream_dtype = str(stream_dtype).replace("torch.", "")
     opts = TransformOptions(coupling=coupling, stream_dtype=stream_dtype,
                             exact_streams=exact_streams).resolved(name)
-    sb = (_dtype_bytes(config, opts.stream_dtype) if opts.stream_dtype is not None
+    sb = (dtype_bytes(config, opts.stream_dtype) if opts.stream_dtype is not None
           else 8 if e >= 4 else 4)  # runtime/stack.py RevStack.forward
     # packed side bits (runtime/bits.py): log2(1/g) per element per scaled update
     bits = couplings.get(coupling).side_bits(opts.to_dict())
@@ -263,11 +265,25 @@ def estimate(config: Any, batch: int, seq: int, method: str,
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     m = Dims.of(config)
-    e = _dtype_bytes(config, dtype)
+    e = dtype_bytes(config, dtype)
+    est = Estimate(method)
+    _add_constants(est, m, batch, seq, e, loss_head or default_loss_head(method))
+    per_layer = [_layer(m, i, batch, seq, e) for i in range(m.layers)]
+    if method == "none":
+        _add_plain(est, m, batch * seq, per_layer)
+    elif method in ("checkpoint", "offload"):
+        _add_checkpointed(est, m, batch * seq * m.hidden * e, per_layer)
+    else:
+        sb, bits = stream_layout(config, method, dtype, stream_dtype, exact_streams)
+        _add_stacks(est, m, batch * seq, e, per_layer, layers, sb, bits)
+    return est
+
+
+def _add_constants(est: Estimate, m: Dims, batch: int, seq: int, e: int, head: str) -> None:
+    """What every method saves outside the decoder layers: token ids, rotary tables, the
+    final norm and the loss head (``original`` or ``chunked``)."""
     t = batch * seq
     td = t * m.hidden * e
-    head = loss_head or default_loss_head(method)
-    est = Estimate(method)
     p = est.parts
     p["token ids"] = t * 8
     p["rotary tables"] = 2 * seq * m.rope_dim * e
@@ -277,53 +293,66 @@ def estimate(config: Any, batch: int, seq: int, method: str,
     else:
         p["head input + fp32 log-softmax"] = td + t * m.vocab * 4
         p["labels"] = t * 8
-    per_layer = [_layer(m, i, batch, seq, e) for i in range(m.layers)]
-    if method == "none":
-        p["layers"] = sum(per_layer)
-        # at the start of backward, before any gradient: all saved, logits and their gradient
-        est.peak_activation_bytes = sum(p.values()) + 2 * t * m.vocab * 4
-    elif method in ("checkpoint", "offload"):
-        if method == "offload":  # on the host, but for the one being copied back
-            est.host_bytes = sum(p.values()) - p["token ids"] + m.layers * td
-            for k in ("final norm", "head input + fp32 log-softmax", "labels"):
-                p.pop(k, None)
-            p["boundary in flight"] = td
-        else:
-            p["layer boundaries"] = m.layers * td
-        # at the end of backward: one layer recomputed
-        est.peak_activation_bytes = est.recompute_bytes = max(per_layer) + td
+
+
+def _add_plain(est: Estimate, m: Dims, t: int, per_layer: list[int]) -> None:
+    """``none``: every layer's activations saved."""
+    p = est.parts
+    p["layers"] = sum(per_layer)
+    # at the start of backward, before any gradient: all saved, logits and their gradient
+    est.peak_activation_bytes = sum(p.values()) + 2 * t * m.vocab * 4
+
+
+def _add_checkpointed(est: Estimate, m: Dims, td: int, per_layer: list[int]) -> None:
+    """``checkpoint``: one boundary per layer; ``offload``: the boundaries on the host."""
+    p = est.parts
+    if est.method == "offload":  # on the host, but for the one being copied back
+        est.host_bytes = sum(p.values()) - p["token ids"] + m.layers * td
+        for k in ("final norm", "head input + fp32 log-softmax", "labels"):
+            p.pop(k, None)
+        p["boundary in flight"] = td
     else:
-        layout = STACKS[method]
-        converted = sorted({i for i in (range(m.layers) if layers is None else layers)
-                            if 0 <= i < m.layers})
-        is_converted = set(converted)  # membership and the sum below in O(layers), not O(layers^2)
-        plain = [i for i in range(m.layers) if i not in is_converted]
-        sb, bits = stream_layout(config, method, dtype, stream_dtype, exact_streams)
-        stack = t * m.hidden * layout.streams * sb
-        p["stack output"] = stack * max(_runs(converted), 1 if not plain else 0)
-        if bits:
-            p["stored bits"] = (len(converted) * layout.scaled_updates * t * m.hidden
-                                * bits // 8)
-        if plain:
-            p["layers left out"] = sum(per_layer[i] for i in plain)
-        # backward at layer i: the plain layers below it are still saved; a converted layer
-        # recomputes one branch (the larger: the feed-forward) with the streams and their
-        # grads, a plain layer frees its own saved tensors with one boundary gradient
-        peaks, recomputes, below = [], [], 0
-        for i in range(m.layers):
-            if i in is_converted:
-                dense = i in m.dense_layers
-                branch = per_layer[i] if layout.whole_layer else _ffn(m, t, e, dense)
-                here = branch + _ffn_backward(m, t, e, dense) + 3 * td + stack
-            else:
-                here = per_layer[i] + td
-            peaks.append(below + here)
-            recomputes.append(here)
-            if i not in is_converted:
-                below += per_layer[i]
-        est.peak_activation_bytes = max(peaks)
-        est.recompute_bytes = max(recomputes)
-    return est
+        p["layer boundaries"] = m.layers * td
+    # at the end of backward: one layer recomputed
+    est.peak_activation_bytes = est.recompute_bytes = max(per_layer) + td
+
+
+def _add_stacks(est: Estimate, m: Dims, t: int, e: int, per_layer: list[int],
+                layers: Sequence[int] | None, sb: int, bits: int) -> None:
+    """A coupling: each reversible stack keeps its output (``sb`` bytes per stream element)
+    and, with exact streams, ``bits`` per element per scaled update; the layers left out
+    save what a plain layer saves."""
+    layout = STACKS[est.method]
+    p = est.parts
+    td = t * m.hidden * e
+    converted = sorted({i for i in (range(m.layers) if layers is None else layers)
+                        if 0 <= i < m.layers})
+    is_converted = set(converted)  # membership and the sum below in O(layers), not O(layers^2)
+    plain = [i for i in range(m.layers) if i not in is_converted]
+    stack = t * m.hidden * layout.streams * sb
+    p["stack output"] = stack * max(_runs(converted), 1 if not plain else 0)
+    if bits:
+        p["stored bits"] = (len(converted) * layout.scaled_updates * t * m.hidden
+                            * bits // 8)
+    if plain:
+        p["layers left out"] = sum(per_layer[i] for i in plain)
+    # backward at layer i: the plain layers below it are still saved; a converted layer
+    # recomputes one branch (the larger: the feed-forward) with the streams and their
+    # grads, a plain layer frees its own saved tensors with one boundary gradient
+    peaks, recomputes, below = [], [], 0
+    for i in range(m.layers):
+        if i in is_converted:
+            dense = i in m.dense_layers
+            branch = per_layer[i] if layout.whole_layer else _ffn(m, t, e, dense)
+            here = branch + _ffn_backward(m, t, e, dense) + 3 * td + stack
+        else:
+            here = per_layer[i] + td
+        peaks.append(below + here)
+        recomputes.append(here)
+        if i not in is_converted:
+            below += per_layer[i]
+    est.peak_activation_bytes = max(peaks)
+    est.recompute_bytes = max(recomputes)
 
 
 def estimate_saved_bytes(config: Any, batch: int, seq: int, method: str,
@@ -344,7 +373,7 @@ def estimate_parameter_bytes(config: Any, dtype: torch.dtype | str | None = None
     m = Dims.of(config)
     if method in STACKS:
         n += STACKS[method].adapters * m.hidden * m.hidden * m.layers
-    return n * _dtype_bytes(config, dtype)
+    return n * dtype_bytes(config, dtype)
 
 
 def estimate_peak_bytes(config: Any, batch: int, seq: int, method: str,
@@ -357,5 +386,5 @@ def estimate_peak_bytes(config: Any, batch: int, seq: int, method: str,
         return 2 * params + est.peak_activation_bytes
     # before any gradient (all activations) or at the end of backward (all gradients)
     m = Dims.of(config)
-    last = _layer(m, 0, batch, seq, _dtype_bytes(config, dtype))
+    last = _layer(m, 0, batch, seq, dtype_bytes(config, dtype))
     return max(params + est.peak_activation_bytes, 2 * params + last)

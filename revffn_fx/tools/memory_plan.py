@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..output import parse_bytes
-from .estimate_memory import STACKS, Dims, _dtype_bytes, estimate
+from .estimate_memory import STACKS, Dims, dtype_bytes, estimate
 
 __all__ = ["PlanRow", "activation_peak", "longest", "memory_plan", "parse_bytes",
            "plan_for_step_method"]
@@ -136,7 +136,7 @@ def whole_step(config: Any, batch: int, seq: int, method: str, head: str, fused:
       step's temporaries) and the start of the backward (everything saved, one
       recomputation, the lean head's gradients).
     """
-    e = _dtype_bytes(config, dtype)
+    e = dtype_bytes(config, dtype)
     state_bytes = 1 if optimizer == "adamw8bit" else e
     params, states = n * e, int(OPTIMIZERS[optimizer] * n * state_bytes)
     est = estimate(config, batch, seq, method, dtype, head, layers, stream_dtype,
