@@ -26,6 +26,7 @@ from .passes.manager import Pass, PassManager, PassRecord, snapshot
 from .passes.pipeline import (
     CheckpointRest,
     ChunkLossHead,
+    ChunkTokens,
     Couple,
     CutAtHead,
     Fuse,
@@ -119,7 +120,9 @@ class CompiledModel:
                         self.update_targets[i][0])
         # the coupling invariant is checked after every pass: a user's pass that breaks it
         # is named here, not met as a generic error in the inverse
-        pm = PassManager(layer_pipeline(couple, self.user_passes), invariant=coupling_problem)
+        pm = PassManager(layer_pipeline(couple, self.user_passes,
+                                        ChunkTokens(plan, self.options)),
+                         invariant=coupling_problem)
         gm = pm(snapshot(self.traced.layers[i].trace(training))).graph_module
         self.pass_records[f"layer{i}"] = pm.records
         return generate_inverse(gm)

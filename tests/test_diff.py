@@ -89,7 +89,9 @@ def test_layer_diff_lists_residual_adds_removed_and_coupling_nodes_added(couplin
     # value; the unused second output of the attention is dropped, listed apart
     assert {p.before.name for p in d.rewired} == {
         "layer_input_layernorm", "layer_post_attention_layernorm", "output"}
-    assert d.changed == []
+    # the MoE call now goes through the token-chunked wrapper of the same module
+    assert [(p.before.name, p.after.target) for p in d.changed] == [
+        ("layer_mlp", "revffn_chunked_mlp")]
     assert all(not n.users for n in d.dead)
     # every copied branch node is matched to the node it came from
     for a, b in d.matched.items():

@@ -132,7 +132,7 @@ def test_a_user_pass_between_two_builtin_model_passes(tmp_path) -> None:
     assert [r.name for r in rev.pass_records["model"]] == ["fuse", "count_stacks",
                                                            "checkpoint_rest"]
     assert seen == [2]  # layers 0 and 2: two stacks, layer 1 between them
-    assert [r.name for r in rev.pass_records["layer0"]] == ["couple_revffn"]
+    assert [r.name for r in rev.pass_records["layer0"]] == ["couple_revffn", "chunk_tokens"]
     rev.save_pretrained(tmp_path)
     with pytest.raises(rf.LoadError, match="count_stacks"):
         rf.load(tmp_path)

@@ -2,6 +2,7 @@
 
 - ``analyze``: find residual sublayers and decide convertibility (-> Plan)
 - ``couple``: rewrite a layer graph into a reversible coupling graph
+- ``chunk_tokens``: call the token-wise modules (MoE, MLP) a chunk of tokens at a time
 - ``inverse``: read a coupling's updates off its data flow, emit its inverse
 - ``cross_branch``: split an attention's query path from its key/value path (cross-branch
   attention for the revffn coupling; its inverse becomes a fixed point)
@@ -12,10 +13,10 @@
   with their parameters in the constructor, and the coupling invariant
 
 The compiler, as :data:`PIPELINE` lists it: per converted layer ``Couple`` -> the user's
-passes (``rf.transform(..., passes=[...])``) -> ``generate_inverse``; per model graph
-``Fuse`` -> ``CheckpointRest`` -> ``ChunkLossHead`` -> ``CutAtHead``. Build a list with
-:func:`layer_pipeline` / :func:`model_pipeline`, insert your own pass anywhere in it, and
-run it with :class:`PassManager` (``invariant=coupling_problem`` on layer graphs).
+passes (``rf.transform(..., passes=[...])``) -> ``ChunkTokens`` -> ``generate_inverse``;
+per model graph ``Fuse`` -> ``CheckpointRest`` -> ``ChunkLossHead`` -> ``CutAtHead``. Build
+a list with :func:`layer_pipeline` / :func:`model_pipeline`, insert your own pass anywhere
+in it, and run it with :class:`PassManager` (``invariant=coupling_problem`` on layer graphs).
 """
 
 from .analyze import analyze, analyze_layer
@@ -28,6 +29,7 @@ from .manager import PassManager, PassRecord
 from .pipeline import (
     CheckpointRest,
     ChunkLossHead,
+    ChunkTokens,
     Couple,
     CutAtHead,
     Fuse,
@@ -37,13 +39,14 @@ from .pipeline import (
 )
 
 #: the graph-to-graph passes in pipeline order: (scope, pass class)
-PIPELINE = (("layer", Couple), ("model", Fuse), ("model", CheckpointRest),
+PIPELINE = (("layer", Couple), ("layer", ChunkTokens), ("model", Fuse), ("model", CheckpointRest),
             ("model", ChunkLossHead), ("model", CutAtHead))
 #: every built-in step by name: the front end (analyze), the passes, the inverse generator
 BUILTIN = {
     "analyze": analyze_layer,
     "couple": Couple,
     "cross_branch": cross_attentions,
+    "chunk_tokens": ChunkTokens,
     "inverse": generate_inverse,
     "fuse": Fuse,
     "checkpoint_rest": CheckpointRest,
@@ -51,7 +54,8 @@ BUILTIN = {
     "cut_at_head": CutAtHead,
 }
 
-__all__ = ["BUILTIN", "PIPELINE", "CheckpointRest", "ChunkLossHead", "Couple", "CutAtHead",
+__all__ = ["BUILTIN", "PIPELINE", "CheckpointRest", "ChunkLossHead", "ChunkTokens",
+           "Couple", "CutAtHead",
            "Fuse", "PassManager", "PassRecord", "analyze", "analyze_layer", "chunk_loss_head",
            "couple_layer", "coupling_problem", "cross_attentions", "fuse_stacks",
            "generate_inverse", "layer_pipeline", "make_adapters", "model_pipeline"]

@@ -3,7 +3,8 @@ PassResult`` and its parameters in the constructor.
 
 Per converted layer (:func:`layer_pipeline`)::
 
-    Couple -> [the user's passes] -> (coupling checked after each) -> inverse (generate_inverse)
+    Couple -> [the user's passes] -> ChunkTokens -> (coupling checked after each)
+        -> inverse (generate_inverse)
 
 Per model graph (:func:`model_pipeline`)::
 
@@ -30,6 +31,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..errors import InternalError, RevFFNError
 from ..runtime.stack import Checkpointed
 from ..runtime.streams import MERGES, SPLITS
+from .chunk_tokens import chunk_tokens, tokenwise_targets
 from .couple import couple_layer
 from .fuse import fuse_stacks
 from .loss_head import chunk_loss_head
@@ -97,6 +99,20 @@ class Couple(_Builtin):
         why = coupling_problem(graph_module)
         if why is not None:
             raise InternalError(f"built-in pass {self.name} made no valid coupling: {why}")
+
+
+class ChunkTokens(_Builtin):
+    """Call the token-wise modules (MoE, MLP) of a coupling graph through the token-chunked
+    wrapper (:func:`~revffn_fx.passes.chunk_tokens.chunk_tokens`)."""
+
+    name = "chunk_tokens"
+
+    def __init__(self, plan: Any, options: Any) -> None:
+        self.targets, self.options = tokenwise_targets(plan), options
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        return PassResult(graph_module,
+                          bool(chunk_tokens(graph_module, self.targets, self.options)))
 
 
 class Fuse(_Builtin):
@@ -183,9 +199,12 @@ def scope_of(p: Pass) -> str:
     return scope
 
 
-def layer_pipeline(couple: Couple, user_passes: Sequence[Pass] = ()) -> list[Pass]:
-    """The passes run on one layer graph, in order (the inverse is generated after)."""
-    return [couple, *(p for p in user_passes if scope_of(p) == "layer")]
+def layer_pipeline(couple: Couple, user_passes: Sequence[Pass] = (),
+                   chunk: ChunkTokens | None = None) -> list[Pass]:
+    """The passes run on one layer graph, in order (the inverse is generated after); the
+    token chunking last, so a user's pass sees the modules as the model has them."""
+    return [couple, *(p for p in user_passes if scope_of(p) == "layer"),
+            *([chunk] if chunk is not None else [])]
 
 
 def model_pipeline(fuse: Fuse, checkpoint_rest: CheckpointRest | None = None,

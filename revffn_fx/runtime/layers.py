@@ -44,6 +44,11 @@ class RuntimeOptions:
     # (nearly) exact, so the backward's reconstruction does not accumulate rounding error
     # through large-gain branches; each branch still computes in the hidden state's dtype.
     stream_dtype: torch.dtype | None = None
+    # token-wise branch modules (MoE blocks, MLPs) run on at most this many tokens at a time
+    # when a call has more (0: never), each chunk checkpointed inside the generated
+    # backward's recompute: at long context the MoE dispatch's working set, not the stored
+    # boundaries, is the backward's peak (runtime/chunking.py)
+    token_chunk: int = 4096
     # exact reconstruction for scaled updates (momentum, meft, bdia): the float64 streams
     # are kept on a fixed-point grid of 2**-EXACT_GRID_BITS, where adding is exact and
     # keeping g = 2**-k of a stream drops exactly k low bits, which the forward stores
