@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from .errors import LoadError, RevFFNError
-from .frontend.ir import _forward_params
+from .frontend.capture import forward_params
 from .frontend.loading import quiet
 from .frontend.registry import facts_for
 from .model import RevModel
@@ -236,7 +236,7 @@ def _layer_calls(model: torch.nn.Module, layers: list[Any], batch: dict[str, tor
         return hook
 
     handles = [lg.module.register_forward_pre_hook(
-        hook_for(lg.index, _forward_params(lg.module)), with_kwargs=True) for lg in layers]
+        hook_for(lg.index, forward_params(lg.module)), with_kwargs=True) for lg in layers]
     was = model.training
     model.eval()
     try:

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import RevFFNError
 from .frontend.capture import bind_call, same_context
-from .frontend.ir import _router_logits_off, logits_and_loss, template_of
+from .frontend.outputs import logits_and_loss, router_logits_off, template_of
 from .runtime.layers import RevLayer, RuntimeOptions
 from .runtime.stack import RevStack
 
@@ -133,7 +133,7 @@ class SwapRunner(nn.Module):
                                   "hidden states")
             handle = self.head.register_forward_pre_hook(lambda m, a: box.append(a[0]))
         try:
-            with self.swapped(), _router_logits_off(traced.model):
+            with self.swapped(), router_logits_off(traced.model):
                 out = conv.call(traced.model, input_ids, attention_mask,
                                 None if self.hidden_only else labels, **keywords)
         finally:

@@ -14,12 +14,8 @@ model's own forward runs as written, with layer graphs or reversible stacks swap
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
@@ -27,9 +23,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from ..errors import RevFFNError, TraceError
+from ..errors import TraceError
+from .calling_convention import (  # noqa: F401 (call_arguments: compiled.py imports it from here)
+    CausalLMEntry,
+    LayerCall,
+    call_arguments,
+    convention_of,
+    layer_call_of,
+)
 from .capture import (
     Capture,
     capture,
@@ -37,6 +39,12 @@ from .capture import (
     forward_params,
     held_tensors,
     residual_shaped,
+)
+from .outputs import (  # noqa: F401 (logits_and_loss: generation.py, checks/exactness.py)
+    HF_OUTPUT,
+    logits_and_loss,
+    rebuild_output,
+    router_logits_off,
 )
 from .tracer import (
     is_norm,
@@ -66,423 +74,6 @@ def graph_to_nx(gm: fx.GraphModule) -> nx.DiGraph:
             g.add_edge(inp.name, node.name)
     return g
 
-
-# the names a forward may give its labels, in the order they are looked for
-LABEL_NAMES = ("labels", "targets", "target", "label")
-MASK_NAMES = ("attention_mask",)
-
-
-class _Slot:
-    """A marker for where logits or loss sit in a model's output structure."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-    # markers are compared by identity: copies (deepcopy, pickle) are the marker itself
-    def __copy__(self) -> _Slot:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Slot:
-        return self
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return _slot_named, (self.name,)
-
-
-LOGITS, LOSS, HF_OUTPUT = _Slot("logits"), _Slot("loss"), _Slot("transformers output")
-
-
-def _slot_named(name: str) -> _Slot:
-    return next(s for s in (LOGITS, LOSS, HF_OUTPUT) if s.name == name)
-
-
-@dataclass
-class Convention:
-    """How a model is called and what it returns, read off its forward's signature.
-
-    ``ids``/``mask``/``labels``: the forward's parameter names for token ids, attention
-    mask and labels (None when it takes none); ``consts``: keywords always passed
-    (``use_cache=False``); ``template``: per traced graph key, the output structure with
-    :data:`LOGITS`/:data:`LOSS` markers where the graph's (logits, loss) go back in.
-    """
-
-    model_name: str
-    ids: str
-    ids_positional: bool
-    mask: str | None
-    labels: str | None
-    consts: dict[str, Any] = field(default_factory=dict)
-    params: list[str] = field(default_factory=list)
-    templates: dict[Any, Any] = field(default_factory=dict)
-    # every parameter name the forward takes, and whether it takes **kwargs too
-    accepted: list[str] = field(default_factory=list)
-    var_kw: bool = False
-
-    def accepts(self, name: str) -> bool:
-        """The forward takes a keyword ``name`` (by name, or through ``**kwargs``)."""
-        return self.var_kw or name in self.accepted
-
-    def check_keywords(self, kwargs: dict[str, Any]) -> None:
-        """Refuse keywords the model's forward does not take, naming them."""
-        bad = sorted(k for k in kwargs if not self.accepts(k))
-        if bad:
-            raise RevFFNError(f"unsupported argument(s) {bad}: {self.model_name}.forward "
-                              f"takes {', '.join(self.accepted)}")
-
-    def call(self, model: nn.Module, input_ids: torch.Tensor,
-             attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-             **extra: Any) -> Any:
-        """Call ``model`` in this convention; ``extra`` keywords are passed as they are."""
-        kw = dict(self.consts)
-        if self.mask is not None and attention_mask is not None:
-            kw[self.mask] = attention_mask
-        if self.labels is not None and labels is not None:
-            kw[self.labels] = labels
-        kw.update(extra)
-        if self.ids_positional:
-            return model(input_ids, **kw)
-        return model(**{self.ids: input_ids}, **kw)
-
-    def describe(self, has_mask: bool = True, has_labels: bool = True) -> str:
-        """The call tried, e.g. ``GPT.forward(input_ids, labels=...)``."""
-        args = [self.ids if self.ids_positional else f"{self.ids}=..."]
-        if self.mask and has_mask:
-            args.append(f"{self.mask}=...")
-        if self.labels and has_labels:
-            args.append(f"{self.labels}=...")
-        args += [f"{k}={v!r}" for k, v in self.consts.items()]
-        return f"{self.model_name}.forward({', '.join(args)})"
-
-    def canonical(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                  hf_order: Sequence[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Arguments given in the model's own convention (its names, its positional order)
-        as ``(input_ids,), {attention_mask, labels, <other keywords>}``.
-
-        ``hf_order``: the positional order of the wrapper's own forward, used as is when
-        the model's positional parameters follow it (transformers models)."""
-        names = [self.ids, *(p for p in self.params if p != self.ids)]
-        out = dict(kwargs)
-        renames = {self.ids: "input_ids", self.mask: "attention_mask",
-                   self.labels: "labels"}
-        for own, canon in renames.items():
-            if own and own != canon and own in out:
-                if canon in out:
-                    raise RevFFNError(f"{own} and {canon} both given")
-                out[canon] = out.pop(own)
-        pos = names if names[:2] != list(hf_order[:2]) else list(hf_order)
-        if len(args) > len(pos):
-            raise RevFFNError(f"{len(args)} positional arguments; {self.model_name}.forward "
-                              f"takes at most {len(pos)}")
-        for name, value in zip(pos, args):
-            canon = renames.get(name, name)
-            if canon in out:
-                raise RevFFNError(f"got multiple values for argument {name!r}")
-            out[canon] = value
-        if out.get("attention_mask") is not None and self.mask is None:
-            raise RevFFNError(f"{self.model_name}.forward takes no attention mask")
-        if out.get("labels") is not None and self.labels is None:
-            raise RevFFNError(f"{self.model_name}.forward takes no labels (it computes no "
-                              "loss); compute the loss from the returned logits")
-        ids = out.pop("input_ids", None)
-        if ids is None:
-            raise RevFFNError(f"no token ids given ({self.ids})")
-        return (ids,), out
-
-
-def _is_hf(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
-def convention_of(model: nn.Module) -> Convention:
-    """Read the model's calling convention off its forward's signature.
-
-    The first positional parameter takes the token ids; ``attention_mask`` and a labels
-    parameter (:data:`LABEL_NAMES`) are used when the forward has them (or takes
-    ``**kwargs`` and is a transformers model). Any other parameter without a default
-    cannot be supplied: that is a :class:`TraceError` saying so.
-    """
-    name = type(model).__name__
-    try:
-        sig = inspect.signature(model.forward)
-    except (TypeError, ValueError) as exc:
-        raise TraceError(f"cannot read the signature of {name}.forward ({exc})") from None
-    params = list(sig.parameters.values())
-    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
-    hf = _is_hf(model)
-    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    positional = [p for p in named if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if not positional:
-        raise TraceError(
-            f"cannot trace {name}.forward{sig}: revffn-fx calls a model's forward with the "
-            "token ids as its first positional argument, and this forward has none")
-    ids = positional[0]
-    names = {p.name for p in named}
-
-    def pick(options: Sequence[str]) -> str | None:
-        found = next((o for o in options if o in names), None)
-        if found is None and var_kw and hf:
-            found = options[0]
-        return found
-
-    mask, labels = pick(MASK_NAMES), pick(LABEL_NAMES)
-    consts: dict[str, Any] = {}
-    if "use_cache" in names or (var_kw and hf):
-        consts["use_cache"] = False
-    supplied = {ids.name, mask, labels, *consts}
-    missing = [p.name for p in named if p.default is p.empty and p.name not in supplied]
-    if missing:
-        raise TraceError(
-            f"cannot trace {name}.forward{sig}: revffn-fx calls it as "
-            f"{name}.forward({ids.name}[, {mask or 'no mask'}][, {labels or 'no labels'}]) "
-            f"and has no value for the required parameter(s) {', '.join(missing)}; give "
-            "them defaults, or wrap the model in a module whose forward takes token ids "
-            "(and optionally attention_mask, labels)")
-    return Convention(name, ids.name, ids.kind is ids.POSITIONAL_ONLY, mask, labels, consts,
-                      [p.name for p in positional], accepted=[p.name for p in named],
-                      var_kw=var_kw)
-
-
-@contextmanager
-def _router_logits_off(model: nn.Module) -> Iterator[None]:
-    """Router logits are captured by the runtime's tap, never by the model's own forward:
-    a config asking for them (TRL's SFTTrainer sets it) would make the model compute a
-    load-balancing loss from logits recorded outside the reversible backward."""
-    config = getattr(model, "config", None)
-    asked = bool(getattr(config, "output_router_logits", False))
-    if asked:
-        config.output_router_logits = False
-    try:
-        yield
-    finally:
-        if asked:
-            config.output_router_logits = True
-
-
-def _depends_on(node: fx.Node, placeholder: str) -> bool:
-    seen, todo = {node}, [node]
-    while todo:
-        n = todo.pop()
-        if n.op == "placeholder" and n.target == placeholder:
-            return True
-        for i in n.all_input_nodes:
-            if i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return False
-
-
-def split_output(out: Any, model_name: str) -> tuple[Any, Any, Any]:
-    """A traced model output as ``(template, logits, loss)``.
-
-    transformers outputs give :data:`HF_OUTPUT`; a tensor is the logits; in a tuple or
-    list the value computed from the labels is the loss and the other one the logits; an
-    object or dict has ``logits`` (and maybe ``loss``) fields. Other traced values in the
-    output are refused: revffn-fx runs a model for its logits and loss.
-    """
-    try:
-        from transformers.utils import ModelOutput
-    except ImportError:  # pragma: no cover
-        ModelOutput = ()  # type: ignore[assignment]
-    if isinstance(out, ModelOutput):
-        return HF_OUTPUT, out.logits, getattr(out, "loss", None)
-    if isinstance(out, fx.Proxy):
-        return LOGITS, out, None
-    what = f"{model_name}.forward returns"
-    if isinstance(out, (tuple, list)):
-        items, logits, loss = list(out), None, None
-        for k, v in enumerate(items):
-            if not isinstance(v, fx.Proxy):
-                continue
-            is_loss = _depends_on(v.node, "labels")
-            if (loss if is_loss else logits) is not None:
-                raise TraceError(
-                    f"{what} a {type(out).__name__} of {len(items)} with more than one "
-                    f"{'loss' if is_loss else 'value not computed from the labels'}; "
-                    "revffn-fx needs the outputs to be logits and (with labels) the loss")
-            if is_loss:
-                loss, items[k] = v, LOSS
-            else:
-                logits, items[k] = v, LOGITS
-        if logits is None:
-            raise TraceError(f"{what} no logits (no traced tensor in its {type(out).__name__})")
-        template = type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
-        return template, logits, loss
-    fields = (dict(out) if isinstance(out, dict) else
-              {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-              if dataclasses.is_dataclass(out) else
-              dict(vars(out)) if hasattr(out, "__dict__") else None)
-    if fields is None or not isinstance(fields.get("logits"), fx.Proxy):
-        raise TraceError(f"{what} a {type(out).__name__}: expected logits as a tensor, a "
-                         "tuple (logits, loss), or an object or dict with a logits field")
-    extra = [k for k, v in fields.items()
-             if isinstance(v, fx.Proxy) and k not in ("logits", "loss")]
-    if extra:
-        raise TraceError(f"{what} traced value(s) {extra} besides logits and loss; "
-                         "revffn-fx needs the outputs to be logits and the loss")
-    logits, loss = fields["logits"], fields.get("loss")
-    marks = {"logits": LOGITS, **({"loss": LOSS} if "loss" in fields else {})}
-    if isinstance(out, dict):
-        template = type(out)({**fields, **marks})
-    elif dataclasses.is_dataclass(out):
-        template = dataclasses.replace(out, **marks)
-    else:
-        template = copy.copy(out)
-        template.__dict__.update(marks)
-    return template, logits, loss
-
-
-def rebuild_output(template: Any, logits: Any, loss: Any) -> Any:
-    """The model's own output structure with the graph's logits and loss put back."""
-    if template is HF_OUTPUT:
-        return MoeCausalLMOutputWithPast(logits=logits, loss=loss)
-    if template is LOGITS:
-        return logits
-
-    def put(v: Any) -> Any:
-        return logits if v is LOGITS else loss if v is LOSS else v
-
-    if isinstance(template, (tuple, list)):
-        items = [put(v) for v in template]
-        return type(template)(*items) if hasattr(template, "_fields") else type(template)(items)
-    if isinstance(template, dict):
-        return type(template)({k: put(v) for k, v in template.items()})
-    if dataclasses.is_dataclass(template):
-        return dataclasses.replace(template, **{f.name: put(getattr(template, f.name))
-                                                for f in dataclasses.fields(template)
-                                                if getattr(template, f.name) in (LOGITS, LOSS)})
-    out = copy.copy(template)
-    out.__dict__.update({k: put(v) for k, v in vars(template).items()})
-    return out
-
-
-def logits_and_loss(out: Any) -> tuple[Any, Any]:
-    """``(logits, loss)`` of whatever a (traced or reversible) model returned."""
-    if isinstance(out, torch.Tensor):
-        return out, None
-    if isinstance(out, dict) or hasattr(out, "logits"):
-        get = out.get if isinstance(out, dict) else (lambda k, d=None: getattr(out, k, d))
-        return get("logits"), get("loss", None)
-    if isinstance(out, (tuple, list)):
-        tensors = [v for v in out if isinstance(v, torch.Tensor)]
-        loss = next((v for v in tensors if v.dim() == 0), None)
-        logits = next((v for v in tensors if v is not loss), None)
-        return logits, loss
-    raise TypeError(f"cannot find logits in a {type(out).__name__}")
-
-
-def template_of(out: Any) -> Any:
-    """The output structure of a real (not traced) model output, with :data:`LOGITS` and
-    :data:`LOSS` markers where :func:`logits_and_loss` found them."""
-    try:
-        from transformers.utils import ModelOutput
-    except ImportError:  # pragma: no cover
-        ModelOutput = ()  # type: ignore[assignment]
-    if isinstance(out, ModelOutput):
-        return HF_OUTPUT
-    if isinstance(out, torch.Tensor):
-        return LOGITS
-    logits, loss = logits_and_loss(out)
-
-    def mark(v: Any) -> Any:
-        return LOGITS if v is logits and v is not None else LOSS if (
-            v is loss and v is not None) else v
-
-    if isinstance(out, (tuple, list)):
-        items = [mark(v) for v in out]
-        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
-    if isinstance(out, dict):
-        return type(out)({k: mark(v) for k, v in out.items()} | (
-            {"loss": LOSS} if "loss" in out else {}))
-    marks = {"logits": LOGITS, **({"loss": LOSS} if hasattr(out, "loss") else {})}
-    if dataclasses.is_dataclass(out):
-        return dataclasses.replace(out, **marks)
-    template = copy.copy(out)
-    template.__dict__.update(marks)
-    return template
-
-
-class _CausalLMEntry(nn.Module):
-    """The traced root: calls the model in its own convention, returns (logits, loss)."""
-
-    def __init__(self, model: nn.Module, convention: Convention) -> None:
-        super().__init__()
-        self.model = model
-        self.convention = convention
-        self.template: Any = None
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> tuple[Any, Any]:
-        conv = self.convention
-        kw = dict(conv.consts)
-        if conv.mask is not None and attention_mask is not None:
-            kw[conv.mask] = attention_mask
-        if conv.labels is not None and labels is not None:
-            kw[conv.labels] = labels
-        # router logits are captured by the runtime's tap, never by the model's own forward:
-        # a config asking for them (TRL's SFTTrainer sets it) would make the traced forward
-        # compute a load-balancing loss from logits that tracing does not collect
-        config = getattr(self.model, "config", None)
-        asked = bool(getattr(config, "output_router_logits", False))
-        if asked:
-            config.output_router_logits = False
-        try:
-            if conv.ids_positional:
-                out = self.model(input_ids, **kw)
-            else:
-                out = self.model(**{conv.ids: input_ids}, **kw)
-        finally:
-            if asked:
-                config.output_router_logits = True
-        self.template, logits, loss = split_output(out, conv.model_name)
-        return logits, loss
-
-
-@dataclass
-class LayerCall:
-    """How the model calls one decoder layer: which inputs are graph values."""
-
-    hidden_name: str
-    inputs: list[str]  # keyword names whose values come from the graph
-    consts: dict[str, Any] = field(default_factory=dict)
-
-
-def _forward_params(layer: nn.Module) -> list[str]:
-    """Names of the positional parameters of the layer's forward (without ``self``)."""
-    return forward_params(layer)
-
-
-def call_arguments(node: fx.Node, layer: nn.Module) -> tuple[Any, dict[str, Any]]:
-    """A layer node's (hidden-state argument, other arguments by parameter name)."""
-    names = _forward_params(layer)
-    hidden = names[0]
-    kwargs = dict(node.kwargs)
-    if len(node.args) > len(names):
-        raise TraceError(f"{type(layer).__name__} is called with {len(node.args)} positional "
-                         f"arguments but its forward names only {len(names)}")
-    for name, value in zip(names[1:], node.args[1:]):
-        kwargs[name] = value
-    value = node.args[0] if node.args else kwargs.get(hidden)
-    kwargs.pop(hidden, None)
-    return value, kwargs
-
-
-def layer_call_of(node: fx.Node, layer: nn.Module) -> LayerCall:
-    """Read a layer's calling convention off its call_module node in the model graph."""
-    _, kwargs = call_arguments(node, layer)
-    inputs, consts = [], {}
-    for k, v in kwargs.items():
-        if any(isinstance(x, fx.Node) for x in pytree.tree_leaves(v)):
-            inputs.append(k)
-        else:
-            consts[k] = v
-    return LayerCall(_forward_params(layer)[0], inputs, consts)
 
 
 class LayerGraph:
@@ -541,7 +132,7 @@ class LayerGraph:
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Run the layer's graph (module's current mode) on the arguments the model passes
         the layer module; constants the graph was traced with are not re-checked."""
-        names = _forward_params(self.module)
+        names = forward_params(self.module)
         bound = dict(zip(names, args))
         bound.update(kwargs)
         return self.trace()(*(bound.get(n) for n in self.placeholder_names))
@@ -592,19 +183,34 @@ class TracedModel(nn.Module):
                                  f"their own ({self.capture_error})") from exc
             self.model_error = str(exc)
             gm = None
-        self.layers: list[LayerGraph] = []
+        self.layers: list[LayerGraph] = self._layer_graphs(found, gm)
+        self._read_examples()
+        for layer in self.layers:  # fail now, not in a later pass, when a layer cannot be traced
+            if not layer.handoff:  # (a layer handing state on is refused, traced or not)
+                layer.trace()
+
+    def _layer_graphs(self, found: list[tuple[str, nn.Module]], gm: fx.GraphModule | None
+                      ) -> list[LayerGraph]:
+        """One LayerGraph per decoder layer, its call read off the model-level graph (or,
+        when that cannot be traced, off the example forward)."""
+        layers = []
         if gm is not None:
             nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
         for i, (qn, mod) in enumerate(found):
             if gm is not None:
                 node = nodes.get("model." + qn)
                 if node is None:
-                    raise TraceError(
-                        f"decoder layer {qn} is not called by {type(model).__name__}.forward")
+                    raise TraceError(f"decoder layer {qn} is not called by "
+                                     f"{type(self.model).__name__}.forward")
                 call = layer_call_of(node, mod)
             else:
                 call = self._captured_call(i, qn)
-            self.layers.append(LayerGraph(i, qn, mod, call, self.leaf_modules))
+            layers.append(LayerGraph(i, qn, mod, call, self.leaf_modules))
+        return layers
+
+    def _read_examples(self) -> None:
+        """What the example forward says of each layer: the state it hands on, how many
+        residual streams its hidden state holds side by side, an example call."""
         for i, layer in enumerate(self.layers):
             rec = self.capture.layers[i] if self.capture is not None else None
             if rec is not None:
@@ -616,9 +222,6 @@ class TracedModel(nn.Module):
                     layer.streams = rec.hidden.shape[-1] // width  # side by side
                 layer.example = {layer.call.hidden_name: rec.hidden,
                                  **{k: rec.kwargs.get(k) for k in layer.call.inputs}}
-        for layer in self.layers:  # fail now, not in a later pass, when a layer cannot be traced
-            if not layer.handoff:  # (a layer handing state on is refused, traced or not)
-                layer.trace()
 
     @property
     def layers_only(self) -> bool:
@@ -641,7 +244,7 @@ class TracedModel(nn.Module):
         modules = list({id(m): m for group in candidates for _, m in group}.values())
         cap = None
         try:
-            with _router_logits_off(self.model):
+            with router_logits_off(self.model):
                 cap = capture(self.model, modules, call)
         except Exception as exc:  # noqa: BLE001 - the model-level trace may do without it
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -652,7 +255,7 @@ class TracedModel(nn.Module):
             modules = [m for _, m in candidates[0]]
             candidates = candidates[:1]
             try:
-                with _router_logits_off(self.model):
+                with router_logits_off(self.model):
                     cap = capture(self.model, modules, call, stub=True)
             except Exception:  # noqa: BLE001 - as above
                 cap = None
@@ -726,7 +329,7 @@ class TracedModel(nn.Module):
                 concrete["labels"] = None
             was = self.model.training
             self.model.train(mode)
-            entry = _CausalLMEntry(self.model, self.convention)
+            entry = CausalLMEntry(self.model, self.convention)
             try:
                 gm = trace_module(entry, self._leaf, self.leaf_modules,
                                   what=type(self.model).__name__, concrete_args=concrete or None,
@@ -793,7 +396,7 @@ class TracedModel(nn.Module):
         if kwargs or self.layers_only:
             # the model's own forward, each decoder layer running its traced graph
             self.convention.check_keywords(kwargs)
-            with self.layer_graphs(), _router_logits_off(self.model):
+            with self.layer_graphs(), router_logits_off(self.model):
                 return self.convention.call(self.model, input_ids, attention_mask, labels,
                                             **kwargs)
         has_mask, has_labels = attention_mask is not None, labels is not None

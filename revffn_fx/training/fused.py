@@ -39,7 +39,9 @@ from torch import nn
 from ..errors import RevFFNError
 
 
-def _ddp_class() -> Any:
+def ddp_class() -> Any:
+    """``DistributedDataParallel``, or None while torch's DDP module is not loaded (then no
+    model can be wrapped in it)."""
     if "torch.nn.parallel.distributed" not in sys.modules:
         return None
     return sys.modules["torch.nn.parallel.distributed"].DistributedDataParallel
@@ -66,7 +68,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                  clip_per_param: float | None = None,
                  overrides: dict[torch.Tensor, dict[str, Any]] | None = None,
                  **optimizer_kwargs: Any) -> None:
-        ddp_cls = _ddp_class()
+        ddp_cls = ddp_class()
         ddp = model if ddp_cls is not None and isinstance(model, ddp_cls) else None
         if ddp is not None:
             model = ddp.module
@@ -142,7 +144,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         p.grad = None
 
     def _refuse_ddp(self, module: nn.Module, args: Any) -> None:
-        ddp = _ddp_class()
+        ddp = ddp_class()
         active = ddp._get_active_ddp_module() if ddp is not None else None
         if active is not None and active is not self.ddp:
             raise RevFFNError("the fused optimizer was built on the model inside a "

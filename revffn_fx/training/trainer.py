@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .fused import FusedOptimizer, _ddp_class, fuse_optimizer
+from .fused import FusedOptimizer, ddp_class, fuse_optimizer
 
 
 class FusedOptimizerTrainer(Trainer):
@@ -53,7 +53,7 @@ class FusedOptimizerTrainer(Trainer):
         inner = getattr(opt, "optimizer", opt)  # accelerate wraps optimizers
         if isinstance(inner, FusedOptimizer):
             inner.accumulate = not self.accelerator.sync_gradients
-            ddp = _ddp_class()
+            ddp = ddp_class()
             if ddp is not None and isinstance(model, ddp) and inner.ddp is not model:
                 inner.attach_ddp(model)  # the Trainer wrapped the model after creating it
         return super().training_step(model, inputs, num_items_in_batch)
