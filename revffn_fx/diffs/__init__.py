@@ -9,10 +9,12 @@ unified-diff-style listing, ``GraphDiff.to_html()`` one self-contained HTML page
 graphs side by side. ``revffn diff`` shows them for a model directory.
 """
 
-from .graph_diff import GraphDiff, Pair, diff
+from .changes import Pair
+from .graph_diff import GraphDiff, diff
+from .html_page import render_html
 from .labels import code
-from .render import render_html
-from .transform import sample_inputs, transform_diffs
+from .sample_inputs import sample_inputs
+from .transform import transform_diffs
 
 __all__ = ["GraphDiff", "Pair", "code", "diff", "render_html", "sample_inputs",
            "transform_diffs"]

@@ -11,11 +11,10 @@ import torch.fx as fx
 
 Graphish = fx.GraphModule | fx.Graph
 
-def _graph(g: Graphish) -> fx.Graph:
+
+def graph_of(g: Graphish) -> fx.Graph:
+    """The fx Graph of a GraphModule, or the Graph itself."""
     return g.graph if isinstance(g, fx.GraphModule) else g
-
-
-Graphish = fx.GraphModule | fx.Graph
 
 
 _DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64",
@@ -56,9 +55,12 @@ def _positional(gm: fx.GraphModule, example: Any) -> list[Any]:
     return [example.get(p.target, p.args[0] if p.args else None) for p in placeholders]
 
 
-def _node_info(g: Graphish, example: Any, notes: list[str]) -> dict[fx.Node, dict[str, str]]:
+def node_info(g: Graphish, example: Any, notes: list[str]) -> dict[fx.Node, dict[str, str]]:
+    """Per node: its shape (from ``example`` run through ``g`` when given, else from
+    ``node.meta``) and, for a call_module, the module's type; what stopped the example run
+    is appended to ``notes``."""
     info: dict[fx.Node, dict[str, str]] = {}
-    graph = _graph(g)
+    graph = graph_of(g)
     for n in graph.nodes:
         meta = n.meta.get("tensor_meta", n.meta.get("val"))
         info[n] = {"shape": _describe(meta) if meta is not None else ""}
@@ -88,7 +90,8 @@ _OPS = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truedi
         operator.matmul: "@", operator.floordiv: "//"}
 
 
-def _fn_name(t: Any) -> str:
+def fn_name(t: Any) -> str:
+    """A call target as code: ``F.silu``, ``torch.cat``, a plain name or the string."""
     if isinstance(t, str):
         return t
     name = getattr(t, "__name__", repr(t))
@@ -138,8 +141,6 @@ def code(node: fx.Node, width: int = 100) -> str:
     elif op == "call_method":
         rhs = f"{_arg(a[0]) if a else '?'}.{t}({_call(node)[len(_arg(a[0])) + 2:] if a else ''})"
     else:
-        rhs = f"{_fn_name(t)}({_call(node)})"
+        rhs = f"{fn_name(t)}({_call(node)})"
     line = f"{node.name} = {rhs}"
     return line if len(line) <= width else line[:width - 3] + "..."
-
-
