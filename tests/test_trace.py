@@ -14,8 +14,8 @@ from torch import nn
 from zoo import ARCHS, RANDOM, HandBlock, HandMoE, save_and_load, tiny_model
 
 from revffn_fx.errors import TraceError
+from revffn_fx.frontend.decoder_layers import is_norm
 from revffn_fx.frontend.ir import TracedModel, trace
-from revffn_fx.frontend.tracer import is_norm
 
 MODELS = [*ARCHS, "hand"]
 

@@ -7,167 +7,30 @@ Two levels are traced:
 - each decoder layer: ``(hidden_states, <the keyword arguments the model passes>)`` with
   attention, MoE/MLP and norm modules as leaves, so the residual structure is plain.
 
-Structure is found generically (see :func:`find_decoder_layers`, :func:`layer_leaves`);
-nothing here knows about couplings.
+Structure is found generically (see :mod:`.decoder_layers`); while tracing, transformers'
+mask builders and tensor factories are patched (:mod:`.trace_patches`); a failure becomes
+one line saying where and what to do (:func:`trace_module`). Nothing here knows about
+couplings.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
-import re
-import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
 from ..errors import TraceError
+from .decoder_layers import is_norm, layer_candidates, layer_leaves
+from .trace_patches import patched_factories, patched_mask_creators
 
-
-def is_norm(module: nn.Module) -> bool:
-    """A normalisation module: no children, only 1-D parameters (weight, maybe bias), one
-    tensor in (a module that takes two is a combiner: see :func:`is_combiner`)."""
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)):
-        return True
-    params = list(module.parameters(recurse=False))
-    return (
-        not any(True for _ in module.children())
-        and bool(params)
-        and all(p.dim() == 1 for p in params)
-        and _arity(module) <= 1
-    )
-
-
-def _arity(module: nn.Module) -> int:
-    """How many positional parameters without a default the module's forward has."""
-    try:
-        params = list(inspect.signature(inspect.unwrap(type(module).forward)).parameters.values())
-    except (TypeError, ValueError):
-        return 1
-    return sum(1 for p in params[1:]
-               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty)
-
-
-def is_combiner(module: nn.Module) -> bool:
-    """A module that combines two tensors with only scalar or per-channel weights and no
-    submodules (a residual gate ``g * branch + r * residual``): traced through, so the
-    residual form it computes is visible."""
-    params = list(module.parameters(recurse=False))
-    return (not any(True for _ in module.children()) and all(p.dim() <= 1 for p in params)
-            and _arity(module) >= 2)
-
-
-def _has_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
-
-
-def _groups(model: nn.Module) -> Iterator[tuple[str, list[tuple[str, nn.Module]]]]:
-    """Every group of sibling modules that could hold the decoder layers, as (container
-    name, [(qualified name, module)]): the children of an ``nn.ModuleList``,
-    ``nn.Sequential`` or ``nn.ModuleDict``; a plain list or tuple attribute of modules
-    (registered elsewhere); and numbered siblings of one class (``block0``, ``block1``)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) and len(mod):
-            kids = [(names[id(c)], c) for c in mod.children()]
-            yield name, kids
-            run: list[tuple[str, nn.Module]] = []
-            for kid in kids + [("", None)]:  # runs of one class inside a mixed container
-                if run and (kid[1] is None or type(kid[1]) is not type(run[0][1])):
-                    if 1 < len(run) < len(kids):
-                        yield name, run
-                    run = []
-                run.append(kid)
-            continue
-        for attr, value in vars(mod).items():
-            if (isinstance(value, (list, tuple)) and len(value) > 1
-                    and all(isinstance(v, nn.Module) and id(v) in names for v in value)):
-                yield f"{name}.{attr}" if name else attr, [(names[id(v)], v) for v in value]
-        by_prefix: dict[tuple[str, type], list[tuple[int, str, nn.Module]]] = {}
-        for child_name, child in mod.named_children():
-            m = re.fullmatch(r"(.*?)_?(\d+)", child_name)
-            if m and not type(child).__module__.startswith("torch.nn"):
-                key = (m.group(1), type(child))
-                by_prefix.setdefault(key, []).append((int(m.group(2)), child_name, child))
-        for members in by_prefix.values():
-            if len(members) > 1:
-                members.sort(key=lambda t: t[0])
-                yield name, [(names[id(c)], c) for _, _, c in members]
-
-
-def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The decoder layers of ``model``, as (qualified name, module), in order: the first
-    of :func:`layer_candidates`."""
-    found = layer_candidates(model)
-    return found[0] if found else []
-
-
-def layer_candidates(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
-    """Groups of modules that may be the decoder layers, as (qualified name, module), most
-    likely first.
-
-    Hugging Face layers subclass ``GradientCheckpointingLayer``; otherwise the layers are
-    groups of sibling parameterised modules of one class held in any container
-    (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``, a list attribute, numbered
-    attributes), those no other group holds first (the experts of a block are inside a
-    layer, never the layers themselves), then the largest. The tracer takes the first
-    whose modules, on one forward, each take and return the residual stream
-    (:func:`~revffn_fx.frontend.capture.residual_shaped`).
-    """
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        GradientCheckpointingLayer = ()  # type: ignore[assignment]
-    candidates = []
-    for name, kids in _groups(model):
-        hf = all(isinstance(c, GradientCheckpointingLayer) for _, c in kids)
-        same = len({type(c) for _, c in kids}) == 1 and all(_has_params(c) for _, c in kids)
-        if hf or same:
-            size = sum(p.numel() for _, c in kids for p in c.parameters())
-            candidates.append((hf, name, size, kids))
-    if not candidates:
-        return []
-    inside = [{id(m) for _, c in kids for m in c.modules() if m is not c}
-              for _, _, _, kids in candidates]
-
-    def outermost(k: int) -> bool:  # no member of it inside another candidate's members
-        return not any(id(c) in inside[j] for _, c in candidates[k][3]
-                       for j in range(len(candidates)) if j != k)
-
-    ranked = sorted(range(len(candidates)), reverse=True,
-                    key=lambda k: (candidates[k][0], outermost(k), candidates[k][2]))
-    return [list(candidates[k][3]) for k in ranked]
-
-
-def layer_leaves(layer: nn.Module, trace_through: Sequence[str] = ()) -> set[nn.Module]:
-    """Modules inside ``layer`` that are traced *through* (not leaves).
-
-    The layer's children are leaves, except containers that hold a norm next to a
-    composite sublayer (dbrx's ``norm_attn_norm``: norm, attention, norm) and modules that
-    combine two tensors with per-channel weights (a residual gate): those hide residual
-    additions and are traced through, recursively. A module whose children are
-    all atomic (an attention with q/k norms, MLA with its low-rank norms) stays a leaf.
-    Classes named in ``trace_through`` are always traced.
-    """
-    through: set[nn.Module] = {layer}
-
-    def visit(mod: nn.Module) -> None:
-        for child in mod.children():
-            kids = [k for k in child.children() if _has_params(k)]
-            composite = (any(is_norm(k) for k in kids)
-                         and any(not is_norm(k) and any(_has_params(g) for g in k.children())
-                                 for k in kids))
-            if composite or is_combiner(child) or type(child).__name__ in trace_through:
-                through.add(child)
-                visit(child)
-
-    visit(layer)
-    return through
+# the layer search is imported from here by the IR (the tracer's leaf policy reads it)
+__all__ = ["RevTracer", "is_norm", "layer_candidates", "layer_leaves", "make_call_wrapper",
+           "signature_names", "strip_prefix", "trace_module"]
 
 
 class RevTracer(fx.Tracer):
@@ -255,96 +118,6 @@ def _holds_proxy(value: Any, depth: int = 3) -> bool:
     else:
         return False
     return any(_holds_proxy(v, depth - 1) for v in items)
-
-
-def _opaque(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``fn`` so that, called with proxies, it becomes one call_function node.
-
-    Non-proxy arguments (a config object, None) are bound into the node's target, so the
-    graph stays executable; the real function runs at run time.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        proxies = {k: v for k, v in kwargs.items() if isinstance(v, fx.Proxy)}
-        if not proxies or any(isinstance(a, fx.Proxy) for a in args):
-            return fn(*args, **kwargs)
-        consts = {k: v for k, v in kwargs.items() if k not in proxies}
-
-        def bound(**kw: Any) -> Any:
-            return fn(*args, **consts, **kw)
-
-        bound.__name__ = fn.__name__
-        bound.__qualname__ = fn.__name__
-        tracer = next(iter(proxies.values())).tracer
-        return tracer.create_proxy("call_function", bound, (), proxies)
-
-    return wrapper
-
-
-@contextmanager
-def patched_mask_creators(model: nn.Module) -> Iterator[None]:
-    """Make transformers' attention-mask builders opaque while tracing ``model``.
-
-    They branch on shapes and dtypes (``torch.finfo(proxy.dtype)``), so they cannot be
-    traced; every ``create_*mask*`` function a modeling module imported from
-    ``transformers.masking_utils`` becomes one node instead.
-    """
-    patched: list[tuple[Any, str, Any]] = []
-    modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
-    for mod in modules:
-        if mod is None:
-            continue
-        for name, obj in list(vars(mod).items()):
-            if (callable(obj) and "mask" in name and name.startswith("create_")
-                    and getattr(obj, "__module__", "") == "transformers.masking_utils"):
-                patched.append((mod, name, obj))
-                setattr(mod, name, _opaque(obj))
-    try:
-        yield
-    finally:
-        for mod, name, obj in patched:
-            setattr(mod, name, obj)
-
-
-# tensor factories that take sizes: called with traced sizes (``torch.ones(t, t)`` where
-# ``t = x.shape[1]``) they become graph nodes instead of failing
-FACTORIES = ("ones", "zeros", "full", "empty", "arange", "eye", "rand", "randn", "randint",
-             "linspace", "tril_indices", "triu_indices")
-
-
-def _proxy_in(values: Any) -> fx.Proxy | None:
-    from torch.utils import _pytree as pytree
-
-    return next((v for v in pytree.tree_leaves(values) if isinstance(v, fx.Proxy)), None)
-
-
-@contextmanager
-def patched_factories() -> Iterator[None]:
-    """While tracing, ``torch.<factory>(..)`` with a traced size is one call_function node."""
-    import torch
-
-    saved = {name: getattr(torch, name) for name in FACTORIES}
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            proxy = _proxy_in((args, kwargs))
-            if proxy is None:
-                return fn(*args, **kwargs)
-            if len(args) == 1 and isinstance(args[0], (tuple, list)):
-                args = tuple(args[0])  # torch.ones((t, t)) -> torch.ones(t, t)
-            return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
-
-        return wrapper
-
-    for name, fn in saved.items():
-        setattr(torch, name, wrap(fn))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch, name, fn)
 
 
 def _user_frame(frames: Sequence[traceback.FrameSummary]) -> str:

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..frontend.tracer import is_norm
+from ..frontend.decoder_layers import is_norm
 
 KINDS = ("attention", "mixer", "moe", "mlp", "norm", "other")
 
