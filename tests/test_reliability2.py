@@ -116,7 +116,7 @@ def test_model_dir_alias_seen_by_device_and_inode(export: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The same refusals without root: os.stat reports MODEL_DIR's device and inode for
     OUT_DIR (what a bind mount or an aliasing filesystem does)."""
-    import revffn_fx.outdir as od
+    import revffn_fx.outdir_refusals as od
 
     model = Path(shutil.copytree(TINY, tmp_path / "model"))
     out = Path(shutil.copytree(export, tmp_path / "out"))
