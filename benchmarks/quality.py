@@ -61,6 +61,9 @@ class Run:
     random_init: bool = False  # start from random weights of the same shape (a control)
     momentum: float | None = None  # rf.transform(momentum=...): momentum / meft couplings
     bdia_gamma: float | None = None  # rf.transform(bdia_gamma=...): the bdia coupling
+    # rf.transform(coupling, momentum / bdia_gamma) and every other option at its default
+    # (adapters, stream dtype, exact streams as rf.transform sets them; "none": the exact mode)
+    defaults: bool = False
     note: str = ""
 
 
@@ -152,15 +155,16 @@ def _reinit_adapters(model: Any, how: str, tok: Any = None,
                     w[half:].copy_(torch.eye(half))
 
 
-def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str]],
-            eval_rows: list[dict[str, str]], steps: int, lr: float, batch: int,
-            eval_steps: int, out_dir: Path, device: str = "cpu", seed: int = 0,
-            stdlib: torch.Tensor | None = None) -> Result:
-    """Fine-tune one configuration from the pretrained model; measure it."""
-    from transformers import AutoTokenizer
+def build_model(run: Run, model_dir: Path, device: str = "cpu", tok: Any = None,
+                calibration_rows: list[dict[str, str]] | None = None) -> torch.nn.Module:
+    """The model a run fine-tunes (train mode), from the pretrained ``model_dir``."""
+    if run.defaults:  # rf.transform with its defaults and the run's own option, nothing else
+        import revffn_fx as rf
 
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+        base = rf.load_model(model_dir, experts_implementation="eager").to(device)
+        own = ({"momentum": run.momentum} if run.momentum is not None else
+               {"bdia_gamma": run.bdia_gamma} if run.bdia_gamma is not None else {})
+        return rf.transform(base, coupling=run.coupling, **own).train()
     if run.random_init:
         from transformers import AutoModelForCausalLM
 
@@ -181,11 +185,24 @@ def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str
     else:
         model = ft.load_for_finetune(model_dir, run.coupling, device=device)
     if run.coupling == "revffn":
-        _reinit_adapters(model, run.adapter_init, tok, train_rows[:CALIBRATION_EXAMPLES])
+        _reinit_adapters(model, run.adapter_init, tok, calibration_rows)
     if run.coupling != "none":
         from revffn_fx.model import parse_stream_dtype
 
         model.options.stream_dtype = parse_stream_dtype(run.stream_dtype)
+    return model
+
+
+def run_one(name: str, run: Run, model_dir: Path, train_rows: list[dict[str, str]],
+            eval_rows: list[dict[str, str]], steps: int, lr: float, batch: int,
+            eval_steps: int, out_dir: Path, device: str = "cpu", seed: int = 0,
+            stdlib: torch.Tensor | None = None) -> Result:
+    """Fine-tune one configuration from the pretrained model; measure it."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = build_model(run, model_dir, device, tok, train_rows[:CALIBRATION_EXAMPLES])
     args = ft.training_args(out_dir / name, steps, lr, batch, eval_steps, seed=seed,
                             eval_on_start=True, disable_tqdm=True, use_cpu=device == "cpu")
     cb = (TwoStageCallback(warmup_steps=run.warmup_steps, warmup_lr=run.warmup_lr,

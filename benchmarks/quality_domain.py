@@ -1,0 +1,311 @@
+"""Fine-tuning quality on another domain: a benchmark that resolves 1%.
+
+The shipped pretrained model (``examples/tiny-moe-stdlib``, Python stdlib source) is
+fine-tuned on the records of an invented province (``examples/make_domain_corpus.py``:
+English-like prose and plain records over one fixed world of facts; 1.11 M training tokens,
+a held-out split of 69 k tokens drawn with another seed), by plain full fine-tuning (``full``)
+and through each coupling with ``rf.transform``'s defaults (``DOMAIN_RUNS``). Measured:
+
+- **held-out domain loss**: the mean next-token loss over every token of the held-out split
+  (windows of 128 predicted tokens, stride 128: each token predicted once);
+- **forgetting**: the held-out Python stdlib loss (``quality.stdlib_held_out``, the
+  pretrained model's own evaluation text; 4.126 before fine-tuning).
+
+Training: AdamW (betas 0.9/0.999, no weight decay), gradients clipped to norm 1, a linear
+warm-up of ``WARMUP`` steps then a **constant** learning rate, so a run evaluated at step 300
+on its way to 1200 *is* the 300-step run: one run gives both figures. Each step reads
+``--batch`` random windows of ``--seq`` tokens; the windows of every step are drawn up front
+from the seed (``--seeds``), the same for every run of a seed, so runs of one seed see the
+same data in the same order (bdia's gamma draws also follow the seed).
+
+Each (run, seed) writes its JSON to ``--results`` after every evaluation (every
+``--eval-every`` steps) and keeps its latest state (weights, optimizer, RNG) under
+``--work-dir``; ``--steps 1200`` on a run that stopped at 300 resumes it from there. So the
+benchmark runs in phases, the summary merges whatever finished:
+
+    python benchmarks/quality_domain.py --seeds 0,1,2 --steps 300 \\
+        --runs full,none,revffn,revnet,momentum,meft,bdia,bdia4,bdia8
+    python benchmarks/quality_domain.py --runs full,momentum,bdia8 --seeds 0,1,2 --steps 1200
+    python benchmarks/quality_domain.py --summarize --out docs/quality-domain.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import ROOT, Run, _pretrain_module, build_model, stdlib_held_out  # noqa: E402
+
+DEFAULT_MODEL = ROOT / "examples" / "tiny-moe-stdlib"
+WORK = Path("/tmp/q-domain")
+WARMUP = 30
+HORIZON = 4800  # windows are drawn for this many steps, whatever --steps is
+
+DOMAIN_RUNS: dict[str, Run] = {
+    "full": Run("none", note="the original model, plain full fine-tuning"),
+    "none": Run("none", defaults=True, note="exact mode: the same function, every layer "
+                                            "checkpointed, the lean loss head"),
+    "revffn": Run("revffn", defaults=True, note="revffn with rf.transform's defaults"),
+    "revnet": Run("revnet", defaults=True, note="revnet with rf.transform's defaults"),
+    "momentum": Run("momentum", defaults=True, note="momentum, default g = 1/8, exact streams"),
+    "meft": Run("meft", defaults=True, note="meft, default g = 1/8, exact streams"),
+    "bdia": Run("bdia", defaults=True, note="bdia, default gamma = 1/2 (1 stored bit)"),
+    "bdia4": Run("bdia", bdia_gamma=0.25, defaults=True, note="bdia, gamma = 1/4 (2 bits)"),
+    "bdia8": Run("bdia", bdia_gamma=0.125, defaults=True, note="bdia, gamma = 1/8 (3 bits)"),
+}
+
+
+def _corpus_module() -> Any:
+    spec = importlib.util.spec_from_file_location("make_domain_corpus",
+                                                  ROOT / "examples" / "make_domain_corpus.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_domain_corpus"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def corpus(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) token streams: each document tokenized, then end-of-text."""
+    from transformers import AutoTokenizer
+
+    gen, pre = _corpus_module(), _pretrain_module()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    world = gen.make_world()
+    return (pre.encode(tok, gen.documents("train", world=world)),
+            pre.encode(tok, gen.documents("held_out", world=world)))
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, data: torch.Tensor, seq: int = 128,
+                  batch: int = 16) -> tuple[float, int]:
+    """Mean next-token loss over every token of ``data`` after the first (windows of
+    ``seq + 1`` tokens, stride ``seq``; the last partial window dropped), and the count."""
+    was = model.training
+    model.eval()
+    n = (len(data) - 1) // seq
+    windows = torch.stack([data[i * seq:i * seq + seq + 1] for i in range(n)])
+    total = 0.0
+    for w in windows.split(batch):
+        total += model(input_ids=w, labels=w).loss.item() * w.shape[0] * seq
+    model.train(was)
+    return total / (n * seq), n * seq
+
+
+def window_starts(seed: int, n_tokens: int, batch: int, seq: int) -> torch.Tensor:
+    """The start of every window of every step, (HORIZON, batch), drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_tokens - seq, (HORIZON, batch), generator=gen)
+
+
+def train_run(name: str, seed: int, steps: int, args: argparse.Namespace,
+              train: torch.Tensor, held: torch.Tensor, stdlib: torch.Tensor) -> None:
+    """Train (or resume) one run of one seed to ``steps``; write its JSON at each eval."""
+    run = DOMAIN_RUNS[name]
+    out = args.results / f"{name}-s{seed}.json"
+    state_path = args.work_dir / "state" / f"{name}-s{seed}.pt"
+    record: dict[str, Any] = (json.loads(out.read_text()) if out.is_file() else
+                              {"name": name, "seed": seed, "run": asdict(run), "evals": {},
+                               "train_loss": [], "train_seconds": 0.0})
+    if record.get("error"):
+        del record["error"]
+    torch.manual_seed(seed)
+    model = build_model(run, args.model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    step = 0
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+    if step >= steps:
+        print(f"{name} seed {seed}: already at step {step}", flush=True)
+        return
+    starts = window_starts(seed, len(train), args.batch, args.seq)
+    offsets = torch.arange(args.seq)
+
+    def evaluate(at: int) -> None:
+        t0 = time.time()
+        loss, n = held_out_loss(model, held, args.seq)
+        std = _pretrain_module().eval_loss(model, stdlib, seq=args.seq)
+        record["evals"][str(at)] = {"domain_loss": loss, "stdlib_loss": std}
+        record["held_out_tokens"] = n
+        print(f"{name} seed {seed} step {at}: domain {loss:.4f}  stdlib {std:.4f}  "
+              f"(eval {time.time() - t0:.0f}s, train {record['train_seconds']:.0f}s)",
+              flush=True)
+
+    if step == 0 and "0" not in record["evals"]:
+        # before training every seed of a run is the same model: measure it once
+        done = [json.loads(p.read_text()) for p in args.results.glob(f"{name}-s*.json")]
+        first = next((d for d in done if "0" in d.get("evals", {})), None)
+        if first:
+            record["evals"]["0"] = {**first["evals"]["0"], "copied_from_seed": first["seed"]}
+        else:
+            evaluate(0)
+        args.results.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+    running, t0 = None, time.time()
+    model.train()
+    while step < steps:
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / WARMUP)
+        ids = train[starts[step].unsqueeze(1) + offsets]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % 50 == 0:
+            record["train_loss"].append([step, round(running, 4)])
+        if step % args.eval_every == 0 or step == steps:
+            record["train_seconds"] = round(record["train_seconds"] + time.time() - t0, 1)
+            evaluate(step)
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                        "rng": torch.get_rng_state(), "step": step}, state_path)
+            record["steps_done"] = step
+            out.write_text(json.dumps(record, indent=1) + "\n")
+            t0 = time.time()
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    mean = statistics.fmean(values)
+    return {"mean": mean, "spread_pct": 100 * (max(values) - min(values)) / mean,
+            "sd_pct": 100 * statistics.stdev(values) / mean if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarize(results: Path) -> dict[str, Any]:
+    """Per run and length: the mean over seeds, the spread (max - min over mean), the change
+    against full fine-tuning (of the means, and per seed: the same data order)."""
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("*-s*.json"))]
+    by_run: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        by_run.setdefault(r["name"], {})[r["seed"]] = r
+    table: dict[str, Any] = {}
+    for name in [n for n in DOMAIN_RUNS if n in by_run]:
+        row: dict[str, Any] = {"note": DOMAIN_RUNS[name].note, "by_length": {}}
+        for at in ("0", "300", "600", "900", "1200"):
+            seeds = {s: r["evals"][at] for s, r in by_run[name].items() if at in r["evals"]}
+            if not seeds:
+                continue
+            cell: dict[str, Any] = {
+                "seeds": sorted(seeds),
+                "domain": _stats([e["domain_loss"] for e in seeds.values()]),
+                "stdlib": _stats([e["stdlib_loss"] for e in seeds.values()]),
+                "per_seed": {s: e for s, e in sorted(seeds.items())}}
+            full = {s: r["evals"][at] for s, r in by_run.get("full", {}).items()
+                    if at in r["evals"]}
+            common = sorted(set(full) & set(seeds))
+            if common:
+                full_mean = statistics.fmean(full[s]["domain_loss"] for s in full)
+                cell["vs_full_pct"] = 100 * (cell["domain"]["mean"] / full_mean - 1)
+                paired = [100 * (seeds[s]["domain_loss"] / full[s]["domain_loss"] - 1)
+                          for s in common]
+                cell["vs_full_paired_pct"] = {"mean": statistics.fmean(paired),
+                                              "min": min(paired), "max": max(paired),
+                                              "seeds": common}
+            row["by_length"][at] = cell
+        table[name] = row
+    return table
+
+
+def markdown(table: dict[str, Any]) -> str:
+    def cell(row: dict[str, Any], at: str) -> str:
+        c = row["by_length"].get(at)
+        if not c:
+            return "not run"
+        d = c["domain"]
+        vs = f", {c['vs_full_pct']:+.2f}%" if "vs_full_pct" in c else ""
+        return f"{d['mean']:.4f} ± {d['spread_pct']:.2f}%{vs} (n={d['n']})"
+
+    def std(row: dict[str, Any]) -> str:
+        at = "1200" if "1200" in row["by_length"] else "300"
+        c = row["by_length"].get(at)
+        return f"{c['stdlib']['mean']:.3f} (at {at})" if c else "-"
+
+    lines = ["| run | domain loss, 300 steps | domain loss, 1200 steps | stdlib loss | seeds |",
+             "|---|---|---|---|---|"]
+    for name, row in table.items():
+        seeds = sorted({s for c in row["by_length"].values() for s in c["seeds"]})
+        lines.append(f"| {name} | {cell(row, '300')} | {cell(row, '1200')} | {std(row)} | "
+                     f"{','.join(map(str, seeds))} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--runs", default="full,momentum,bdia",
+                        help=f"comma-separated, from {', '.join(DOMAIN_RUNS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="train each run to this step (resuming a shorter one)")
+    parser.add_argument("--order", choices=["seed", "run"], default="run",
+                        help="run: every seed of a run before the next run")
+    parser.add_argument("--lr", type=float, default=5e-4, help="constant lr after warm-up")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--eval-every", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work-dir", type=Path, default=WORK,
+                        help="the runs' latest states (to resume) live here")
+    parser.add_argument("--results", type=Path, default=WORK / "results",
+                        help="one JSON per run and seed")
+    parser.add_argument("--summarize", action="store_true",
+                        help="only merge --results into --out and print the table")
+    parser.add_argument("--out", type=Path, default=None, help="summary JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.summarize:
+        table = summarize(args.results)
+        print(markdown(table))
+        if args.out:
+            meta_src = next(iter(sorted(args.results.glob("meta.json"))), None)
+            meta = json.loads(meta_src.read_text()) if meta_src else {}
+            args.out.write_text(json.dumps({"meta": meta, "table": table}, indent=1) + "\n")
+        return
+    t0 = time.time()
+    train, held = corpus(args.model)
+    stdlib = stdlib_held_out(args.model)
+    print(f"corpus: {len(train)} training tokens, {len(held)} held-out tokens; stdlib "
+          f"held-out {len(stdlib)} tokens ({time.time() - t0:.0f}s)", flush=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    meta = {"train_tokens": len(train), "held_out_tokens": len(held), "lr": args.lr,
+            "warmup": WARMUP, "batch": args.batch, "seq": args.seq, "threads": args.threads,
+            "torch": torch.__version__, "schedule": "linear warm-up, then constant",
+            "optimizer": "AdamW(betas 0.9/0.999, weight decay 0), grad norm clip 1"}
+    (args.results / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    names, seeds = args.runs.split(","), [int(s) for s in args.seeds.split(",")]
+    jobs = ([(n, s) for n in names for s in seeds] if args.order == "run" else
+            [(n, s) for s in seeds for n in names])
+    for name, seed in jobs:
+        try:
+            train_run(name, seed, args.steps, args, train, held, stdlib)
+        except Exception as e:  # noqa: BLE001 - record it, go on with the next run
+            print(f"{name} seed {seed}: FAILED {type(e).__name__}: {e}", flush=True)
+            out = args.results / f"{name}-s{seed}.json"
+            rec = json.loads(out.read_text()) if out.is_file() else {"name": name,
+                                                                      "seed": seed,
+                                                                      "evals": {}}
+            rec["error"] = f"{type(e).__name__}: {e}"
+            out.write_text(json.dumps(rec, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
