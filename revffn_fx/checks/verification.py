@@ -26,7 +26,8 @@ import torch
 import torch.fx as fx
 
 from ..frontend.ir import logits_and_loss
-from ..model import RevModel, input_embeddings
+from ..model import RevModel
+from ..model_setup import input_embeddings
 from ..runtime import guard
 from ..runtime.fixed_point import fixed_point
 from ..runtime.stack import EXACT_GRID_BITS, RevStack, round_to_grid

@@ -1,5 +1,10 @@
 """Export: write a transformed model as a Hugging Face directory, and load it back.
 
+The file format itself (layout, shards, save, rebuild) is :mod:`revffn_fx.serialization`,
+below :mod:`revffn_fx.model`; this package holds the entry points built on a RevModel:
+:func:`load` and the ``auto_map`` classes (:mod:`.loading`), :func:`transform_dir`
+(:mod:`.transform`) and ``export-original`` (:mod:`.original`).
+
 OUT_DIR layout::
 
     config.json                      the original config + "revffn" section + "auto_map"
@@ -32,8 +37,8 @@ buffer, not the model.
 
 from __future__ import annotations
 
-from .checkpoint import Progress  # noqa: F401
-from .layout import (  # noqa: F401
+from ..serialization.checkpoint_files import Progress  # noqa: F401
+from ..serialization.layout import (  # noqa: F401
     ADAPTER_FILE,
     EXTRA_FILES,
     FORMAT_VERSION,
@@ -44,7 +49,8 @@ from .layout import (  # noqa: F401
     WEIGHTS_NAME,
     parse_size,
 )
-from .save_load import RevFFNConfig, RevFFNForCausalLM, load, save
+from ..serialization.saving import save
+from .loading import RevFFNConfig, RevFFNForCausalLM, load
 from .transform import TransformSummary, transform_dir
 
 __all__ = ["ADAPTER_FILE", "RevFFNConfig", "RevFFNForCausalLM", "TransformSummary", "load",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..frontend.loading import quiet
 from ..outdir import writing
-from .layout import EXTRA_FILES, TOKENIZER_FILES
-from .save_load import load
+from ..serialization.layout import EXTRA_FILES, TOKENIZER_FILES
+from .loading import load
 
 
 def export_original(rev_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *,

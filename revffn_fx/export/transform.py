@@ -26,11 +26,12 @@ from ..frontend.loading import (
     refuse_export,
 )
 from ..frontend.registry import facts_for
-from ..model import RevModel, parse_layers
+from ..model import RevModel
+from ..model_setup import parse_layers
 from ..options import TransformOptions
 from ..outdir import check_out_dir, writing
 from ..output import human_bytes
-from .checkpoint import (
+from ..serialization.checkpoint_files import (
     SAFETENSORS_DTYPES,
     Progress,
     TensorEntry,
@@ -42,8 +43,15 @@ from .checkpoint import (
     write_safetensors,
     write_shards,
 )
-from .layout import ADAPTER_FILE, count_params, layer_span, parse_size, revffn_section, write_meta
-from .save_load import load
+from ..serialization.layout import (
+    ADAPTER_FILE,
+    count_params,
+    layer_span,
+    parse_size,
+    revffn_section,
+    write_meta,
+)
+from .loading import load
 
 # ------------------------------------------------------------------------------ transform_dir
 

@@ -1,7 +1,7 @@
 """Checkpoint files: reading and writing safetensors shards, copying the tokenizer and other
 extras (OUT_DIR itself is handled by :mod:`revffn_fx.outdir`).
 
-The reader/writer used by :mod:`.transform` and :mod:`.save_load`:
+The reader/writer used by :mod:`.saving` and :mod:`revffn_fx.export.transform`:
 
 - :class:`TensorEntry`: one tensor's header entry and where its bytes are (a file or memory)
 - :func:`checkpoint_tensors`: the weights file of a model directory and all its entries

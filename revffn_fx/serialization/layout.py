@@ -13,7 +13,6 @@ import torch
 
 from .. import couplings
 from ..errors import ExportError
-from ..model import RevModel
 from ..options import TransformOptions
 
 FORMAT_VERSION = 1
@@ -76,7 +75,7 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-def revffn_section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: torch.dtype,
+def revffn_section(rev: Any, adapter_shapes: dict[str, list[int]], dtype: torch.dtype,
                    params_before: int) -> dict[str, Any]:
     """The ``revffn`` config section: everything :func:`load` needs to replay the transform."""
     custom = [(getattr(p, "__name__", type(p).__name__), getattr(p, "scope", "layer"))
@@ -107,7 +106,7 @@ def revffn_section(rev: RevModel, adapter_shapes: dict[str, list[int]], dtype: t
     }
 
 
-def recorded_options(rev: RevModel) -> TransformOptions:
+def recorded_options(rev: Any) -> TransformOptions:
     """The options that rebuild ``rev`` from its base model: the layers it converted, its
     stream dtype, and with cross-branch attention the fixed point's iterations and
     tolerance as resolved for its dtype."""
