@@ -53,17 +53,18 @@ class TokenChunked(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         chunk = int(getattr(self.options, "token_chunk", 0) or 0)
-        flat = x.reshape(1, -1, x.shape[-1]) if x.dim() >= 2 else None
-        if flat is None or chunk <= 0 or flat.shape[1] <= chunk or not self._probe(x):
+        # at least the probe's halves: a first chunk of one token would read as a batch of one
+        chunk = max(chunk, PROBE_TOKENS) if chunk > 0 else 0
+        if x.dim() < 2 or chunk <= 0 or x.shape[:-1].numel() <= chunk or not self._probe(x):
             return self.module(x)
+        flat = x.reshape(1, -1, x.shape[-1])
         tap = getattr(self.options, "router_tap", None)
         recording = tap is not None and tap.active
-        pieces = flat.split(chunk, dim=1)
         # checkpoint each chunk while autograd records (the generated backward's recompute);
         # the reference path (plain autograd) keeps ordinary autograd over the same chunks
         ckpt = torch.is_grad_enabled() and not getattr(self.options, "plain_autograd", False)
         outs, records = [], []
-        for piece in pieces:
+        for piece in flat.split(chunk, dim=1):
             if recording:
                 with tap.recording() as rec:
                     outs.append(self._call(piece, ckpt))
@@ -71,10 +72,10 @@ class TokenChunked(nn.Module):
             else:
                 outs.append(self._call(piece, ckpt))
         if recording:
-            tap.records.extend(_merge_records(records, x.shape[:-1]))
-        return torch.cat(outs, dim=1).reshape(x.shape)
+            tap.records.extend(_join(records, x.shape))
+        return _join(outs, x.shape)
 
-    def _call(self, piece: torch.Tensor, ckpt: bool) -> torch.Tensor:
+    def _call(self, piece: torch.Tensor, ckpt: bool) -> Any:
         if ckpt:
             return checkpoint(self.module, piece, use_reentrant=False)
         return self.module(piece)
@@ -82,26 +83,23 @@ class TokenChunked(nn.Module):
     def _probe(self, x: torch.Tensor) -> bool:
         """Whether the module maps each token on its own: on the first ``2 *
         PROBE_TOKENS`` tokens (flattened over the batch), the whole call against its two
-        halves. Run once, under no_grad, with the RNG state put back afterwards."""
+        halves joined. Run once, under no_grad, with the RNG state put back afterwards."""
         if self.tokenwise is not None:
             return self.tokenwise
         n = PROBE_TOKENS
         flat = x.detach().reshape(1, -1, x.shape[-1])[:, :2 * n]
         devices = [flat.device.index or 0] if flat.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=True):
-            tap = getattr(self.options, "router_tap", None)
-            with tap.recording(on=False) if tap is not None else nullcontext():
-                whole = self.module(flat)
-                halves = [self.module(flat[:, :n]), self.module(flat[:, n:])]
-        if not (isinstance(whole, torch.Tensor) and all(isinstance(h, torch.Tensor)
-                                                         for h in halves)):
-            self.tokenwise, self.why = False, "its output is not one tensor"
-        elif whole.shape != flat.shape:
-            self.tokenwise, self.why = False, "its output is not shaped like its input"
+        tap = getattr(self.options, "router_tap", None)
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), \
+                tap.recording(on=False) if tap is not None else nullcontext():
+            whole = self.module(flat)
+            halves = [self.module(flat[:, :n]), self.module(flat[:, n:])]
+        try:
+            rel = _difference(whole, _join(halves, flat.shape))
+        except (TypeError, RuntimeError, ValueError) as e:  # structure or shapes differ
+            self.tokenwise, self.why = False, f"its output cannot be joined by tokens ({e})"
         else:
-            diff = (torch.cat(halves, dim=1) - whole).float().norm()
-            rel = float(diff / whole.float().norm().clamp_min(1e-30))
-            tol = PROBE_TOL.get(whole.dtype, PROBE_TOL_16BIT)
+            tol = PROBE_TOL.get(_dtype(whole), PROBE_TOL_16BIT)
             self.tokenwise = rel <= tol
             if not self.tokenwise:
                 self.why = (f"its output on a token depends on the other tokens (halves "
@@ -112,21 +110,51 @@ class TokenChunked(nn.Module):
         return self.tokenwise
 
 
-def _merge_records(records: list[list[torch.Tensor]], lead: torch.Size
-                   ) -> list[torch.Tensor]:
-    """One tensor per router call from the chunks' records: each chunk recorded the same
-    number of tensors, each with the chunk's tokens first (``(tokens, experts)``) or after
-    a batch of one (``(1, tokens, experts)``); concatenated in token order and shaped as the
-    unchunked call would have (``(batch * seq, experts)`` or ``(batch, seq, experts)``)."""
-    counts = {len(r) for r in records}
-    if len(counts) != 1:
-        raise RuntimeError("token chunks recorded different numbers of router logits")
-    merged = []
-    for k in range(counts.pop()):
-        parts = [r[k] for r in records]
-        if parts[0].dim() >= 3 and parts[0].shape[0] == 1:
+def _leaves(out: Any) -> list[Any]:
+    return [out] if not isinstance(out, (tuple, list)) else [v for o in out for v in _leaves(o)]
+
+
+def _dtype(out: Any) -> torch.dtype:
+    return next(t.dtype for t in _leaves(out) if isinstance(t, torch.Tensor))
+
+
+def _difference(whole: Any, joined: Any) -> float:
+    """The largest relative difference (norm) over the tensors of two outputs of the same
+    structure; a TypeError or ValueError when the structures differ."""
+    a, b = _leaves(whole), _leaves(joined)
+    if len(a) != len(b) or not any(isinstance(t, torch.Tensor) for t in a):
+        raise ValueError("not the same tensors")
+    worst = 0.0
+    for s, t in zip(a, b):
+        if not isinstance(s, torch.Tensor):
+            if s is not t and s != t:
+                raise ValueError("a non-tensor output differs")
+            continue
+        if s.shape != t.shape:
+            raise ValueError(f"shape {tuple(t.shape)} against {tuple(s.shape)}")
+        diff = (t.float() - s.float()).norm() / s.float().norm().clamp_min(1e-30)
+        worst = max(worst, float(diff))
+    return worst
+
+
+def _join(parts: list[Any], shape: torch.Size) -> Any:
+    """The chunks' outputs (or recorded router logits) joined in token order and shaped as
+    the unchunked call's, for an input of ``shape`` ``(..., tokens, hidden)`` whose tokens
+    were flattened to ``(1, N, hidden)`` and split: a tensor with the chunk's tokens after
+    a batch of one (``(1, n, ...)``: the hidden state, or logits kept 3-d) goes back to
+    ``(..., tokens, ...)``; one with the tokens first (``(n, experts)``) to ``(N, experts)``.
+    Tuples and lists (an MoE block returning its router logits too) are joined elementwise.
+    """
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() >= 2 and first.shape[0] == 1:
             whole = torch.cat(parts, dim=1)
-            merged.append(whole.reshape(*lead, *whole.shape[2:]))
-        else:
-            merged.append(torch.cat(parts, dim=0))
-    return merged
+            return whole.reshape(*shape[:-1], *whole.shape[2:])
+        return torch.cat(parts, dim=0)
+    if isinstance(first, (tuple, list)):
+        if len({len(p) for p in parts}) != 1:
+            raise ValueError("chunks returned different numbers of outputs")
+        return type(first)(_join([p[k] for p in parts], shape) for k in range(len(first)))
+    if all(p is first or p == first for p in parts):
+        return first  # None, or a constant every chunk returns
+    raise TypeError(f"cannot join outputs of type {type(first).__name__}")
