@@ -178,46 +178,73 @@ def calibrate(rev: RevModel, data: Iterable[Any], ridge: float = 1e-3,
         if progress:
             progress(f"calibrating layer {lg.index}")
         plan = analyze_layer(lg, overrides, False, routers)
-        spec = specs[lg.index]
-        adapters = rev.adapters[str(lg.index)]
+        fit = _LayerFitting(specs[lg.index], rev.adapters[str(lg.index)], args, weights,
+                            ridge, correct_drift)
+        orig_hidden, rev_hidden, layer_fit = fit.run(lg, plan, rev_hidden)
+        report.layers.append(layer_fit)
+    return report
+
+
+@dataclass
+class _LayerFitting:
+    """The least-squares fit of one converted layer's adapters, update after update."""
+
+    spec: Any  # the layer's ReversibleSpec
+    adapters: torch.nn.Module
+    args: list[dict[str, Any]]  # per batch: the layer's call on the pretrained state
+    weights: list[torch.Tensor]  # per batch: token weights (the attention mask)
+    ridge: float
+    correct_drift: bool
+
+    def run(self, lg: Any, plan: Any, rev_hidden: list[torch.Tensor]
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], LayerFit]:
+        """Fit the layer; returns the pretrained layer's outputs, the coupled layer's (with
+        the fitted adapters) and the output error before and after."""
         want = {n for s in plan.sublayers for n in (s.residual_node, s.add_node)}
         gm = lg.trace(False)
-        originals = []
-        for k, a in enumerate(args):
+        originals, orig_hidden = [], []
+        for a in self.args:
             interp = _Values(gm, want)
-            orig_hidden[k] = _first(interp.run(*(a.get(n) for n in lg.placeholder_names)))
+            orig_hidden.append(_first(interp.run(*(a.get(n) for n in lg.placeholder_names))))
             originals.append(interp.values)
         last = plan.sublayers[-1].add_node
-        streams = [list(SPLITS[spec.split](h)) for h in rev_hidden]
-        before = _layer_error(spec, streams, args, [o[last] for o in originals], weights)
-        for j, (update, sub) in enumerate(zip(spec.updates, plan.sublayers)):
-            up, down = adapters[f"{BRANCHES[j]}_up"], adapters[f"{BRANCHES[j]}_down"]
-            # up: stream(s) the branch reads -> the pretrained branch input
-            eq = _Normal()
-            for k, a in enumerate(args):
-                for x in _inputs_of(up, update, streams[k], a):
-                    eq.add(x, originals[k][sub.residual_node], weights[k])
-            up.weight.copy_(eq.solve(ridge).to(up.weight.dtype))
-            # down: branch output -> what the pretrained residual add gave this stream
-            eq = _Normal()
-            outs = []
-            for k, a in enumerate(args):
-                out = _inputs_of(down, update, streams[k], a)[0]
-                post = SPLITS[spec.split](originals[k][sub.add_node])[update.target]
-                if correct_drift:  # also pull the stream back to the pretrained state
-                    target = post - streams[k][update.target]
-                else:  # only what the pretrained branch added to this half
-                    pre = SPLITS[spec.split](originals[k][sub.residual_node])[update.target]
-                    target = post - pre
-                eq.add(out, target, weights[k])
-                outs.append(out)
-            down.weight.copy_(eq.solve(ridge).to(down.weight.dtype))
-            for k, s in enumerate(streams):
-                s[update.target] = s[update.target] + down(outs[k])
-        rev_hidden = [MERGES[spec.split](*s) for s in streams]
-        after = _weighted_error(rev_hidden, [o[last] for o in originals], weights)
-        report.layers.append(LayerFit(lg.index, before, after))
-    return report
+        split = SPLITS[self.spec.split]
+        streams = [list(split(h)) for h in rev_hidden]
+        before = _layer_error(self.spec, streams, self.args, [o[last] for o in originals],
+                              self.weights)
+        for j, (update, sub) in enumerate(zip(self.spec.updates, plan.sublayers)):
+            self._fit_update(j, update, sub, streams, originals)
+        rev_hidden = [MERGES[self.spec.split](*s) for s in streams]
+        after = _weighted_error(rev_hidden, [o[last] for o in originals], self.weights)
+        return orig_hidden, rev_hidden, LayerFit(lg.index, before, after)
+
+    def _fit_update(self, j: int, update: Any, sub: Any, streams: list[list[torch.Tensor]],
+                    originals: list[dict[str, Any]]) -> None:
+        """Fit one update's ``up`` and ``down`` adapters, then apply the update to
+        ``streams``."""
+        split = SPLITS[self.spec.split]
+        up, down = self.adapters[f"{BRANCHES[j]}_up"], self.adapters[f"{BRANCHES[j]}_down"]
+        # up: stream(s) the branch reads -> the pretrained branch input
+        eq = _Normal()
+        for k, a in enumerate(self.args):
+            for x in _inputs_of(up, update, streams[k], a):
+                eq.add(x, originals[k][sub.residual_node], self.weights[k])
+        up.weight.copy_(eq.solve(self.ridge).to(up.weight.dtype))
+        # down: branch output -> what the pretrained residual add gave this stream
+        eq = _Normal()
+        outs = []
+        for k, a in enumerate(self.args):
+            out = _inputs_of(down, update, streams[k], a)[0]
+            post = split(originals[k][sub.add_node])[update.target]
+            if self.correct_drift:  # also pull the stream back to the pretrained state
+                target = post - streams[k][update.target]
+            else:  # only what the pretrained branch added to this half
+                target = post - split(originals[k][sub.residual_node])[update.target]
+            eq.add(out, target, self.weights[k])
+            outs.append(out)
+        down.weight.copy_(eq.solve(self.ridge).to(down.weight.dtype))
+        for k, s in enumerate(streams):
+            s[update.target] = s[update.target] + down(outs[k])
 
 
 def _layer_calls(model: torch.nn.Module, layers: list[Any], batch: dict[str, torch.Tensor],

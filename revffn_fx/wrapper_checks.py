@@ -10,6 +10,7 @@ the units itself.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
@@ -64,8 +65,6 @@ def check_wrappers(rev: Any) -> None:
     modules the stacks call then hold no parameters (or views FSDP1 swaps), and a model
     traced in that state would train the original layers without saying so.
     """
-    import sys
-
     if "torch.distributed.fsdp" not in sys.modules:
         return  # no FSDP in this process
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1

@@ -264,20 +264,11 @@ def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, 
     return sorted(checks, key=lambda c: c[0].index)
 
 
-def verify(rev: RevModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-           labels: torch.Tensor | None = None, output_router_logits: bool = False,
-           seed: int = 0, train: bool = True) -> VerifyReport:
-    """Compare the generated backward with plain autograd on one batch.
-
-    ``labels`` default to ``input_ids`` (the causal-LM loss). The model is put in train
-    mode (``train=True``) so dropout and sampled routing are exercised and replayed, and
-    restored to its previous mode afterwards.
-    """
-    kw: dict[str, Any] = {"labels": input_ids if labels is None else labels}
-    if labels is None and rev.traced.convention.labels is None:
-        kw = {}  # the model computes no loss: the check differentiates its logits
-    if attention_mask is not None:
-        kw["attention_mask"] = attention_mask
+def _measure(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, Any], seed: int,
+             output_router_logits: bool, train: bool) -> tuple[Any, ...]:
+    """One batch in ``train`` mode: the loss and the gradients of the generated backward,
+    of plain autograd and of the float64 reference, the fixed-point statistics, then (in
+    eval mode) each layer's reconstruction check; the model's mode and guard restored."""
     was = rev.training
     rev.train(train)
     guard_was = rev.options.guard
@@ -303,6 +294,26 @@ def verify(rev: RevModel, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     finally:
         rev.options.guard = guard_was
         rev.train(was)
+    return loss, g_gen, g_auto, g_ref, fixed, checked
+
+
+def verify(rev: RevModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+           labels: torch.Tensor | None = None, output_router_logits: bool = False,
+           seed: int = 0, train: bool = True) -> VerifyReport:
+    """Compare the generated backward with plain autograd on one batch.
+
+    ``labels`` default to ``input_ids`` (the causal-LM loss). The model is put in train
+    mode (``train=True``) so dropout and sampled routing are exercised and replayed, and
+    restored to its previous mode afterwards.
+    """
+    kw: dict[str, Any] = {"labels": input_ids if labels is None else labels}
+    if labels is None and rev.traced.convention.labels is None:
+        kw = {}  # the model computes no loss: the check differentiates its logits
+    if attention_mask is not None:
+        kw["attention_mask"] = attention_mask
+    dtype = next(rev.parameters()).dtype
+    loss, g_gen, g_auto, g_ref, fixed, checked = _measure(rev, input_ids, kw, seed,
+                                                          output_router_logits, train)
     e_auto = relative_error(g_auto, g_ref)
     err = relative_error(g_gen, g_ref)
     worst = worst_parameter(g_gen, g_ref)

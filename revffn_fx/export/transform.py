@@ -16,12 +16,15 @@ from typing import Any
 import torch
 
 from .. import couplings
+from ..calibration import calibrate as calibrate_adapters
 from ..calibration import calibration_batches
+from ..checks.verification import verify as verify_model
 from ..errors import ConversionError, ExportError, LoadError
 from ..frontend.loading import (
     check_config,
     check_config_bounds,
     check_fits,
+    load_model,
     quiet,
     refuse_export,
 )
@@ -31,6 +34,7 @@ from ..model_setup import parse_layers
 from ..options import TransformOptions
 from ..outdir import check_out_dir, writing
 from ..output import human_bytes
+from ..passes.couple import make_adapters
 from ..serialization.checkpoint_files import (
     SAFETENSORS_DTYPES,
     Progress,
@@ -51,6 +55,7 @@ from ..serialization.layout import (
     revffn_section,
     write_meta,
 )
+from ..tools.memory_plan import activation_peak
 from .loading import load
 
 # ------------------------------------------------------------------------------ transform_dir
@@ -60,8 +65,6 @@ def _activation_estimate(config: Any, rev: RevModel, batch: int = 8,
     """Activations + loss head at a step's peak, plain fine-tuning and ``rev`` (its coupling,
     loss head and converted layers), as ``revffn plan`` counts them (ordinary optimizer);
     None when the config lacks what the estimator reads."""
-    from ..tools.memory_plan import activation_peak
-
     try:
         return (batch, seq,
                 activation_peak(config, batch, seq, "none", "original"),
@@ -261,6 +264,26 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                                    momentum=momentum, exact_streams=exact_streams)
     src, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
     limit = parse_size(max_shard_size)
+    config_path, model_type, weights, entries = _read_source(src, out, force, force_foreign)
+    rev = _plan_on_meta(src, config_path, model_type, weights, entries,
+                        options, calibrate is not None)
+    adapters, calibration = _adapters(src, rev, calibrate, calibration_tokens, dry_run)
+    summary = _summary(src, out, model_type, rev, adapters, calibration, dry_run,
+                       _activation_estimate(rev.model.config, rev, estimate_batch, estimate_seq))
+    if not dry_run:
+        with writing(out, force=force, model_dir=src, force_foreign=force_foreign) as tmp:
+            _write_files(tmp, src, config_path, entries, rev, adapters, summary, calibrate,
+                         limit, progress, check_finite=not allow_nonfinite)
+            if verify:
+                summary.verify = _verify_dir(tmp)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _read_source(src: Path, out: Path, force: bool, force_foreign: bool
+                 ) -> tuple[Path, str, Path, list[TensorEntry]]:
+    """Check MODEL_DIR (config, tensor headers against the config's sizes, extra files) and
+    OUT_DIR before any work: ``(config path, model type, weights file, tensor entries)``."""
     config_path, model_type = check_config(src)
     refuse_export(config_path)  # an export of a function-changing coupling: not a MODEL_DIR
     weights, entries = checkpoint_tensors(src)
@@ -269,94 +292,119 @@ def transform_dir(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     check_config_bounds(config_path, json.loads(config_path.read_text()), shapes, weights)
     extra_files(src)  # a tokenizer file linking out of MODEL_DIR stops us before any work
     check_out_dir(out, force, src, force_foreign=force_foreign)
+    return config_path, model_type, weights, entries
+
+
+def _plan_on_meta(src: Path, config_path: Path, model_type: str, weights: Path,
+                  entries: list[TensorEntry], options: TransformOptions,
+                  calibrating: bool) -> RevModel:
+    """The architecture on the meta device, checked against the checkpoint, transformed
+    with every pass run (a failure must stop us before writing)."""
     model, dtype = _meta_model(src, config_path, model_type,
                                lambda cfg: _checkpoint_dtype(cfg, entries))
-    check_fits(model, shapes, weights, dtype)
+    check_fits(model, {t.name: (t.dtype, t.shape) for t in entries}, weights, dtype)
     _check_dtypes(model, entries, weights, dtype)
     # the cross-branch split needs an example forward, which a meta model cannot run: the
     # structure and adapters do not depend on it, so plan with plain attention here and
     # record the option; rf.load (and --verify) build the cross-branch attention for real
-    options = options.resolved(str(dtype), calibrating=calibrate is not None)  # "auto"
+    options = options.resolved(str(dtype), calibrating=calibrating)  # "auto"
     rev = RevModel(model, options=options.replace(attention="plain"))
     rev.attention, rev.transform_options = options.attention, options
     rev.specs(True)  # run every pass now (on meta): a failure must stop us before writing
+    return rev
+
+
+def _initial_adapters(rev: RevModel) -> dict[str, torch.Tensor]:
+    """The coupling's adapters created for real (on the CPU), exactly as RevModel
+    initialises them; none for couplings without."""
+    adapters: dict[str, torch.Tensor] = {}
+    if couplings.get(rev.coupling).adapter_params:
+        pdtype = next(rev.model.parameters()).dtype
+        for i in rev.converted:
+            for k, v in make_adapters(rev.hidden_size, pdtype, "cpu",
+                                      rev.update_targets[i]).state_dict().items():
+                adapters[f"adapters.{i}.{k}"] = v
+    return adapters
+
+
+def _summary(src: Path, out: Path, model_type: str, rev: RevModel,
+             adapters: dict[str, torch.Tensor], calibration: Any, dry_run: bool,
+             estimate: tuple[int, int, int, int] | None) -> TransformSummary:
+    """The summary before writing: the layers converted, refused, left out by ``layers``."""
+    model = rev.model
+    options = rev.transform_options
     n = len(rev.plan.layers)
     wanted = parse_layers(None if options.layers is None else list(options.layers), n)
     refused = [(lp.index, lp.reason or "not convertible") for lp in rev.plan.layers
                if not lp.convertible]
     not_selected = [lp.index for lp in rev.plan.layers
                     if lp.convertible and lp.index not in rev.converted and wanted is not None]
-    # the adapters are created for real, exactly as RevModel initialises them
-    adapters: dict[str, torch.Tensor] = {}
-    if couplings.get(rev.coupling).adapter_params:
-        from ..passes.couple import make_adapters
-
-        pdtype = next(model.parameters()).dtype
-        for i in rev.converted:
-            for k, v in make_adapters(rev.hidden_size, pdtype, "cpu",
-                                      rev.update_targets[i]).state_dict().items():
-                adapters[f"adapters.{i}.{k}"] = v
-    calibration = None
-    if calibrate is not None:
-        if not couplings.get(rev.coupling).adapter_params:
-            raise ConversionError(f"--calibrate fits the revffn adapters; {rev.coupling} has "
-                                  "none")
-        batches = calibration_batches(src, calibrate, calibration_tokens)
-        if not dry_run:
-            adapters, calibration = _calibrated_adapters(src, rev, batches, adapters)
-    params_before = count_params(model)
-    summary = TransformSummary(
+    return TransformSummary(
         str(src), str(out), model_type, rev.coupling, n, list(rev.converted), refused,
-        not_selected, params_before, sum(v.numel() for v in adapters.values()),
-        str(next(model.parameters()).dtype).replace("torch.", ""), dry_run=dry_run, rev=rev,
-        activation_estimate=_activation_estimate(model.config, rev, estimate_batch,
-                                                 estimate_seq))
+        not_selected, count_params(model), sum(v.numel() for v in adapters.values()),
+        str(next(model.parameters()).dtype).replace("torch.", ""), calibration=calibration,
+        dry_run=dry_run, rev=rev, activation_estimate=estimate)
+
+
+def _calibration_record(file: str, calibration: Any) -> dict[str, Any]:
+    """The ``calibration`` entry of the revffn section: file, tokens, ridge, and each
+    layer's output error before and after."""
+    return {"file": file, "tokens": calibration.tokens, "ridge": calibration.ridge,
+            "layer_output_rel_err": {str(f.index): [round(f.rel_err_before, 4),
+                                                    round(f.rel_err_after, 4)]
+                                     for f in calibration.layers}}
+
+
+def _write_files(tmp: Path, src: Path, config_path: Path, entries: list[TensorEntry],
+                 rev: RevModel, adapters: dict[str, torch.Tensor], summary: TransformSummary,
+                 calibration_file: str | os.PathLike[str] | None, limit: int,
+                 progress: Progress | None, check_finite: bool) -> None:
+    """Write OUT_DIR's files into its staging directory ``tmp``: the weight shards, the
+    adapter file, config.json with the revffn section, shim and model card, the sha256
+    record, the tokenizer and other extras; recorded in ``summary``."""
+    digests: dict[str, str] = {}
+    shards = write_shards(tmp, entries, limit, progress, digests, check_finite=check_finite)
+    files = list(shards)
+    if adapters:
+        digests[ADAPTER_FILE] = write_safetensors(tmp / ADAPTER_FILE, memory_tensors(adapters),
+                                                   check_finite=check_finite)
+        files.append(ADAPTER_FILE)
+    section = revffn_section(rev, {k: list(v.shape) for k, v in adapters.items()},
+                             next(rev.model.parameters()).dtype, summary.params_before)
+    if summary.calibration is not None:
+        section["calibration"] = _calibration_record(Path(calibration_file).name,
+                                                     summary.calibration)
+    files += write_meta(tmp, json.loads(config_path.read_text()), section)
+    seal(tmp, digests)  # the record rf.load and `revffn verify` check: weights, shim, config
+    files += copy_extra_files(src, tmp)
+    summary.files, summary.shards = files, shards
+    summary.checkpoint_bytes = sum(t.nbytes for t in entries)
+
+
+def _adapters(src: Path, rev: RevModel, calibration_file: str | os.PathLike[str] | None,
+              tokens: int, dry_run: bool) -> tuple[dict[str, torch.Tensor], Any]:
+    """The adapters to write and the calibration report (None when not calibrating).
+    ``--calibrate``: the calibration batches are read (a dry run stops there), then the
+    adapters are fitted on the model loaded for real."""
+    adapters = _initial_adapters(rev)
+    if calibration_file is None:
+        return adapters, None
+    if not couplings.get(rev.coupling).adapter_params:
+        raise ConversionError(f"--calibrate fits the revffn adapters; {rev.coupling} has none")
+    batches = calibration_batches(src, calibration_file, tokens)
     if dry_run:
-        summary.seconds = time.perf_counter() - start
-        return summary
-    with writing(out, force=force, model_dir=src, force_foreign=force_foreign) as tmp:
-        digests: dict[str, str] = {}
-        shards = write_shards(tmp, entries, limit, progress, digests,
-                              check_finite=not allow_nonfinite)
-        files = list(shards)
-        if adapters:
-            digests[ADAPTER_FILE] = write_safetensors(tmp / ADAPTER_FILE,
-                                                       memory_tensors(adapters),
-                                                       check_finite=not allow_nonfinite)
-            files.append(ADAPTER_FILE)
-        config = json.loads(config_path.read_text())
-        section = revffn_section(rev, {k: list(v.shape) for k, v in adapters.items()},
-                           next(model.parameters()).dtype, params_before)
-        if calibration is not None:
-            section["calibration"] = {
-                "file": Path(calibrate).name, "tokens": calibration.tokens,
-                "ridge": calibration.ridge,
-                "layer_output_rel_err": {str(f.index): [round(f.rel_err_before, 4),
-                                                        round(f.rel_err_after, 4)]
-                                         for f in calibration.layers}}
-            summary.calibration = calibration
-        files += write_meta(tmp, config, section)
-        seal(tmp, digests)  # the record rf.load and `revffn verify` check: weights, shim, config
-        files += copy_extra_files(src, tmp)
-        if verify:
-            summary.verify = _verify_dir(tmp)
-        summary.files, summary.shards = files, shards
-        summary.checkpoint_bytes = sum(t.nbytes for t in entries)
-    summary.seconds = time.perf_counter() - start
-    return summary
+        return adapters, None
+    return _calibrated_adapters(src, rev, batches, adapters)
 
 
 def _calibrated_adapters(src: Path, meta_rev: RevModel, batches: list[torch.Tensor],
                          adapters: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
                                                                      Any]:
     """Load the model for real, fit the adapters on ``batches``; same keys and dtypes."""
-    from ..calibration import calibrate
-    from ..frontend.loading import load_model
-
     model = load_model(src)
     rev = RevModel(model, options=meta_rev.transform_options.replace(
         layers=list(meta_rev.converted)))
-    report = calibrate(rev, batches)
+    report = calibrate_adapters(rev, batches)
     fitted = {f"adapters.{k}": v.detach().cpu() for k, v in rev.adapters.state_dict().items()}
     if set(fitted) != set(adapters):
         raise ExportError("calibration produced different adapters than the transform")
@@ -366,13 +414,11 @@ def _calibrated_adapters(src: Path, meta_rev: RevModel, batches: list[torch.Tens
 def _verify_dir(path: Path, batch: int = 2, seq: int = 16, seed: int = 0) -> Any:
     """Load ``path`` for real and run :func:`revffn_fx.checks.verification.verify` on
     random tokens."""
-    from ..checks.verification import verify
-
     rev = load(path)
     vocab = getattr(rev.config, "vocab_size", None) or 128
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
     try:
-        report = verify(rev, ids, seed=seed)
+        report = verify_model(rev, ids, seed=seed)
     except (NotImplementedError, RuntimeError) as e:  # a kernel this torch lacks for the dtype
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not isinstance(e, NotImplementedError) and not re.search(

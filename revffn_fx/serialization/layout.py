@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .. import couplings
+from .. import __version__, couplings
 from ..errors import ExportError
 from ..options import TransformOptions
 
@@ -68,8 +68,6 @@ def parse_size(size: int | str) -> int:
 
 def _versions() -> dict[str, str]:
     import transformers
-
-    from .. import __version__
 
     return {"revffn_fx": __version__, "torch": torch.__version__.split("+")[0],
             "transformers": transformers.__version__}
