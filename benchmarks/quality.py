@@ -187,7 +187,7 @@ def build_model(run: Run, model_dir: Path, device: str = "cpu", tok: Any = None,
     if run.coupling == "revffn":
         _reinit_adapters(model, run.adapter_init, tok, calibration_rows)
     if run.coupling != "none":
-        from revffn_fx.model import parse_stream_dtype
+        from revffn_fx.model_setup import parse_stream_dtype
 
         model.options.stream_dtype = parse_stream_dtype(run.stream_dtype)
     return model

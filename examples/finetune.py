@@ -77,7 +77,7 @@ def calibrate_on_rows(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
     completion, packed into windows of ``seq`` tokens); streams then carried in fp64
     (fp32 for 16-bit models) so the backward stays exact. Returns the report's summary."""
     from revffn_fx.calibration import token_windows
-    from revffn_fx.model import wider_stream_dtype
+    from revffn_fx.runtime.layers import wider_stream_dtype
 
     device = next(model.parameters()).device
     windows = token_windows(tok, [r["prompt"] + r["completion"] for r in rows], seq=seq,
