@@ -19,7 +19,7 @@ import time
 import torch
 
 import revffn_fx as rf
-from revffn_fx.tools.bench import build
+from revffn_fx.tools.bench_models import build
 from revffn_fx.tools.measure_memory import saved_tensor_bytes
 
 MiB = 2**20

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import revffn_fx as rf
-from revffn_fx.tools.bench import build
+from revffn_fx.tools.bench_models import build
 from revffn_fx.tools.measure_memory import adamw_step_peak
 
 MiB = 2**20

@@ -47,7 +47,7 @@ def main() -> int:
     import revffn_fx as rf
     from revffn_fx.checks.exactness import exactness
     from revffn_fx.options import COUPLINGS
-    from revffn_fx.tools.step_bench import build_model, preset_config
+    from revffn_fx.tools.bench_models import build_model, preset_config
 
     dtype = getattr(torch, args.dtype)
     couplings = args.couplings.split(",") if args.couplings else list(COUPLINGS)

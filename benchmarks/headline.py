@@ -24,7 +24,9 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from revffn_fx.tools.step_bench import StepResult, plot_sweep, preset_config, run_step_bench
+from revffn_fx.tools.bench_models import preset_config
+from revffn_fx.tools.step_bench import run_step_bench
+from revffn_fx.tools.step_result import StepResult, plot_sweep
 
 OUT = Path(__file__).resolve().parent / "headline"
 SWEEP = ["ckpt", "exact", "revffn", "revnet"]

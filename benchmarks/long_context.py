@@ -30,7 +30,7 @@ MiB = 2 ** 20
 
 
 def _config(layers: int, hidden: int, vocab: int | None, seq: int):  # noqa: ANN202
-    from revffn_fx.tools.step_bench import preset_config
+    from revffn_fx.tools.bench_models import preset_config
 
     return preset_config("mixtral-shaped", layers, hidden, vocab, max(8192, seq))
 
@@ -42,7 +42,8 @@ def _progress(done: int, total: int, what: str) -> None:
 def sweep(args: argparse.Namespace) -> None:
     import torch
 
-    from revffn_fx.tools.step_bench import LONG_METHODS, run_step_bench
+    from revffn_fx.tools.step_bench import run_step_bench
+    from revffn_fx.tools.step_methods import LONG_METHODS
 
     torch.set_num_threads(1)
     methods = args.methods.split(",") if args.methods else list(LONG_METHODS)
@@ -83,8 +84,8 @@ def floor(args: argparse.Namespace) -> None:
     chunks, one chunk's forward and backward after the other."""
     import torch
 
+    from revffn_fx.tools.bench_models import build_model
     from revffn_fx.tools.measure_memory import peak_live_bytes
-    from revffn_fx.tools.step_bench import build_model
 
     torch.set_num_threads(1)
     rows = []
@@ -156,7 +157,7 @@ def _act_rss(r: dict) -> int | None:
 
 
 def report(args: argparse.Namespace) -> None:
-    from revffn_fx.tools.step_bench import LONG_METHODS
+    from revffn_fx.tools.step_methods import LONG_METHODS
 
     points = _points()
     methods = [m for m in dict.fromkeys([*LONG_METHODS, "offload/unpinned"])
@@ -277,7 +278,7 @@ def plot(args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from revffn_fx.tools.step_bench import LONG_METHODS
+    from revffn_fx.tools.step_methods import LONG_METHODS
 
     points = _points()
     depths = sorted({d["layers"] for d in points})

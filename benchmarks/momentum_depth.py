@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import revffn_fx as rf
-from revffn_fx.tools.bench import build
+from revffn_fx.tools.bench_models import build
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ MiB = 2 ** 20
 
 def stage_bench(repeats: int) -> None:
     """Run the benchmark through the CLI, exactly as the doc quotes it."""
-    from revffn_fx.tools.bench import bench_command
+    from revffn_fx.cli_bench import bench_command
 
     args = BENCH_CMD.format(repeats=repeats).split()[2:]
     t0 = time.perf_counter()
@@ -51,7 +51,7 @@ def stage_bench(repeats: int) -> None:
 
 def stage_time(repeats: int) -> None:
     """A timing-only run on one thread (robust CPU-time ratios on a shared machine)."""
-    from revffn_fx.tools.bench import bench_command
+    from revffn_fx.cli_bench import bench_command
 
     bench_command.main(TIME_CMD.format(repeats=repeats).split()[2:], prog_name="revffn bench",
                        standalone_mode=False)
@@ -63,7 +63,7 @@ def stage_heads() -> None:
     import torch
 
     import revffn_fx as rf
-    from revffn_fx.tools.bench import build
+    from revffn_fx.tools.bench_models import build
     from revffn_fx.tools.measure_memory import saved_tensor_bytes
 
     torch.set_num_threads(THREADS)
@@ -87,7 +87,8 @@ def stage_profile(methods: list[str]) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from revffn_fx.tools.bench import _Runner, build
+    from revffn_fx.tools.bench import _Runner
+    from revffn_fx.tools.bench_models import build
 
     torch.set_num_threads(1)  # as the timing run: one thread is robust on a shared machine
     model = build(MODEL, PROFILE_DEPTH)
@@ -159,7 +160,8 @@ def _targets(res: Any, tres: Any | None) -> list[str]:
 
 def stage_render() -> None:
     """Write docs/benchmarks.md from the saved results and the estimator."""
-    from revffn_fx.tools.bench import BenchResult, Measurement, synthetic_config
+    from revffn_fx.tools.bench_models import synthetic_config
+    from revffn_fx.tools.bench_result import BenchResult, Measurement
     from revffn_fx.tools.estimate_memory import estimate_peak_bytes, estimate_saved_bytes
 
     def load(path: Path) -> Any:

@@ -20,11 +20,11 @@ from rich.table import Table
 from rich.text import Text
 
 from revffn_fx import __version__, couplings
+from revffn_fx.cli_bench import bench_command
 from revffn_fx.errors import RevFFNError
 from revffn_fx.exits import EXIT_HELP, Command, Group
 from revffn_fx.output import check_model_dir as _check_model_dir
 from revffn_fx.output import human_bytes, parse_bytes, progress_reporter
-from revffn_fx.tools.bench import bench_command
 
 _WIDTH = 120  # rich's width when the output is not a terminal: stable for pipes and tests
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

@@ -12,7 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from revffn_fx.tools.bench import METHODS, bench_command, build, synthetic_config
+from revffn_fx.cli_bench import bench_command
+from revffn_fx.tools.bench import METHODS
+from revffn_fx.tools.bench_models import build, synthetic_config
 from revffn_fx.tools.estimate_memory import estimate, estimate_saved_bytes
 from revffn_fx.tools.measure_memory import saved_tensor_bytes
 
@@ -139,7 +141,7 @@ def test_estimate_grows_with_depth_only_where_it_should() -> None:
 
 def test_step_methods_cover_every_coupling_and_the_offloading_peer() -> None:
     from revffn_fx.options import COUPLINGS
-    from revffn_fx.tools.step_bench import LONG_METHODS, STEP_METHODS
+    from revffn_fx.tools.step_methods import LONG_METHODS, STEP_METHODS
 
     # a coupling added to options.COUPLINGS is a full-stack method without another edit
     assert {STEP_METHODS[m].coupling for m in LONG_METHODS} >= set(COUPLINGS)
@@ -149,7 +151,8 @@ def test_step_methods_cover_every_coupling_and_the_offloading_peer() -> None:
 
 @pytest.mark.slow
 def test_offload_is_the_exact_mode_with_saved_tensors_on_the_host() -> None:
-    from revffn_fx.tools.step_bench import preset_config, run_step_bench
+    from revffn_fx.tools.bench_models import preset_config
+    from revffn_fx.tools.step_bench import run_step_bench
 
     config = preset_config("mixtral-shaped", layers=2, hidden=64, vocab=512)
     res = run_step_bench(config, batch=1, seq=64, repeats=0, warmup_seq=8, one_step=True,

@@ -16,10 +16,10 @@ from click.testing import CliRunner
 
 import revffn_fx.passes.pipeline
 from revffn_fx import cli
+from revffn_fx.cli_bench import bench_command
 from revffn_fx.errors import InternalError, RevFFNError
 from revffn_fx.exits import Command
 from revffn_fx.passes.manager import PassManager, is_builtin
-from revffn_fx.tools.bench import bench_command
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-mixtral"
 

@@ -128,7 +128,7 @@ def test_exact_mode_refuses_a_layer_selection() -> None:
 # -- the whole-step benchmark -----------------------------------------------------------------
 
 def test_presets_have_the_real_shapes_and_narrow_consistently() -> None:
-    from revffn_fx.tools.step_bench import preset_config
+    from revffn_fx.tools.bench_models import preset_config
 
     q = preset_config("qwen1.5-moe-shaped")
     assert (q.hidden_size, q.num_experts, q.num_experts_per_tok, q.moe_intermediate_size,
@@ -146,7 +146,8 @@ def test_presets_have_the_real_shapes_and_narrow_consistently() -> None:
 
 @pytest.mark.slow
 def test_step_bench_splits_what_each_part_contributes() -> None:
-    from revffn_fx.tools.step_bench import preset_config, run_step_bench
+    from revffn_fx.tools.bench_models import preset_config
+    from revffn_fx.tools.step_bench import run_step_bench
 
     config = preset_config("mixtral-shaped", layers=2, hidden=64, vocab=4096)
     methods = ["sft", "ckpt", "exact", "revffn", "revffn/no-head", "revffn/no-fusion"]
@@ -186,7 +187,7 @@ def test_step_bench_splits_what_each_part_contributes() -> None:
 def test_bench_step_cli_writes_json_and_plot(tmp_path: Path) -> None:
     import json
 
-    from revffn_fx.tools.bench import bench_command
+    from revffn_fx.cli_bench import bench_command
 
     out, png = tmp_path / "s.json", tmp_path / "s.png"
     res = CliRunner().invoke(bench_command, [
@@ -223,7 +224,8 @@ def test_child_process_entry_reports_rss_and_the_tracker(capsys: pytest.CaptureF
     # then only a smoke test), one JSON line out
     import json
 
-    from revffn_fx.tools.step_bench import _child_main, preset_config
+    from revffn_fx.tools.bench_models import preset_config
+    from revffn_fx.tools.step_bench import _child_main
 
     config = preset_config("mixtral-shaped", layers=1, hidden=32, vocab=512)
     _child_main(json.dumps(dict(config=config.to_dict(), batch=1, seq=16, dtype="float32",

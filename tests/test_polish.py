@@ -20,7 +20,7 @@ from zoo import qwen15_moe_config
 import revffn_fx as rf
 from revffn_fx import cli
 from revffn_fx.output import human_bytes, progress_reporter
-from revffn_fx.tools.bench import BenchResult, Measurement
+from revffn_fx.tools.bench_result import BenchResult, Measurement
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = ROOT / "examples" / "tiny-moe-stdlib"  # tied embeddings: 3,871,872 parameters

@@ -242,7 +242,7 @@ def plan_for_step_method(config: Any, batch: int, seq: int, step_method: str,
                          dtype: torch.dtype | str | None = None) -> PlanRow:
     """The planned peak of a ``revffn bench --step`` method (its coupling, head, fusion,
     offloading and stream options): what the measurement is compared with."""
-    from .step_bench import STEP_METHODS
+    from .step_methods import STEP_METHODS
 
     spec = STEP_METHODS[step_method]
     if spec.coupling is None:

@@ -1,0 +1,68 @@
+"""The methods ``revffn bench --step`` measures (:data:`STEP_METHODS`): for each, which
+model, checkpointing, loss head and optimizer; a full stack for every coupling of the
+registry; the default and long-context selections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from revffn_fx.options import COUPLINGS, SCALED_COUPLINGS
+
+
+@dataclass(frozen=True)
+class StepMethod:
+    """How one method trains: which model, checkpointing, loss head and optimizer."""
+
+    label: str
+    coupling: str | None  # None: the original model; "none": the exact mode
+    checkpoint: bool  # transformers' activation checkpointing (original model only)
+    head: str  # "original" or "chunked"
+    fused: bool  # AdamW fused into the backward
+    transform: tuple[tuple[str, Any], ...] = ()  # more keywords of rf.transform
+    offload: str | None = None  # "pinned" / "unpinned": save_on_cpu around forward and loss
+
+
+STEP_METHODS: dict[str, StepMethod] = {
+    "sft": StepMethod("SFT, no checkpointing", None, False, "original", False),
+    "ckpt": StepMethod("SFT + HF checkpointing (baseline)", None, True, "original", False),
+    "ckpt+fused": StepMethod("HF checkpointing + fused AdamW", None, True, "original", True),
+    "exact": StepMethod("exact mode: checkpointing + lean head + fused AdamW", "none", True,
+                        "chunked", True),
+    "exact/no-fusion": StepMethod("exact mode, AdamW not fused", "none", True, "chunked",
+                                  False),
+    "revffn": StepMethod("revffn + lean head + fused AdamW", "revffn", False, "chunked", True),
+    "revffn/no-head": StepMethod("revffn, original head", "revffn", False, "original", True),
+    "revffn/no-fusion": StepMethod("revffn, AdamW not fused", "revffn", False, "chunked",
+                                   False),
+    "revnet": StepMethod("revnet + lean head + fused AdamW", "revnet", False, "chunked", True),
+    "revnet/no-head": StepMethod("revnet, original head", "revnet", False, "original", True),
+    "revnet/no-fusion": StepMethod("revnet, AdamW not fused", "revnet", False, "chunked",
+                                   False),
+    "offload": StepMethod("exact mode, saved tensors offloaded to pinned CPU memory", "none",
+                          True, "chunked", True, offload="pinned"),
+    "offload/unpinned": StepMethod("exact mode, saved tensors offloaded (not pinned)", "none",
+                                   True, "chunked", True, offload="unpinned"),
+}
+
+
+def _add_couplings() -> None:
+    """A full-stack method for every coupling of options.COUPLINGS not listed above (one
+    place: a coupling added there is measured here); the scaled ones with exact streams."""
+    for c in COUPLINGS:
+        if c == "none" or c in STEP_METHODS:
+            continue
+        exact = c in SCALED_COUPLINGS
+        STEP_METHODS[c] = StepMethod(
+            f"{c}{' (exact streams)' if exact else ''} + lean head + fused AdamW", c, False,
+            "chunked", True, (("exact_streams", True),) if exact else ())
+
+
+_add_couplings()
+#: the methods of a long-context comparison: the exact mode, its offloading peer and every
+#: coupling's full stack
+LONG_METHODS = ("exact", "offload", *(m for m in STEP_METHODS
+                                      if STEP_METHODS[m].coupling not in (None, "none")
+                                      and "/" not in m))
+DEFAULT_STEP_METHODS = ("sft", "ckpt", "exact", "revffn", "revnet", "revffn/no-head",
+                        "revffn/no-fusion")
