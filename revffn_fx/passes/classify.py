@@ -156,3 +156,9 @@ def branch_kind(kinds: list[str]) -> str:
         if k in kinds:
             return k
     return "other"
+
+
+def is_norm_call(modules: dict[str, Any], node: Any) -> bool:
+    """Whether ``node`` calls a normalisation module (``modules``: the graph's, by name)."""
+    return (isinstance(node, fx.Node) and node.op == "call_module"
+            and module_kind(modules[node.target], node, node) == "norm")
