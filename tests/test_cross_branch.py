@@ -12,7 +12,7 @@ from zoo import tiny_model
 
 import revffn_fx as rf
 from revffn_fx.checks.verification import _grads, _rel
-from revffn_fx.passes.cross_branch import CrossAttention
+from revffn_fx.passes.cross_attention import CrossAttention
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "phimoe",
          "deepseek_v3"]
