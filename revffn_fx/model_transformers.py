@@ -1,7 +1,7 @@
 """The parts of the transformers model API a RevModel offers, for trainers, PEFT and
-serving: ``config``, generation (``generate`` and what PEFT's reads), the embeddings,
-activation checkpointing switches, model tags, ``to_original``, and saving and loading
-(``save_pretrained`` / ``from_pretrained`` through :mod:`revffn_fx.serialization`).
+serving: ``config``, generation (``generate``, and what PEFT's generate reads), the
+embeddings, activation checkpointing switches, model tags, ``to_original``, and saving and
+loading (``save_pretrained`` / ``from_pretrained`` through :mod:`revffn_fx.serialization`).
 
 :class:`TransformersSurfaceMixin` is one of the classes :class:`revffn_fx.model.RevModel`
 is made of.

@@ -20,8 +20,8 @@ from zoo import tiny_model
 
 import revffn_fx as rf
 from revffn_fx.errors import ConversionError, RevFFNError
-from revffn_fx.serialization.layout import recorded_options
 from revffn_fx.options import COUPLINGS, DEFAULT_MOMENTUM, SCALED_COUPLINGS, TransformOptions
+from revffn_fx.serialization.layout import recorded_options
 
 FIELDS = {f.name for f in dataclasses.fields(TransformOptions)}
 
