@@ -44,6 +44,8 @@ from revffn_fx.cli_tables import (
 )
 from revffn_fx.errors import RevFFNError
 from revffn_fx.exits import EXIT_HELP, Command, Group
+from revffn_fx.options import TransformOptions  # torch-free, like check_out_dir
+from revffn_fx.outdir_refusals import check_out_dir
 from revffn_fx.output import check_model_dir as _check_model_dir
 from revffn_fx.output import parse_bytes, progress_reporter
 
@@ -100,9 +102,6 @@ def transform(model_dir: str, out_dir: str, coupling: str, bdia_gamma: str | Non
     if fixed_point_tol is not None and not 0 < fixed_point_tol < float("inf"):
         raise click.BadParameter(f"must be a positive number, not {fixed_point_tol}",
                                  param_hint="'--fixed-point-tol'")
-    from revffn_fx.options import TransformOptions  # torch-free, like check_out_dir
-    from revffn_fx.outdir import check_out_dir
-
     # every option checked now, before the heavy imports: bad input is answered at once
     options = TransformOptions(coupling=coupling, layers=layers, attention=attention,
                                fixed_point_iters=fixed_point_iters,

@@ -9,6 +9,7 @@ import click
 
 from revffn_fx.cli_options import CONTEXT
 from revffn_fx.exits import EXIT_HELP, Command
+from revffn_fx.outdir_refusals import check_out_dir
 from revffn_fx.output import check_model_dir
 
 
@@ -33,8 +34,6 @@ def export_original_command(rev_dir: str, hf_dir: str, force: bool,
       revffn export-original /tmp/rev /tmp/hf
     """
     check_model_dir(rev_dir)
-    from revffn_fx.outdir import check_out_dir
-
     check_out_dir(Path(hf_dir).expanduser(), force, Path(rev_dir).expanduser(),
                   force_foreign=force_foreign)
     from revffn_fx.export.original import export_original

@@ -11,6 +11,7 @@ import click
 
 from revffn_fx import couplings
 from revffn_fx.errors import RevFFNError
+from revffn_fx.options import parse_layer_spec
 
 #: every command: -h as well as --help, help text up to 100 columns
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -33,8 +34,6 @@ def check_layer_spec(spec: str | None) -> None:
     checked against the model later."""
     if spec is None:
         return
-    from revffn_fx.options import parse_layer_spec
-
     try:
         parse_layer_spec(spec)
     except RevFFNError as e:

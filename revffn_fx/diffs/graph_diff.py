@@ -7,6 +7,8 @@ from typing import Any
 
 import torch.fx as fx
 
+from ..frontend.ir import TracedModel
+from ..model import RevModel
 from .changes import GraphChanges
 from .html_page import render_html
 from .labels import Graphish, graph_of, node_info
@@ -35,9 +37,6 @@ class GraphDiff(GraphChanges):
 
 def _model_graph(obj: Any, layer: int | None) -> tuple[Graphish, str, Any] | None:
     """A TracedModel's or RevModel's graph: (graph, title, the TracedModel), else None."""
-    from ..frontend.ir import TracedModel
-    from ..model import RevModel
-
     if isinstance(obj, TracedModel):
         traced, name = obj, f"traced {type(obj.model).__name__}"
     elif isinstance(obj, RevModel):

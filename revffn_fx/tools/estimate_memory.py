@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from revffn_fx import couplings
+from revffn_fx.options import TransformOptions
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,6 @@ def default_loss_head(method: str) -> str:
     chunked); the original model's for ``none``, ``checkpoint`` and ``offload``."""
     if method in ("none", "checkpoint", "offload"):
         return "original"
-    from revffn_fx.options import TransformOptions
-
     return TransformOptions().loss_head
 
 
@@ -235,8 +234,6 @@ def stream_layout(config: Any, coupling: str, dtype: torch.dtype | str | None = 
     (:class:`revffn_fx.options.TransformOptions`: ``exact_streams`` None is its default,
     on for the scaled couplings; exact streams are float64; an unset stream dtype is the
     runtime's rule, one step wider than the hidden state: fp32 -> fp64, 16-bit -> fp32)."""
-    from revffn_fx.options import TransformOptions
-
     e = dtype_bytes(config, dtype)
     name = {8: "float64", 4: "float32", 2: "bfloat16"}.get(e, "float32")
     if isinstance(stream_dtype, torch.dtype):

@@ -37,6 +37,7 @@ import torch
 
 from ..output import parse_bytes
 from .estimate_memory import STACKS, Dims, dtype_bytes, estimate
+from .step_methods import STEP_METHODS
 
 __all__ = ["PlanRow", "activation_peak", "longest", "memory_plan", "parse_bytes",
            "plan_for_step_method"]
@@ -242,8 +243,6 @@ def plan_for_step_method(config: Any, batch: int, seq: int, step_method: str,
                          dtype: torch.dtype | str | None = None) -> PlanRow:
     """The planned peak of a ``revffn bench --step`` method (its coupling, head, fusion,
     offloading and stream options): what the measurement is compared with."""
-    from .step_methods import STEP_METHODS
-
     spec = STEP_METHODS[step_method]
     if spec.coupling is None:
         method = "checkpoint" if spec.checkpoint else "none"
