@@ -8,25 +8,29 @@ Two levels are traced:
   attention, MoE/MLP and norm modules as leaves, so the residual structure is plain.
 
 Structure is found generically (see :mod:`.decoder_layers`); while tracing, transformers'
-mask builders and tensor factories are patched (:mod:`.trace_patches`); a failure becomes
-one line saying where and what to do (:func:`trace_module`). Nothing here knows about
-couplings.
+mask builders and tensor factories are patched (:func:`patched_mask_creators`,
+:func:`patched_factories`); a failure becomes one line saying where and what to do
+(:func:`trace_module`). Nothing here knows about couplings.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
 from .decoder_layers import is_norm, layer_candidates, layer_leaves
-from .trace_patches import patched_factories, patched_mask_creators
 
 # the layer search is imported from here by the IR (the tracer's leaf policy reads it)
 __all__ = ["RevTracer", "is_norm", "layer_candidates", "layer_leaves", "make_call_wrapper",
@@ -118,6 +122,92 @@ def _holds_proxy(value: Any, depth: int = 3) -> bool:
     else:
         return False
     return any(_holds_proxy(v, depth - 1) for v in items)
+
+
+def _opaque(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fn`` so that, called with proxies, it becomes one call_function node.
+
+    Non-proxy arguments (a config object, None) are bound into the node's target, so the
+    graph stays executable; the real function runs at run time.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        proxies = {k: v for k, v in kwargs.items() if isinstance(v, fx.Proxy)}
+        if not proxies or any(isinstance(a, fx.Proxy) for a in args):
+            return fn(*args, **kwargs)
+        consts = {k: v for k, v in kwargs.items() if k not in proxies}
+
+        def bound(**kw: Any) -> Any:
+            return fn(*args, **consts, **kw)
+
+        bound.__name__ = fn.__name__
+        bound.__qualname__ = fn.__name__
+        tracer = next(iter(proxies.values())).tracer
+        return tracer.create_proxy("call_function", bound, (), proxies)
+
+    return wrapper
+
+
+@contextmanager
+def patched_mask_creators(model: nn.Module) -> Iterator[None]:
+    """Make transformers' attention-mask builders opaque while tracing ``model``.
+
+    They branch on shapes and dtypes (``torch.finfo(proxy.dtype)``), so they cannot be
+    traced; every ``create_*mask*`` function a modeling module imported from
+    ``transformers.masking_utils`` becomes one node instead.
+    """
+    patched: list[tuple[Any, str, Any]] = []
+    modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
+    for mod in modules:
+        if mod is None:
+            continue
+        for name, obj in list(vars(mod).items()):
+            if (callable(obj) and "mask" in name and name.startswith("create_")
+                    and getattr(obj, "__module__", "") == "transformers.masking_utils"):
+                patched.append((mod, name, obj))
+                setattr(mod, name, _opaque(obj))
+    try:
+        yield
+    finally:
+        for mod, name, obj in patched:
+            setattr(mod, name, obj)
+
+
+# tensor factories that take sizes: called with traced sizes (``torch.ones(t, t)`` where
+# ``t = x.shape[1]``) they become graph nodes instead of failing
+FACTORIES = ("ones", "zeros", "full", "empty", "arange", "eye", "rand", "randn", "randint",
+             "linspace", "tril_indices", "triu_indices")
+
+
+def _proxy_in(values: Any) -> fx.Proxy | None:
+    return next((v for v in pytree.tree_leaves(values) if isinstance(v, fx.Proxy)), None)
+
+
+@contextmanager
+def patched_factories() -> Iterator[None]:
+    """While tracing, ``torch.<factory>(..)`` with a traced size is one call_function node."""
+    saved = {name: getattr(torch, name) for name in FACTORIES}
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            proxy = _proxy_in((args, kwargs))
+            if proxy is None:
+                return fn(*args, **kwargs)
+            if len(args) == 1 and isinstance(args[0], (tuple, list)):
+                args = tuple(args[0])  # torch.ones((t, t)) -> torch.ones(t, t)
+            return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+        return wrapper
+
+    for name, fn in saved.items():
+        setattr(torch, name, wrap(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
 
 
 def _user_frame(frames: Sequence[traceback.FrameSummary]) -> str:
