@@ -27,7 +27,7 @@ the inverse generator gives that update a fixed-point inverse.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,10 +35,11 @@ import torch.fx as fx
 from torch import nn
 
 from .. import couplings
+from ..couplings.base import Coupling
 from ..errors import ConversionError
 from ..frontend.plan import LayerPlan
-from ..runtime.streams import MERGES, SPLITS
 from .analyze import update_targets
+from .coupling_graph import finish, merge_streams, split_streams
 from .graph_copy import keep_target, tag
 
 #: coupling -> its stream split, for every coupling that converts layers (the registry's)
@@ -106,89 +107,116 @@ def couple_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
     if not spec.converts:
         raise ConversionError(f"the {coupling} coupling rewrites no layer")
     if spec.rewrite != REWRITE:  # its own rewrite pass (registry: revffn_fx.couplings)
-        if adapters is not None or cross:
-            raise ConversionError(f"the {coupling} coupling has no adapters and no "
-                                  "cross-branch attention")
-        default = next(iter(spec.options.values()), (None, None))[0]
-        return spec.rewrite_pass()(gm, plan, coupling,
-                                   scale=default if momentum is None else momentum,
-                                   start=start)
+        return _own_rewrite(spec, gm, plan, coupling, adapters, cross, momentum, start)
     if bool(spec.adapter_params) != (adapters is not None):
         raise ConversionError(f"the {coupling} coupling "
                               f"{'needs adapters' if spec.adapter_params else 'has none'}")
     split_kind = COUPLINGS[coupling]
-    subs = plan.sublayers
-    by_name = {n.name: n for n in gm.graph.nodes}
     targets = update_targets(plan, start)
-    residuals = {by_name[s.residual_node] for s in subs}
-    hidden = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    # nodes computed from the layer input (the residual stream and every branch): each
-    # branch is copied reading its input stream; everything else on the stream is dropped
-    dependent = {hidden}
-    for node in gm.graph.nodes:
-        if any(i in dependent for i in node.all_input_nodes):
-            dependent.add(node)
+    rewrite = _Rewrite(gm, plan, adapters)
+    rewrite.copy_inputs(split_kind)
+    for j, t in enumerate(targets):
+        rewrite.copy_update(j, t, cross if j == 0 else None)
+    rewrite.graph.output(merge_streams(rewrite.graph, split_kind, rewrite.streams))
+    return finish(rewrite.root, rewrite.graph, f"{coupling.capitalize()}Coupling",
+                  {"coupling": coupling, "layer": plan.qualname, "split": split_kind,
+                   "targets": targets, "parallel": rewrite.parallel})
 
-    graph = fx.Graph()
-    env: dict[fx.Node, Any] = {}
-    root: dict[str, Any] = {}
 
-    def adapter(name: str, x: fx.Node) -> fx.Node:
-        if adapters is None:
+def _own_rewrite(spec: Coupling, gm: fx.GraphModule, plan: LayerPlan, coupling: str,
+                 adapters: nn.ModuleDict | None, cross: dict[str, nn.Module] | None,
+                 momentum: float | None, start: int) -> fx.GraphModule:
+    """A coupling with its own rewrite pass, called with its option (default or given)."""
+    if adapters is not None or cross:
+        raise ConversionError(f"the {coupling} coupling has no adapters and no "
+                              "cross-branch attention")
+    default = next(iter(spec.options.values()), (None, None))[0]
+    return spec.rewrite_pass()(gm, plan, coupling,
+                               scale=default if momentum is None else momentum,
+                               start=start)
+
+
+class _Rewrite:
+    """The coupling graph of one layer, built update by update from its layer graph
+    ``gm``: ``streams`` are the current X1, X2; ``root`` the modules the graph calls."""
+
+    def __init__(self, gm: fx.GraphModule, plan: LayerPlan,
+                 adapters: nn.ModuleDict | None) -> None:
+        self.gm, self.plan, self.adapters = gm, plan, adapters
+        self.by_name = {n.name: n for n in gm.graph.nodes}
+        residuals = {self.by_name[s.residual_node] for s in plan.sublayers}
+        self.parallel = len(residuals) < len(plan.sublayers)
+        self.hidden = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        # nodes computed from the layer input (the residual stream and every branch): each
+        # branch is copied reading its input stream; everything else on the stream is dropped
+        self.dependent = {self.hidden}
+        for node in gm.graph.nodes:
+            if any(i in self.dependent for i in node.all_input_nodes):
+                self.dependent.add(node)
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, Any] = {}
+        self.root: dict[str, Any] = {}
+        self.streams: list[fx.Node] = []
+
+    def adapter(self, name: str, x: fx.Node) -> fx.Node:
+        """``x`` through the adapter ``name`` (revffn), or ``x`` itself (no adapters)."""
+        if self.adapters is None:
             return x
-        root[f"adapters.{name}"] = adapters[name]
-        return tag(graph.call_module(f"adapters.{name}", (x,)), "adapter")
+        self.root[f"adapters.{name}"] = self.adapters[name]
+        return tag(self.graph.call_module(f"adapters.{name}", (x,)), "adapter")
 
-    streams: list[fx.Node] = []
-    for node in gm.graph.nodes:  # inputs, the split, then what does not read the stream
-        if node.op == "placeholder":
-            env[node] = graph.node_copy(node, lambda n: env[n])
-            if node is hidden:
-                pair = tag(graph.call_function(SPLITS[split_kind], (env[node],)), "split")
-                streams = [tag(graph.call_function(operator.getitem, (pair, i)), "split")
-                           for i in (0, 1)]
-        elif node.op != "output" and node not in dependent:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-            keep_target(node, gm, root)
-    for j, (sub, t) in enumerate(zip(subs, targets)):
-        name = UPDATE_NAMES[j]
-        r = by_name[sub.residual_node]
-        mine = [by_name[n] for n in sub.nodes]
-        local: dict[fx.Node, Any] = {r: adapter(f"{name}_up", streams[1 - t])}
+    def copy_inputs(self, split_kind: str) -> None:
+        """The inputs, the split, then what does not read the stream."""
+        graph, env = self.graph, self.env
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = graph.node_copy(node, lambda n: env[n])
+                if node is self.hidden:
+                    self.streams = split_streams(graph, split_kind, env[node])
+            elif node.op != "output" and node not in self.dependent:
+                env[node] = graph.node_copy(node, lambda n: env[n])
+                keep_target(node, self.gm, self.root)
 
-        def arg(n: fx.Node, _local: dict[fx.Node, Any] = local, _j: int = j) -> Any:
-            if n in _local:
-                return _local[n]
-            if n in dependent:
-                raise ConversionError(
-                    f"layer {plan.qualname}: residual update {_j} ({subs[_j].kind}) reads the "
-                    f"residual stream at {n.name} besides its input {subs[_j].residual_node}: "
-                    "not a sequence of residual updates")
-            return env[n]
-
+    def copy_update(self, j: int, t: int, cross: dict[str, nn.Module] | None) -> None:
+        """Residual update ``j``: its branch copied reading stream ``1 - t`` (through the
+        up adapter), added to stream ``t`` (through the down adapter)."""
+        sub, name = self.plan.sublayers[j], UPDATE_NAMES[j]
+        r = self.by_name[sub.residual_node]
+        mine = [self.by_name[n] for n in sub.nodes]
+        local: dict[fx.Node, Any] = {r: self.adapter(f"{name}_up", self.streams[1 - t])}
+        arg = self._reader(local, j)
         for node in mine:
             if node is r:
                 continue
-            if j == 0 and cross and node.op == "call_module" and node.target in cross:
-                new = _cross_call(graph, node, cross[node.target], set(mine), r,
-                                  adapter(f"{name}_up", streams[t]), arg, root)
+            if cross and node.op == "call_module" and node.target in cross:
+                new = _cross_call(self.graph, node, cross[node.target], set(mine), r,
+                                  self.adapter(f"{name}_up", self.streams[t]), arg, self.root)
             else:
-                new = graph.node_copy(node, arg)
+                new = self.graph.node_copy(node, arg)
             new.meta["from_node"] = node.name
             new.meta["revffn_branch"] = name
             local[node] = new
-            keep_target(node, gm, root)
-        upd = adapter(f"{name}_down", local[mine[-1]])
-        streams[t] = tag(graph.call_function(operator.add, (streams[t], upd)), "coupling")
-    graph.output(tag(graph.call_function(MERGES[split_kind], tuple(streams)), "merge"))
-    out = fx.GraphModule(root, graph, class_name=f"{coupling.capitalize()}Coupling")
-    out.graph.eliminate_dead_code()
-    out.graph.lint()
-    out.recompile()
-    out.meta["revffn"] = {"coupling": coupling, "layer": plan.qualname, "split": split_kind,
-                          "targets": targets,
-                          "parallel": len(residuals) < len(subs)}
-    return out
+            keep_target(node, self.gm, self.root)
+        upd = self.adapter(f"{name}_down", local[mine[-1]])
+        self.streams[t] = tag(self.graph.call_function(operator.add, (self.streams[t], upd)),
+                              "coupling")
+
+    def _reader(self, local: dict[fx.Node, Any], j: int) -> Callable[[fx.Node], Any]:
+        """How the copies of update ``j`` read a node: its own copies, else the nodes that
+        do not read the stream; a read of the stream elsewhere is refused."""
+        sub = self.plan.sublayers[j]
+
+        def arg(n: fx.Node) -> Any:
+            if n in local:
+                return local[n]
+            if n in self.dependent:
+                raise ConversionError(
+                    f"layer {self.plan.qualname}: residual update {j} ({sub.kind}) reads the "
+                    f"residual stream at {n.name} besides its input {sub.residual_node}: "
+                    "not a sequence of residual updates")
+            return self.env[n]
+
+        return arg
 
 
 def _cross_call(graph: fx.Graph, node: fx.Node, module: nn.Module,

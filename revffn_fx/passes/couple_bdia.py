@@ -22,9 +22,9 @@ import torch.fx as fx
 
 from ..errors import ConversionError
 from ..frontend.plan import LayerPlan
-from ..runtime.streams import MERGES, SPLITS, read_stream
-from .graph_copy import fetch
-from .graph_copy import tag as _tag
+from ..runtime.streams import read_stream
+from .coupling_graph import finish, merge_streams, split_streams
+from .graph_copy import fetch, tag
 
 
 def couple_bdia_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str = "bdia",
@@ -44,13 +44,11 @@ def couple_bdia_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str = "bdia
         if node.op == "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
             if node is hidden:
-                pair = _tag(graph.call_function(SPLITS["bdia"], (env[node],)), "split")
-                streams = [_tag(graph.call_function(operator.getitem, (pair, i)), "split")
-                           for i in (0, 1)]
+                streams = split_streams(graph, "bdia", env[node])
                 # the layer reads the newer state, through an identity: its own residual
                 # adds then read that node, not a stream (they are not stream updates)
-                env[node] = _tag(graph.call_function(read_stream, (streams[1 - t],)),
-                                 "stream_read")
+                env[node] = tag(graph.call_function(read_stream, (streams[1 - t],)),
+                                "stream_read")
             continue
         if node.op == "output":
             result = node.args[0]
@@ -66,16 +64,11 @@ def couple_bdia_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str = "bdia
     if not isinstance(result, fx.Node):
         raise ConversionError(f"layer {plan.qualname}: its graph returns no hidden state")
     layer_out = env[result]
-    kept = _tag(graph.call_function(operator.mul, (streams[t], scale)), "coupling_scale")
+    kept = tag(graph.call_function(operator.mul, (streams[t], scale)), "coupling_scale")
     kept.meta["revffn_sampled"] = scale
-    streams[t] = _tag(graph.call_function(operator.add, (kept, layer_out)), coupling)
+    streams[t] = tag(graph.call_function(operator.add, (kept, layer_out)), coupling)
     # the stream written last is this layer's output (merge_first: the first stream)
-    merge = MERGES["momentum"] if t == 0 else MERGES["bdia"]
-    graph.output(_tag(graph.call_function(merge, tuple(streams)), "merge"))
-    out = fx.GraphModule(root, graph, class_name="BdiaCoupling")
-    out.graph.eliminate_dead_code()
-    out.graph.lint()
-    out.recompile()
-    out.meta["revffn"] = {"coupling": coupling, "layer": plan.qualname, "split": "bdia",
-                          "targets": [t], "gamma": scale}
-    return out
+    graph.output(merge_streams(graph, "momentum" if t == 0 else "bdia", streams))
+    return finish(root, graph, "BdiaCoupling", {"coupling": coupling, "layer": plan.qualname,
+                                                "split": "bdia", "targets": [t],
+                                                "gamma": scale})

@@ -33,9 +33,8 @@ from .. import couplings
 from ..couplings.momentum import DEFAULT_MOMENTUM
 from ..errors import ConversionError
 from ..frontend.plan import LayerPlan
-from ..runtime.streams import MERGES, SPLITS
-from .graph_copy import keep_target, node_of_branch_out, reads_any
-from .graph_copy import tag as _tag
+from .coupling_graph import finish, merge_streams, split_streams
+from .graph_copy import keep_target, node_of_branch_out, reads_any, tag
 
 # coupling -> split kind (revffn_fx.runtime.streams), from the registry
 SCALED_COUPLINGS = {c.name: c.split for c in couplings.REGISTRY.values()
@@ -49,6 +48,22 @@ def couple_scaled_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
     velocity and a position update (momentum), in graph order. ``scale``: the momentum g;
     ``start`` is not used (these couplings start every layer on the same stream)."""
     del start
+    g = _checked_momentum(plan, coupling, scale)
+    split_kind = SCALED_COUPLINGS[coupling]
+    rewrite = _ScaledRewrite(gm, plan, coupling, g)
+    for node in gm.graph.nodes:
+        rewrite.visit(node, split_kind)
+    if not rewrite.cur:
+        raise ConversionError(f"layer {plan.qualname}: the first sublayer's residual is not "
+                              "the layer's hidden-state input")
+    return finish(rewrite.root, rewrite.graph, f"{coupling.capitalize()}Coupling",
+                  {"coupling": coupling, "layer": plan.qualname, "split": split_kind,
+                   "momentum": g})
+
+
+def _checked_momentum(plan: LayerPlan, coupling: str, scale: float) -> float:
+    """The momentum g, checked, for a layer the coupling can rewrite (else a
+    ConversionError saying why not)."""
     if not plan.convertible:
         raise ConversionError(f"layer {plan.qualname} is not convertible: {plan.reason}")
     if coupling not in SCALED_COUPLINGS:
@@ -59,81 +74,84 @@ def couple_scaled_layer(gm: fx.GraphModule, plan: LayerPlan, coupling: str,
                               f"{coupling} coupling takes sequential ones only (use "
                               "revffn or revnet)")
     g = couplings.get(coupling).options["momentum"][1](scale)
-    subs = list(plan.sublayers)
-    if coupling == "meft" and len(subs) % 2:
+    if coupling == "meft" and len(plan.sublayers) % 2:
         raise ConversionError(
-            f"layer {plan.qualname} has {len(subs)} residual sublayers; the meft coupling "
-            "alternates two streams and needs an even number (use coupling='momentum')")
-    split_kind = SCALED_COUPLINGS[coupling]
-    by_name = {n.name: n for n in gm.graph.nodes}
-    which: dict[fx.Node, int] = {}
-    for k, s in enumerate(subs):
-        which.update({by_name[n]: k for n in s.nodes})
-    residual = {k: by_name[s.residual_node] for k, s in enumerate(subs)}
-    adds = {by_name[s.add_node]: k for k, s in enumerate(subs)}
-    dependent = set(which) | set(adds) | set(residual.values())
+            f"layer {plan.qualname} has {len(plan.sublayers)} residual sublayers; the meft "
+            "coupling alternates two streams and needs an even number (use "
+            "coupling='momentum')")
+    return g
 
-    graph = fx.Graph()
-    env: dict[fx.Node, Any] = {}
-    cur: list[fx.Node] = []
-    root: dict[str, Any] = {}
 
-    def reads(k: int) -> int:
-        # momentum: every sublayer reads X; meft: the stream sublayer k does not write
-        return 0 if coupling == "momentum" else 1 - k % 2
+class _ScaledRewrite:
+    """The coupling graph of one layer, built node by node in graph order: ``cur`` are
+    the two streams (momentum: X, V; meft: the two copies), ``root`` the modules the
+    graph calls."""
 
-    for node in gm.graph.nodes:
+    def __init__(self, gm: fx.GraphModule, plan: LayerPlan, coupling: str, g: float) -> None:
+        self.gm, self.plan, self.coupling, self.g = gm, plan, coupling, g
+        by_name = {n.name: n for n in gm.graph.nodes}
+        subs = list(plan.sublayers)
+        self.which: dict[fx.Node, int] = {}
+        for k, s in enumerate(subs):
+            self.which.update({by_name[n]: k for n in s.nodes})
+        self.residual = {k: by_name[s.residual_node] for k, s in enumerate(subs)}
+        self.adds = {by_name[s.add_node]: k for k, s in enumerate(subs)}
+        self.dependent = set(self.which) | set(self.adds) | set(self.residual.values())
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, Any] = {}
+        self.cur: list[fx.Node] = []
+        self.root: dict[str, Any] = {}
+
+    def reads(self, k: int) -> int:
+        """The stream sublayer ``k`` reads: momentum: every sublayer reads X; meft: the
+        stream sublayer k does not write."""
+        return 0 if self.coupling == "momentum" else 1 - k % 2
+
+    def visit(self, node: fx.Node, split_kind: str) -> None:
+        """Copy ``node`` of the layer graph: an input (the first residual is split), the
+        output (the merge), a residual add (the coupling update), a branch node (reading
+        its stream), a node that does not read the stream; dead stream nodes are dropped."""
+        graph, env = self.graph, self.env
         if node.op == "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
-            if not cur and node is residual[0]:
-                pair = _tag(graph.call_function(SPLITS[split_kind], (env[node],)), "split")
-                cur = [_tag(graph.call_function(operator.getitem, (pair, i)), "split")
-                       for i in (0, 1)]
-            continue
-        if node.op == "output":
-            merged = _tag(graph.call_function(MERGES[split_kind], tuple(cur)), "merge")
-            graph.output(merged)
-            continue
-        if node in adds:
-            k = adds[node]
-            u = env[node_of_branch_out(node, residual[k])]
-            if coupling == "momentum":
-                kept = _tag(graph.call_function(operator.mul, (cur[1], g)), "coupling_scale")
-                push = _tag(graph.call_function(operator.mul, (u, 1.0 - g)), coupling)
-                cur[1] = _tag(graph.call_function(operator.add, (kept, push)), coupling)
-                cur[0] = _tag(graph.call_function(operator.add, (cur[0], cur[1])), coupling)
-                env[node] = cur[0]
-            else:
-                w, r = 1 - reads(k), reads(k)
-                kept = _tag(graph.call_function(operator.mul, (cur[w], g)), "coupling_scale")
-                skip = _tag(graph.call_function(operator.mul, (cur[r], 1.0 - g)), coupling)
-                push = _tag(graph.call_function(operator.add, (skip, u)), coupling)
-                cur[w] = _tag(graph.call_function(operator.add, (kept, push)), coupling)
-                env[node] = cur[w]
-            continue
-        k = which.get(node)
-        if k is None and not reads_any(node, dependent):
+            if not self.cur and node is self.residual[0]:
+                self.cur = split_streams(graph, split_kind, env[node])
+        elif node.op == "output":
+            graph.output(merge_streams(graph, split_kind, self.cur))
+        elif node in self.adds:
+            self._update(node)
+        elif self.which.get(node) is None and not reads_any(node, self.dependent):
             env[node] = graph.node_copy(node, lambda n: env[n])  # hidden-independent
-            keep_target(node, gm, root)
-            continue
-        if k is None:
-            dependent.add(node)
-            continue  # dead computation on the residual stream (an unused tuple element)
-        def arg(n: fx.Node, _r: fx.Node = residual[k], _src: fx.Node = cur[reads(k)]) -> Any:
-            return _src if n is _r else env[n]
+            keep_target(node, self.gm, self.root)
+        elif self.which.get(node) is None:  # dead computation on the residual stream
+            self.dependent.add(node)  # (an unused tuple element)
+        else:
+            self._copy_branch_node(node, self.which[node])
 
-        new = graph.node_copy(node, arg)
+    def _copy_branch_node(self, node: fx.Node, k: int) -> None:
+        """A node of sublayer ``k``, its residual input replaced by the stream it reads."""
+        r, src = self.residual[k], self.cur[self.reads(k)]
+        new = self.graph.node_copy(node, lambda n: src if n is r else self.env[n])
         new.meta["from_node"] = node.name
         new.meta["revffn_branch"] = "FG"[k] if k < 2 else f"B{k}"
-        env[node] = new
-        keep_target(node, gm, root)
-    if not cur:
-        raise ConversionError(f"layer {plan.qualname}: the first sublayer's residual is not "
-                              "the layer's hidden-state input")
-    out = fx.GraphModule(root, graph, class_name=f"{coupling.capitalize()}Coupling")
-    out.graph.eliminate_dead_code()
-    out.graph.lint()
-    out.recompile()
-    out.meta["revffn"] = {"coupling": coupling, "layer": plan.qualname, "split": split_kind,
-                          "momentum": g}
-    return out
+        self.env[node] = new
+        keep_target(node, self.gm, self.root)
+
+    def _update(self, add: fx.Node) -> None:
+        """The residual ``add`` of sublayer k, as the coupling's update of the streams."""
+        k = self.adds[add]
+        u = self.env[node_of_branch_out(add, self.residual[k])]
+        graph, cur, g, name = self.graph, self.cur, self.g, self.coupling
+        if name == "momentum":  # V <- g*V + (1-g)*u; X <- X + V
+            kept = tag(graph.call_function(operator.mul, (cur[1], g)), "coupling_scale")
+            push = tag(graph.call_function(operator.mul, (u, 1.0 - g)), name)
+            cur[1] = tag(graph.call_function(operator.add, (kept, push)), name)
+            cur[0] = tag(graph.call_function(operator.add, (cur[0], cur[1])), name)
+            self.env[add] = cur[0]
+        else:  # meft: W <- g*W + ((1-g)*R + u)
+            w, r = 1 - self.reads(k), self.reads(k)
+            kept = tag(graph.call_function(operator.mul, (cur[w], g)), "coupling_scale")
+            skip = tag(graph.call_function(operator.mul, (cur[r], 1.0 - g)), name)
+            push = tag(graph.call_function(operator.add, (skip, u)), name)
+            cur[w] = tag(graph.call_function(operator.add, (kept, push)), name)
+            self.env[add] = cur[w]
