@@ -15,6 +15,11 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover - a transformers without it: no layer is one
+    GradientCheckpointingLayer = ()  # type: ignore[assignment,misc]
+
 
 def is_norm(module: nn.Module) -> bool:
     """A normalisation module: no children, only 1-D parameters (weight, maybe bias), one
@@ -106,10 +111,6 @@ def layer_candidates(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
     whose modules, on one forward, each take and return the residual stream
     (:func:`~revffn_fx.frontend.capture.residual_shaped`).
     """
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        GradientCheckpointingLayer = ()  # type: ignore[assignment]
     candidates = []
     for name, kids in _groups(model):
         hf = all(isinstance(c, GradientCheckpointingLayer) for _, c in kids)
