@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain = rf.transform(model)
     rev.specs()  # compile the layer couplings: this runs the passes
 
-    record = rev.pass_records[f"layer{rev.converted[0]}"][-1]  # our pass, on the first layer
+    # our pass, on the first layer (the built-in chunk_tokens runs after the user's passes)
+    record = next(r for r in rev.pass_records[f"layer{rev.converted[0]}"]
+                  if r.name == "fuse_rms_norm")
     d = diff(record.before, record.after, titles=("coupling graph", f"after {record.name}"))
     print(d.to_text(context=1))
 

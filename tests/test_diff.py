@@ -134,7 +134,7 @@ def test_model_diff_fuses_decoder_layers_into_a_reversible_stack(rev: rf.RevMode
 
 def test_transform_diffs_and_per_pass(rev: rf.RevModel) -> None:
     whole = transform_diffs(rev, shapes=False)
-    assert [d.titles[1].rsplit(" ", 1)[-1] for d in whole] == ["fuse", "couple_revffn"]
+    assert [d.titles[1].rsplit(" ", 1)[-1] for d in whole] == ["fuse", "chunk_tokens"]
     per = transform_diffs(rev, layer=1, per_pass=True, shapes=False)
     assert len(per) == len(rev.pass_records["model"]) + len(rev.pass_records["layer1"])
     with pytest.raises(rf.RevFFNError, match="out of range"):
@@ -172,8 +172,9 @@ def test_fx_transformer_provenance_is_followed(rev: rf.RevModel) -> None:
 
     r = rf.transform(tiny_model("mixtral"), passes=[fp32_norms])
     r.specs()
-    record = r.pass_records["layer0"][-1]
-    assert record.name == "fp32_norms"
+    names = [rec.name for rec in r.pass_records["layer0"]]
+    assert names[-2:] == ["fp32_norms", "chunk_tokens"]  # the user's pass, then chunking
+    record = r.pass_records["layer0"][-2]
     d = diff(record.before, record.after)
     assert [n.target for n in d.added] == ["float", "float"]
     assert d.removed == [] and d.changed == []
@@ -257,7 +258,8 @@ def test_cli_diff_text_html_and_errors(tmp_path: Path) -> None:
     res = runner.invoke(cli.main, ["diff", str(EXAMPLE), "--format", "html", "-o", str(html_path),
                                        "--per-pass"])
     assert res.exit_code == 0, res.output
-    assert html_path.read_text().count("<section>") == 2
+    # the model graph's passes and layer 1's, the token chunking among them
+    assert html_path.read_text().count("<section>") == 3
 
     res = runner.invoke(cli.main, ["diff", str(EXAMPLE), "--layer", "9"])
     assert res.exit_code == 2
