@@ -80,7 +80,7 @@ def transform(model_dir: str, out_dir: str, coupling: str, bdia_gamma: str | Non
               fixed_point_iters: int | None, fixed_point_tol: float | None,
               calibrate: str | None, calibration_tokens: int, stream_dtype: str,
               estimate_batch: int, estimate_seq: int, force_foreign: bool = False,
-              allow_nonfinite: bool = False) -> None:
+              allow_nonfinite: bool = False, token_chunk: int = 4096) -> None:
     """Transform the MoE causal LM in MODEL_DIR into reversible layers, written to OUT_DIR.
 
     MODEL_DIR is a local Hugging Face model directory (config.json and safetensors
@@ -107,6 +107,7 @@ def transform(model_dir: str, out_dir: str, coupling: str, bdia_gamma: str | Non
                                fixed_point_iters=fixed_point_iters,
                                fixed_point_tol=fixed_point_tol, stream_dtype=stream_dtype,
                                momentum=momentum, exact_streams=exact_streams, guard=guard,
+                               token_chunk=token_chunk,
                                bdia_gamma=None if bdia_gamma is None else float(bdia_gamma))
     check_out_dir(Path(out_dir).expanduser(), force, Path(model_dir).expanduser(),
                   force_foreign=force_foreign)

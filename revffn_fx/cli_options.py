@@ -67,6 +67,12 @@ coupling_options = options(
                  help="The run-time reconstruction guard: each layer's reconstructed input is "
                       "compared with a fingerprint of its forward input; raise (stop with "
                       "ReconstructionError naming the layer), warn, or off."),
+    click.option("--token-chunk", type=click.IntRange(min=0), default=4096, show_default=True,
+                 metavar="TOKENS",
+                 help="Run the MoE blocks and MLPs on at most this many tokens (batch x "
+                      "sequence) at a time, each chunk checkpointed in the backward's "
+                      "recompute: at long context the MoE dispatch, not the stored "
+                      "boundaries, is the backward's peak; 0: never chunk."),
 )
 
 #: transform: checking and writing OUT_DIR

@@ -148,7 +148,7 @@ def coupling_adapters(spec: Any, targets: dict[int, list[int]], hidden_size: int
 
 def runtime_options(options: TransformOptions, model: nn.Module) -> RuntimeOptions:
     """The stacks' runtime options: the router tap (when the model has routers), the fixed
-    point's budget, the stream dtype, exact streams, the guard."""
+    point's budget, the stream dtype, exact streams, the guard, the token chunk."""
     routers, index = find_routers(model)
     run = RuntimeOptions(router_tap=RouterTap(routers, index) if routers else None)
     # the fixed point's default tolerance follows the dtype the branches compute in;
@@ -160,4 +160,5 @@ def runtime_options(options: TransformOptions, model: nn.Module) -> RuntimeOptio
     run.stream_dtype = parse_stream_dtype(options.stream_dtype)
     run.exact_streams = options.exact_streams
     run.guard = options.guard
+    run.token_chunk = options.token_chunk
     return run

@@ -70,6 +70,7 @@ class TransformOptions:
     exact_streams: bool | None = None
     leaf_modules: tuple[str, ...] = ()
     guard: str = "raise"
+    token_chunk: int = 4096
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:  # frozen: normalise through object
@@ -101,6 +102,10 @@ class TransformOptions:
         for name, takers in _COUPLING_OPTIONS.items():
             put(name, _coupling_option(coupling, name, getattr(self, name), takers,
                                        self.exact_streams))
+        chunk = self.token_chunk
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ConversionError(f"token_chunk must be a number of tokens >= 0 (0: never "
+                                  f"chunk), not {chunk!r}")
         if self.guard not in GUARDS:
             raise ConversionError(f"unknown guard {self.guard!r}; choose from "
                                   f"{', '.join(GUARDS)}")

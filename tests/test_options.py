@@ -30,7 +30,8 @@ FIELDS = {f.name for f in dataclasses.fields(TransformOptions)}
 CASES: list[dict[str, Any]] = [
     dict(coupling="revffn", layers=[1, 2], attention="cross", loss_head="original",
          stream_dtype="float64", checkpoint_rest=True, fixed_point_iters=77,
-         fixed_point_tol=1e-5, leaf_modules=["MixtralRMSNorm"], guard="warn"),
+         fixed_point_tol=1e-5, leaf_modules=["MixtralRMSNorm"], guard="warn",
+         token_chunk=256),
     dict(coupling="momentum", momentum=0.25, exact_streams=True),
     dict(coupling="bdia", bdia_gamma=0.25),
 ]

@@ -154,3 +154,26 @@ def test_a_tokenwise_module_is_chunked_with_its_gradients() -> None:
     ref = torch.autograd.grad(mod(x), [x, *mod.parameters()], g)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_option_is_checked_recorded_and_replayed(tmp_path) -> None:  # noqa: ANN001
+    model = tiny_model("mixtral", num_hidden_layers=2, router_jitter_noise=0.0)
+    for bad in (-1, 1.5, True, "64"):
+        with pytest.raises(rf.ConversionError, match="token_chunk"):
+            rf.transform(model, coupling="revnet", token_chunk=bad)
+    rev = rf.transform(model, coupling="revnet", token_chunk=16)
+    assert rev.options.token_chunk == 16
+    rev.save_pretrained(tmp_path / "rev")
+    assert rf.load(tmp_path / "rev").options.token_chunk == 16
+
+
+def test_the_cli_option(tmp_path) -> None:  # noqa: ANN001
+    from click.testing import CliRunner
+
+    from revffn_fx import cli
+
+    res = CliRunner().invoke(cli.main, ["transform", "examples/tiny-mixtral",
+                                        str(tmp_path / "o"), "--token-chunk", "-5"])
+    assert res.exit_code == 2 and "--token-chunk" in res.output
+    res = CliRunner().invoke(cli.main, ["transform", "--help"])
+    assert "--token-chunk" in res.output
