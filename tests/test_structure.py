@@ -1,4 +1,5 @@
-"""The package's shape: no import cycles at module level."""
+"""The package's shape (issue 26): no import cycles, counting imports inside functions; no
+module over 450 lines, no function over 60; no private name imported across modules."""
 
 from __future__ import annotations
 
@@ -80,43 +81,97 @@ def test_the_checker_sees_a_cycle(tmp_path: Path) -> None:
 
 
 
-def _all_imports(path: Path, modules: set[str]) -> set[str]:
-    """Every revffn_fx module ``path`` imports, inside functions too (not under
-    ``if TYPE_CHECKING:``, which never runs)."""
+def _imported_names(path: Path) -> list[tuple[str, str]]:
+    """(module, name) for every ``from revffn_fx... import name`` in ``path``, relative or
+    absolute, inside functions too (not under ``if TYPE_CHECKING:``, which never runs);
+    ``import revffn_fx.x`` gives (``revffn_fx.x``, "")."""
     name = _module(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     tree = ast.parse(path.read_text())
     skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
             and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
-    found: set[str] = set()
+    found: list[tuple[str, str]] = []
     for node in ast.walk(tree):
-        if id(node) in skip or not isinstance(node, ast.ImportFrom) or not node.level:
+        if id(node) in skip:
             continue
-        base = package.split(".")[:len(package.split(".")) - node.level + 1]
-        target = ".".join(base + ([node.module] if node.module else []))
-        for alias in node.names:
-            full = f"{target}.{alias.name}"
-            dst = full if full in modules else target
-            if dst in modules and dst != name:
-                found.add(dst)
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "revffn_fx":
+                found += [(target, a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, "") for a in node.names if a.name.split(".")[0] == "revffn_fx"]
     return found
 
 
-def test_no_cycles_through_lazy_imports_in_the_compiler_and_runtime() -> None:
-    """Counting imports inside functions: the runtime, the passes, the frontend and the
-    couplings take part in no import cycle (the runtime's stack -> function -> stack knot
-    and couple <-> couple_momentum were broken up; the RevModel / export knot remains)."""
+def _all_imports(path: Path, modules: set[str]) -> set[str]:
+    """Every revffn_fx module ``path`` imports, inside functions too."""
+    name = _module(path)
+    found: set[str] = set()
+    for target, alias in _imported_names(path):
+        full = f"{target}.{alias}"
+        dst = full if full in modules else target
+        if dst in modules and dst != name:
+            found.add(dst)
+    return found
+
+
+def test_no_cycles_through_lazy_imports() -> None:
+    """Counting imports inside functions, relative and absolute: no import cycle anywhere
+    in the package (lazy imports are for optional or heavy dependencies, never a cycle).
+    A package's ``__init__`` re-exporting its modules is not an edge back into them."""
     paths = {_module(p): p for p in PACKAGE.rglob("*.py")}
     graph = nx.DiGraph()
     for name, path in paths.items():
         graph.add_node(name)
+        if path.name == "__init__.py":
+            continue  # re-exports: importing a.b runs a's __init__ first anyway
         for dst in _all_imports(path, set(paths)):
-            graph.add_edge(name, dst)
-    knotted = {m for scc in nx.strongly_connected_components(graph) if len(scc) > 1
-               for m in scc}
-    layers = ("revffn_fx.runtime", "revffn_fx.passes", "revffn_fx.frontend",
-              "revffn_fx.couplings")
-    assert not {m for m in knotted if m.startswith(layers)}, sorted(knotted)
+            if paths[dst].name != "__init__.py":
+                graph.add_edge(name, dst)
+    knotted = [sorted(scc) for scc in nx.strongly_connected_components(graph) if len(scc) > 1]
+    assert not knotted, knotted
+
+
+def test_the_checker_counts_lazy_absolute_imports() -> None:
+    """A function-level absolute import is an edge (the CLI imports its heavy part so)."""
+    paths = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    source = (PACKAGE / "cli.py").read_text()
+    assert "    from revffn_fx.export import transform_dir" in source  # inside a function
+    assert "revffn_fx.export" in _all_imports(PACKAGE / "cli.py", set(paths))
+
+
+#: the sizes a newcomer can hold in their head (issue 26)
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 60
+
+
+def test_no_module_over_450_lines() -> None:
+    big = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not big, big
+
+
+def test_no_function_over_60_lines() -> None:
+    long = {}
+    for p in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{p.relative_to(PACKAGE)}:{node.lineno} {node.name}"] = n
+    assert not long, long
+
+
+def test_no_private_name_imported_across_modules() -> None:
+    paths = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    private = [f"{name} imports {target}.{alias}" for name, path in paths.items()
+               for target, alias in _imported_names(path)
+               if alias.startswith("_") and not alias.startswith("__")
+               and f"{target}.{alias}" not in paths]
+    assert not private, private
 
 
 def test_couplings_import_without_torch() -> None:

@@ -251,13 +251,15 @@ def estimate(config: Any, batch: int, seq: int, method: str,
              dtype: torch.dtype | str | None = None, loss_head: str | None = None,
              layers: Sequence[int] | None = None,
              stream_dtype: torch.dtype | str | None = None,
-             exact_streams: bool | None = None) -> Estimate:
+             exact_streams: bool | None = None, token_chunk: int | None = None) -> Estimate:
     """The saved-for-backward bytes of a training forward, by part; see the module doc.
 
     ``layers``: for a coupling, the decoder layers that are converted (None: all). The
     others run under plain autograd and save what a plain layer saves; each run of
     consecutive converted layers is one reversible stack that keeps its output.
     ``stream_dtype``, ``exact_streams``: the coupling's streams (:func:`stream_layout`).
+    ``token_chunk``: a coupling's feed-forward runs on at most this many tokens at a time
+    (None: the transform's default; 0: never chunked; runtime/chunking.py).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -272,7 +274,8 @@ def estimate(config: Any, batch: int, seq: int, method: str,
         _add_checkpointed(est, m, batch * seq * m.hidden * e, per_layer)
     else:
         sb, bits = stream_layout(config, method, dtype, stream_dtype, exact_streams)
-        _add_stacks(est, m, batch * seq, e, per_layer, layers, sb, bits)
+        chunk = TransformOptions().token_chunk if token_chunk is None else token_chunk
+        _add_stacks(est, m, batch * seq, e, per_layer, layers, sb, bits, chunk)
     return est
 
 
@@ -315,10 +318,11 @@ def _add_checkpointed(est: Estimate, m: Dims, td: int, per_layer: list[int]) -> 
 
 
 def _add_stacks(est: Estimate, m: Dims, t: int, e: int, per_layer: list[int],
-                layers: Sequence[int] | None, sb: int, bits: int) -> None:
+                layers: Sequence[int] | None, sb: int, bits: int, chunk: int = 0) -> None:
     """A coupling: each reversible stack keeps its output (``sb`` bytes per stream element)
     and, with exact streams, ``bits`` per element per scaled update; the layers left out
-    save what a plain layer saves."""
+    save what a plain layer saves. With ``chunk`` < the tokens the feed-forward's
+    recompute holds one chunk's working set and its whole output."""
     layout = STACKS[est.method]
     p = est.parts
     td = t * m.hidden * e
@@ -336,12 +340,15 @@ def _add_stacks(est: Estimate, m: Dims, t: int, e: int, per_layer: list[int],
     # backward at layer i: the plain layers below it are still saved; a converted layer
     # recomputes one branch (the larger: the feed-forward) with the streams and their
     # grads, a plain layer frees its own saved tensors with one boundary gradient
+    tc = t if chunk <= 0 or t <= chunk else chunk
     peaks, recomputes, below = [], [], 0
     for i in range(m.layers):
         if i in is_converted:
             dense = i in m.dense_layers
-            branch = per_layer[i] if layout.whole_layer else _ffn(m, t, e, dense)
-            here = branch + _ffn_backward(m, t, e, dense) + 3 * td + stack
+            ffn = _ffn(m, tc, e, dense) + _ffn_backward(m, tc, e, dense) + (td if tc < t else 0)
+            # bdia's one update recomputes attention (and the norms) with the feed-forward
+            rest = per_layer[i] - _ffn(m, t, e, dense) if layout.whole_layer else 0
+            here = rest + ffn + 3 * td + stack
         else:
             here = per_layer[i] + td
         peaks.append(below + here)
