@@ -59,6 +59,14 @@ def _add_couplings() -> None:
 
 
 _add_couplings()
+# the token chunk's effect at long context: bdia recomputes attention with the MoE chunks
+for _c in ("revnet", "bdia"):
+    STEP_METHODS[f"{_c}/chunk1024"] = StepMethod(
+        f"{_c}, MoE run 1024 tokens at a time", _c, False, "chunked", True,
+        (*STEP_METHODS[_c].transform, ("token_chunk", 1024)))
+    STEP_METHODS[f"{_c}/no-chunks"] = StepMethod(
+        f"{_c}, MoE run on all tokens at once", _c, False, "chunked", True,
+        (*STEP_METHODS[_c].transform, ("token_chunk", 0)))
 #: the methods of a long-context comparison: the exact mode, its offloading peer and every
 #: coupling's full stack
 LONG_METHODS = ("exact", "offload", *(m for m in STEP_METHODS
