@@ -6,13 +6,14 @@ the exact mode and its offloading peer, whole-step peaks on the CPU.
     python benchmarks/long_context.py plot                # benchmarks/long_context/sweep.png
     python benchmarks/long_context.py report              # the Markdown of docs/benchmarks.md
 
-Model: Mixtral-shaped (``revffn_fx.tools.step_bench.preset_config``) narrowed to ``--hidden``
+Model: Mixtral-shaped (``revffn_fx.tools.bench_models.preset_config``) narrowed to ``--hidden``
 (512: intermediate 1792, 4 heads of 128, 1 KV head, 8 experts top-2, vocab 32000), fp32,
 batch 1, random weights. Each method runs in its own process (peak RSS); one measured step
 after a short warm-up step (``--warmup-seq``: it only creates the AdamW states) gives
 MemTracker's peak by category, the peak RSS and the step's CPU time (one thread). Methods:
-``step_bench.LONG_METHODS``: the exact mode, the offloading peer and every coupling of
-``revffn_fx.options.COUPLINGS`` (a coupling added there is measured here). Results:
+``revffn_fx.tools.step_methods.LONG_METHODS``: the exact mode, the offloading peer and
+every coupling of ``revffn_fx.options.COUPLINGS`` (a coupling added there is measured
+here). Results:
 ``benchmarks/long_context/L{layers}_s{seq}.json``. Run with OMP_NUM_THREADS=1.
 """
 
@@ -321,7 +322,7 @@ def main() -> None:
     ap.add_argument("--seqs", default="4096,8192,16384", help="comma list of tokens per step")
     ap.add_argument("--hidden", type=int, default=512, help="hidden size of the preset")
     ap.add_argument("--vocab", type=int, default=None, help="default: the preset's 32000")
-    ap.add_argument("--methods", default=None, help="default: step_bench.LONG_METHODS")
+    ap.add_argument("--methods", default=None, help="default: tools/step_methods.LONG_METHODS")
     ap.add_argument("--warmup-seq", type=int, default=64,
                     help="tokens of the warm-up step (it only creates the AdamW states)")
     ap.add_argument("--force", action="store_true", help="measure again what is there")

@@ -55,7 +55,7 @@ def check_config(path: Path) -> tuple[Path, str]:
     if not isinstance(config, dict):
         raise LoadError(f"{config_path}: not a JSON object (got a {type(config).__name__})")
     model_type = config.get("model_type")
-    if model_type == "revffn":  # an export of a function-changing coupling (export/layout.py)
+    if model_type == "revffn":  # a function-changing coupling's export (serialization/layout.py)
         section = config.get("revffn")
         if not isinstance(section, dict):
             raise LoadError(f"{config_path}: model_type 'revffn' but the 'revffn' section is "
