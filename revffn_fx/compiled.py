@@ -20,6 +20,7 @@ from .errors import ConversionError
 from .frontend.ir import TracedModel, call_arguments
 from .frontend.registry import facts_for
 from .passes.analyze import analyze_layer, router_ids
+from .passes.chunk_tokens import tokenwise_targets
 from .passes.cross_branch import cross_attentions
 from .passes.inverse import ReversibleSpec, generate_inverse
 from .passes.manager import Pass, PassManager, PassRecord, snapshot
@@ -34,6 +35,7 @@ from .passes.pipeline import (
     layer_pipeline,
     model_pipeline,
 )
+from .runtime.chunking import ChunkedForwards
 from .runtime.layers import RuntimeOptions
 from .runtime.stack import RevStack
 
@@ -181,7 +183,8 @@ class CompiledModel:
         chunk = ChunkLossHead(head, self.options) if chunked else None
         passes = model_pipeline(
             Fuse(layers, bind, split, self.options),
-            CheckpointRest(by_target) if self.checkpoint_rest else None,
+            CheckpointRest(by_target, self._chunked_forwards(training))
+            if self.checkpoint_rest else None,
             chunk, CutAtHead(head) if hidden_only else None, self.user_passes)
         pm = PassManager(passes)
         gm = pm(snapshot(self.traced.trace(training, has_mask, has_labels))).graph_module
@@ -191,6 +194,22 @@ class CompiledModel:
         for stack in (m for m in gm.modules() if isinstance(m, RevStack)):
             stack.training = training  # not gm.train(): that would reach the shared layers
         return gm
+
+    def _chunked_forwards(self, training: bool) -> dict[str, ChunkedForwards]:
+        """Per layer left out of the stacks (checkpointed whole), its submodules the analysis
+        classified token-wise, to run in token chunks (passes/chunk_tokens.py)."""
+        overrides = facts_for(getattr(getattr(self.model, "config", None), "model_type",
+                                      None)).kind_overrides
+        routers = router_ids(self.model)
+        out = {}
+        for i, lg in enumerate(self.traced.layers):
+            if i in self.converted:
+                continue
+            plan = analyze_layer(lg, overrides, training, routers)
+            mods = [lg.module.get_submodule(t) for t in sorted(tokenwise_targets(plan))]
+            if mods:
+                out["model." + lg.qualname] = ChunkedForwards(mods, self.options)
+        return out
 
     def lm_head_target(self) -> str:
         """The graph target of the output embeddings (``model.<name>``)."""

@@ -177,3 +177,33 @@ def test_the_cli_option(tmp_path) -> None:  # noqa: ANN001
     assert res.exit_code == 2 and "--token-chunk" in res.output
     res = CliRunner().invoke(cli.main, ["transform", "--help"])
     assert "--token-chunk" in res.output
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_the_exact_mode_chunks_its_checkpointed_layers(arch: str) -> None:
+    """coupling="none" (every layer checkpointed whole): the MoE runs in chunks, inside
+    the recompute too; same gradients and router logits as the whole call; the stand-in
+    forward is gone after the call (the module is the user's again)."""
+    model = tiny_model(arch, num_hidden_layers=2, router_jitter_noise=0.0) \
+        if arch == "mixtral" else tiny_model(arch, num_hidden_layers=2)
+    seen: list[int] = []
+    for layer in model.model.layers:  # the router sees the tokens each MoE call routes
+        router = getattr(layer.mlp, "gate", None) or layer.mlp.router
+        router.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:-1].numel()))
+    rev = rf.transform(model, coupling="none").train()
+    ids = _ids(s=40)
+    got, logits = {}, {}
+    for chunk in (0, CHUNK):
+        rev.options.token_chunk = chunk
+        seen.clear()
+        got[chunk] = flat_grads(rev, lambda: _loss(rev, ids))[0]
+        big = max(seen)
+        if chunk == 0:
+            assert big == ids.numel()  # the whole call
+        logits[chunk] = rev(ids, labels=ids, output_router_logits=True).router_logits
+    assert big <= CHUNK  # the last run: chunked, the recompute included
+    assert relative_error(got[CHUNK], got[0]) < 1e-5
+    assert len(logits[CHUNK]) == len(logits[0])
+    for a, b in zip(logits[0], logits[CHUNK]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)

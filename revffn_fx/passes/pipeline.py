@@ -29,6 +29,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import InternalError, RevFFNError
+from ..runtime.chunking import ChunkedForwards
 from ..runtime.stack import Checkpointed
 from ..runtime.streams import MERGES, SPLITS
 from .chunk_tokens import chunk_tokens, tokenwise_targets
@@ -135,15 +136,18 @@ class CheckpointRest(_Builtin):
 
     name = "checkpoint_rest"
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, nn.Module],
+                 chunked: dict[str, ChunkedForwards] | None = None) -> None:
         self.layers = layers  # call_module target -> the decoder layer
+        self.chunked = chunked or {}  # target -> its token-wise submodules, chunked
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         modified = False
         for node in graph_module.graph.nodes:
             if node.op == "call_module" and node.target in self.layers:
                 name = "revffn_ckpt_" + node.target.replace(".", "_")
-                graph_module.add_submodule(name, Checkpointed(self.layers[node.target]))
+                graph_module.add_submodule(name, Checkpointed(self.layers[node.target],
+                                                              self.chunked.get(node.target)))
                 node.target = name
                 node.meta["revffn"] = "checkpoint"
                 node.meta["from_node"] = node.name

@@ -21,8 +21,10 @@ into one tensor per call, in the unchunked order.
 
 from __future__ import annotations
 
+import functools
 import logging
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -43,11 +45,14 @@ class TokenChunked(nn.Module):
     """``module(x)`` for ``x`` of shape ``(..., tokens, hidden)``, the tokens
     ``options.token_chunk`` at a time when there are more (0: never chunk)."""
 
-    def __init__(self, module: nn.Module, options: Any) -> None:
+    def __init__(self, module: nn.Module, options: Any, call: Any = None) -> None:
         super().__init__()
         self.module = module
         # not a submodule attribute: the runtime options are shared, not owned
         object.__setattr__(self, "options", options)
+        # what one chunk runs: the module (its hooks included), or its own forward when
+        # this wrapper stands in for that forward (chunked_forwards)
+        object.__setattr__(self, "call", call if call is not None else module)
         self.tokenwise: bool | None = None  # None: not probed yet
         self.why = ""  # why the probe refused chunking
 
@@ -56,7 +61,7 @@ class TokenChunked(nn.Module):
         # at least the probe's halves: a first chunk of one token would read as a batch of one
         chunk = max(chunk, PROBE_TOKENS) if chunk > 0 else 0
         if x.dim() < 2 or chunk <= 0 or x.shape[:-1].numel() <= chunk or not self._probe(x):
-            return self.module(x)
+            return self.call(x)
         flat = x.reshape(1, -1, x.shape[-1])
         tap = getattr(self.options, "router_tap", None)
         recording = tap is not None and tap.active
@@ -77,8 +82,8 @@ class TokenChunked(nn.Module):
 
     def _call(self, piece: torch.Tensor, ckpt: bool) -> Any:
         if ckpt:
-            return checkpoint(self.module, piece, use_reentrant=False)
-        return self.module(piece)
+            return checkpoint(self.call, piece, use_reentrant=False)
+        return self.call(piece)
 
     def _probe(self, x: torch.Tensor) -> bool:
         """Whether the module maps each token on its own: on the first ``2 *
@@ -92,8 +97,8 @@ class TokenChunked(nn.Module):
         tap = getattr(self.options, "router_tap", None)
         with torch.no_grad(), torch.random.fork_rng(devices=devices), \
                 tap.recording(on=False) if tap is not None else nullcontext():
-            whole = self.module(flat)
-            halves = [self.module(flat[:, :n]), self.module(flat[:, n:])]
+            whole = self.call(flat)
+            halves = [self.call(flat[:, :n]), self.call(flat[:, n:])]
         try:
             rel = _difference(whole, _join(halves, flat.shape))
         except (TypeError, RuntimeError, ValueError) as e:  # structure or shapes differ
@@ -158,3 +163,34 @@ def _join(parts: list[Any], shape: torch.Size) -> Any:
     if all(p is first or p == first for p in parts):
         return first  # None, or a constant every chunk returns
     raise TypeError(f"cannot join outputs of type {type(first).__name__}")
+
+
+class ChunkedForwards:
+    """The token-wise submodules of a layer that runs whole (the exact mode's checkpointed
+    layers), chunked by standing in for their ``forward`` while the layer runs: the layer's
+    own code calls them as before, and their parameters keep their names."""
+
+    def __init__(self, modules: list[nn.Module], options: Any) -> None:
+        self.modules, self.options = list(modules), options
+        self.wrappers: dict[int, TokenChunked] = {}
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the body each module's forward runs through its TokenChunked wrapper."""
+        before = []
+        try:
+            for m in self.modules:
+                own = m.__dict__.get("forward")  # an instance forward someone else installed
+                before.append((m, own))
+                w = self.wrappers.get(id(m))
+                if w is None:
+                    call = own if own is not None else functools.partial(type(m).forward, m)
+                    w = self.wrappers[id(m)] = TokenChunked(m, self.options, call)
+                m.__dict__["forward"] = w
+            yield
+        finally:
+            for m, own in before:
+                if own is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.__dict__["forward"] = own

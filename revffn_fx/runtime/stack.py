@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import RevFFNError
+from .chunking import ChunkedForwards
 from .function import run_reversible
 from .layers import RevLayer, RuntimeOptions, wider_stream_dtype
 from .sharding import check_params, reshard, unshard
@@ -122,15 +124,23 @@ def round_to_grid(streams: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class Checkpointed(nn.Module):
-    """A layer left out of the reversible stacks, run under activation checkpointing."""
+    """A layer left out of the reversible stacks, run under activation checkpointing; its
+    token-wise submodules (``chunked``: the MoE block, an MLP) run in token chunks, each
+    checkpointed again inside the recompute (runtime/chunking.py), so the layer's
+    recompute holds one chunk's MoE working set, as a coupling's does."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, chunked: ChunkedForwards | None = None) -> None:
         super().__init__()
         self.layer = layer
+        object.__setattr__(self, "chunked", chunked)  # not a submodule: the layer owns them
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
-            return self.layer(*args, **kwargs)
-        from torch.utils.checkpoint import checkpoint
+            return self._run(*args, **kwargs)
+        return checkpoint(self._run, *args, use_reentrant=False, **kwargs)
 
-        return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        if self.chunked is None:
+            return self.layer(*args, **kwargs)
+        with self.chunked.active():
+            return self.layer(*args, **kwargs)
