@@ -186,7 +186,7 @@ class ChunkedForwards:
                 if w is None:
                     call = own if own is not None else functools.partial(type(m).forward, m)
                     w = self.wrappers[id(m)] = TokenChunked(m, self.options, call)
-                m.__dict__["forward"] = w
+                m.__dict__["forward"] = w.forward  # not w(): no module hooks of its own
             yield
         finally:
             for m, own in before:

@@ -258,8 +258,10 @@ def estimate(config: Any, batch: int, seq: int, method: str,
     others run under plain autograd and save what a plain layer saves; each run of
     consecutive converted layers is one reversible stack that keeps its output.
     ``stream_dtype``, ``exact_streams``: the coupling's streams (:func:`stream_layout`).
-    ``token_chunk``: a coupling's feed-forward runs on at most this many tokens at a time
-    (None: the transform's default; 0: never chunked; runtime/chunking.py).
+    ``token_chunk``: the feed-forward runs on at most this many tokens at a time
+    (runtime/chunking.py; 0: never chunked). None: the transform's default for a coupling,
+    0 for ``checkpoint`` and ``offload`` (transformers' checkpointing does not chunk; pass
+    it for the exact mode, which does).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -271,7 +273,13 @@ def estimate(config: Any, batch: int, seq: int, method: str,
     if method == "none":
         _add_plain(est, m, batch * seq, per_layer)
     elif method in ("checkpoint", "offload"):
-        _add_checkpointed(est, m, batch * seq * m.hidden * e, per_layer)
+        t, chunk = batch * seq, token_chunk or 0
+        recomputed = per_layer
+        if 0 < chunk < t:  # the MoE's working set of one chunk, and its whole output
+            recomputed = [n - _ffn(m, t, e, i in m.dense_layers)
+                          + _ffn(m, chunk, e, i in m.dense_layers) + t * m.hidden * e
+                          for i, n in enumerate(per_layer)]
+        _add_checkpointed(est, m, t * m.hidden * e, recomputed)
     else:
         sb, bits = stream_layout(config, method, dtype, stream_dtype, exact_streams)
         chunk = TransformOptions().token_chunk if token_chunk is None else token_chunk

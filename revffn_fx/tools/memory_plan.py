@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..options import TransformOptions
 from ..output import parse_bytes
 from .estimate_memory import STACKS, Dims, dtype_bytes, estimate
 from .step_methods import STEP_METHODS
@@ -125,7 +126,7 @@ def whole_step(config: Any, batch: int, seq: int, method: str, head: str, fused:
                dtype: torch.dtype | str | None = None,
                layers: Sequence[int] | None = None,
                stream_dtype: torch.dtype | str | None = None,
-               exact_streams: bool | None = None) -> PlanRow:
+               exact_streams: bool | None = None, token_chunk: int | None = None) -> PlanRow:
     """The peak of a whole step (forward, loss, backward, optimizer step), as the larger of
     its two candidate moments (what ``revffn bench --step`` measures):
 
@@ -141,7 +142,7 @@ def whole_step(config: Any, batch: int, seq: int, method: str, head: str, fused:
     state_bytes = 1 if optimizer == "adamw8bit" else e
     params, states = n * e, int(OPTIMIZERS[optimizer] * n * state_bytes)
     est = estimate(config, batch, seq, method, dtype, head, layers, stream_dtype,
-                   exact_streams)
+                   exact_streams, token_chunk)
     head_saved = sum(est.parts.get(k, 0) for k in _HEAD_PARTS)
     saved_rest = est.saved_bytes - head_saved
     loss = PlanRow("", fused, params, 0, states, max(saved_rest, 0),
@@ -180,10 +181,18 @@ def memory_plan(config: Any, batch: int, seq: int, optimizer: str = "adamw",
         n, biggest = stats[method]
         for fused in (False, True):
             row = whole_step(config, batch, seq, method, head, fused, n, biggest, optimizer,
-                             dtype, layers if method in STACKS else None)
+                             dtype, layers if method in STACKS else None,
+                             token_chunk=_token_chunk(label, method))
             row.method = label
             rows.append(row)
     return rows
+
+
+def _token_chunk(label: str, method: str) -> int | None:
+    """The rows RevModel runs (the couplings, the exact mode) chunk the feed-forward by
+    tokens (the transform's default); transformers' own checkpointing does not."""
+    return None if method in STACKS else (
+        TransformOptions().token_chunk if label.startswith("exact mode") else 0)
 
 
 def _stats(config: Any, layers: Sequence[int] | None) -> dict[str, tuple[int, int]]:
@@ -252,8 +261,10 @@ def plan_for_step_method(config: Any, batch: int, seq: int, step_method: str,
         method = spec.coupling
     kw = dict(spec.transform)
     n, biggest = _param_stats(config, method)
+    # RevModel (a coupling or the exact mode) chunks its feed-forward by tokens
+    chunk = kw.get("token_chunk", TransformOptions().token_chunk) if spec.coupling else 0
     row = whole_step(config, batch, seq, method, spec.head, spec.fused, n, biggest,
                      dtype=dtype, stream_dtype=kw.get("stream_dtype"),
-                     exact_streams=kw.get("exact_streams"))
+                     exact_streams=kw.get("exact_streams"), token_chunk=chunk)
     row.method = step_method
     return row
