@@ -25,7 +25,10 @@ benchmark runs in phases, the summary merges whatever finished:
 
     python benchmarks/quality_domain.py --seeds 0,1,2 --steps 300 \\
         --runs full,none,revffn,revnet,momentum,meft,bdia,bdia4,bdia8
-    python benchmarks/quality_domain.py --runs full,momentum,bdia8 --seeds 0,1,2 --steps 1200
+    python benchmarks/quality_domain.py --seeds 0,1,2 --steps 1200 --order seed --eval-every 600 \\
+        --runs full,momentum,bdia8
+    python benchmarks/quality_domain.py --seeds 0,1,2 --steps 1200 --order seed --eval-every 600 \\
+        --runs bdia,bdia4,meft,none,revnet,revffn
     python benchmarks/quality_domain.py --summarize --out docs/quality-domain.json
 """
 
@@ -191,14 +194,19 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def summarize(results: Path) -> dict[str, Any]:
     """Per run and length: the mean over seeds, the spread (max - min over mean), the change
-    against full fine-tuning (of the means, and per seed: the same data order)."""
+    against full fine-tuning over the seeds both have (of the means, and per seed: the same
+    data order)."""
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*-s*.json"))]
     by_run: dict[str, dict[int, dict[str, Any]]] = {}
     for r in records:
         by_run.setdefault(r["name"], {})[r["seed"]] = r
     table: dict[str, Any] = {}
     for name in [n for n in DOMAIN_RUNS if n in by_run]:
-        row: dict[str, Any] = {"note": DOMAIN_RUNS[name].note, "by_length": {}}
+        row: dict[str, Any] = {"note": DOMAIN_RUNS[name].note, "by_length": {},
+                               "train_loss": {s: r.get("train_loss", [])
+                                              for s, r in sorted(by_run[name].items())},
+                               "steps_done": {s: r.get("steps_done")
+                                              for s, r in sorted(by_run[name].items())}}
         for at in ("0", "300", "600", "900", "1200"):
             seeds = {s: r["evals"][at] for s, r in by_run[name].items() if at in r["evals"]}
             if not seeds:
@@ -211,9 +219,10 @@ def summarize(results: Path) -> dict[str, Any]:
             full = {s: r["evals"][at] for s, r in by_run.get("full", {}).items()
                     if at in r["evals"]}
             common = sorted(set(full) & set(seeds))
-            if common:
-                full_mean = statistics.fmean(full[s]["domain_loss"] for s in full)
-                cell["vs_full_pct"] = 100 * (cell["domain"]["mean"] / full_mean - 1)
+            if common and name != "full":  # over the seeds both have at this length
+                full_mean = statistics.fmean(full[s]["domain_loss"] for s in common)
+                mean = statistics.fmean(seeds[s]["domain_loss"] for s in common)
+                cell["vs_full_pct"] = 100 * (mean / full_mean - 1)
                 paired = [100 * (seeds[s]["domain_loss"] / full[s]["domain_loss"] - 1)
                           for s in common]
                 cell["vs_full_paired_pct"] = {"mean": statistics.fmean(paired),
@@ -225,25 +234,36 @@ def summarize(results: Path) -> dict[str, Any]:
 
 
 def markdown(table: dict[str, Any]) -> str:
-    def cell(row: dict[str, Any], at: str) -> str:
+    """The table of docs/quality.md: per length the mean over seeds +- the spread, the
+    change of the mean against full fine-tuning's mean, and per seed (paired, range)."""
+    def loss(row: dict[str, Any], at: str) -> str:
         c = row["by_length"].get(at)
         if not c:
             return "not run"
         d = c["domain"]
-        vs = f", {c['vs_full_pct']:+.2f}%" if "vs_full_pct" in c else ""
-        return f"{d['mean']:.4f} ± {d['spread_pct']:.2f}%{vs} (n={d['n']})"
+        if d["n"] == 1:
+            return f"{d['mean']:.4f} (n=1)"
+        return f"{d['mean']:.4f} ± {d['spread_pct']:.2f}% (n={d['n']})"
+
+    def vs(row: dict[str, Any], at: str) -> str:
+        c = row["by_length"].get(at)
+        if not c or "vs_full_pct" not in c:
+            return "-"
+        p = c["vs_full_paired_pct"]
+        return (f"{c['vs_full_pct']:+.2f}% (per seed {p['min']:+.2f} to {p['max']:+.2f})"
+                if len(p["seeds"]) > 1 else f"{c['vs_full_pct']:+.2f}% (seed {p['seeds'][0]})")
 
     def std(row: dict[str, Any]) -> str:
-        at = "1200" if "1200" in row["by_length"] else "300"
-        c = row["by_length"].get(at)
-        return f"{c['stdlib']['mean']:.3f} (at {at})" if c else "-"
+        return " / ".join(f"{row['by_length'][at]['stdlib']['mean']:.3f}"
+                          if at in row["by_length"] else "-" for at in ("300", "1200"))
 
-    lines = ["| run | domain loss, 300 steps | domain loss, 1200 steps | stdlib loss | seeds |",
-             "|---|---|---|---|---|"]
+    lines = ["| run | domain loss, 300 steps | vs full | domain loss, 1200 steps | vs full | "
+             "stdlib loss 300 / 1200 | seeds 300 / 1200 |", "|---|---|---|---|---|---|---|"]
     for name, row in table.items():
-        seeds = sorted({s for c in row["by_length"].values() for s in c["seeds"]})
-        lines.append(f"| {name} | {cell(row, '300')} | {cell(row, '1200')} | {std(row)} | "
-                     f"{','.join(map(str, seeds))} |")
+        seeds = " / ".join(",".join(map(str, row["by_length"][at]["seeds"]))
+                           if at in row["by_length"] else "-" for at in ("300", "1200"))
+        lines.append(f"| {name} | {loss(row, '300')} | {vs(row, '300')} | "
+                     f"{loss(row, '1200')} | {vs(row, '1200')} | {std(row)} | {seeds} |")
     return "\n".join(lines)
 
 
@@ -278,6 +298,12 @@ def main() -> None:
         if args.out:
             meta_src = next(iter(sorted(args.results.glob("meta.json"))), None)
             meta = json.loads(meta_src.read_text()) if meta_src else {}
+            meta["commands"] = [" ".join(line.split()) for line in __doc__.split("merges whatever "
+                                                                       "finished:")[1]
+                                .replace("\\\n", " ").splitlines() if line.strip()]
+            meta["spread"] = ("spread_pct: (max - min) / mean over seeds; sd_pct: sample "
+                              "standard deviation / mean; vs_full_pct: mean over the common "
+                              "seeds against full's mean over the same seeds")
             args.out.write_text(json.dumps({"meta": meta, "table": table}, indent=1) + "\n")
         return
     t0 = time.time()
