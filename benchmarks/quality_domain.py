@@ -270,10 +270,11 @@ def markdown(table: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="the pretrained model directory to fine-tune")
     parser.add_argument("--runs", default="full,momentum,bdia",
                         help=f"comma-separated, from {', '.join(DOMAIN_RUNS)}")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     parser.add_argument("--steps", type=int, default=300,
                         help="train each run to this step (resuming a shorter one)")
     parser.add_argument("--order", choices=["seed", "run"], default="run",
@@ -281,8 +282,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4, help="constant lr after warm-up")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--eval-every", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-every", type=int, default=300,
+                        help="evaluate every N steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--work-dir", type=Path, default=WORK,
                         help="the runs' latest states (to resume) live here")
     parser.add_argument("--results", type=Path, default=WORK / "results",

@@ -276,7 +276,8 @@ def documents(split: str, n_docs: int | None = None, world: World | None = None)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, required=True,
-                        help="write train.txt and held_out.txt here")
+                        help="write train.txt and held_out.txt here (default: none, "
+                             "required)")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLIT_SEEDS:
