@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .errors import RevFFNError
 from .frontend.capture import bind_call, same_context
 from .frontend.outputs import logits_and_loss, router_logits_off, template_of
+from .runtime.chunking import restore_forwards
 from .runtime.layers import RevLayer, RuntimeOptions
 from .runtime.stack import RevStack
 
@@ -85,11 +86,7 @@ class SwapRunner(nn.Module):
                 mod.__dict__["forward"] = functools.partial(_checkpointed, mod)
             yield
         finally:
-            for mod, fwd in saved:
-                if fwd is None:
-                    mod.__dict__.pop("forward", None)
-                else:
-                    mod.__dict__["forward"] = fwd
+            restore_forwards(saved)
 
     def _layer_forward(self, lg: Any, stack: RevStack, state: dict[str, Any], first: bool,
                        head: int) -> Any:

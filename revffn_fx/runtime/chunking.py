@@ -189,8 +189,14 @@ class ChunkedForwards:
                 m.__dict__["forward"] = w.forward  # not w(): no module hooks of its own
             yield
         finally:
-            for m, own in before:
-                if own is None:
-                    m.__dict__.pop("forward", None)
-                else:
-                    m.__dict__["forward"] = own
+            restore_forwards(before)
+
+
+def restore_forwards(saved: list[tuple[nn.Module, Any]]) -> None:
+    """Put back the instance ``forward`` each module had (None: none, the class's runs)
+    after a stand-in forward was installed in its ``__dict__``."""
+    for m, own in saved:
+        if own is None:
+            m.__dict__.pop("forward", None)
+        else:
+            m.__dict__["forward"] = own
