@@ -24,11 +24,11 @@ Each (run, seed) writes its JSON to ``--results`` after every evaluation (every
 benchmark runs in phases, the summary merges whatever finished:
 
     python benchmarks/quality_domain.py --seeds 0,1,2 --steps 300 \\
-        --runs full,none,revffn,revnet,momentum,meft,bdia,bdia4,bdia8
+        --runs full,none,revffn,revnet,momentum,meft,bdia2,bdia4,bdia8
     python benchmarks/quality_domain.py --seeds 0,1,2 --steps 1200 --order seed --eval-every 600 \\
         --runs full,momentum,bdia8
     python benchmarks/quality_domain.py --seeds 0,1,2 --steps 1200 --order seed --eval-every 600 \\
-        --runs bdia,bdia4,meft,none,revnet,revffn
+        --runs bdia2,bdia4,meft,none,revnet,revffn
     python benchmarks/quality_domain.py --summarize --out docs/quality-domain.json
 """
 
@@ -62,9 +62,11 @@ DOMAIN_RUNS: dict[str, Run] = {
     "revnet": Run("revnet", defaults=True, note="revnet with rf.transform's defaults"),
     "momentum": Run("momentum", defaults=True, note="momentum, default g = 1/8, exact streams"),
     "meft": Run("meft", defaults=True, note="meft, default g = 1/8, exact streams"),
-    "bdia": Run("bdia", defaults=True, note="bdia, default gamma = 1/2 (1 stored bit)"),
+    "bdia2": Run("bdia", bdia_gamma=0.5, defaults=True, note="bdia, gamma = 1/2 (1 bit)"),
     "bdia4": Run("bdia", bdia_gamma=0.25, defaults=True, note="bdia, gamma = 1/4 (2 bits)"),
     "bdia8": Run("bdia", bdia_gamma=0.125, defaults=True, note="bdia, gamma = 1/8 (3 bits)"),
+    "bdia16": Run("bdia", bdia_gamma=0.0625, defaults=True,
+                  note="bdia, gamma = 1/16 (4 bits; the default)"),
 }
 
 
@@ -115,11 +117,14 @@ def train_run(name: str, seed: int, steps: int, args: argparse.Namespace,
               train: torch.Tensor, held: torch.Tensor, stdlib: torch.Tensor) -> None:
     """Train (or resume) one run of one seed to ``steps``; write its JSON at each eval."""
     run = DOMAIN_RUNS[name]
-    out = args.results / f"{name}-s{seed}.json"
-    state_path = args.work_dir / "state" / f"{name}-s{seed}.pt"
+    tag = f"{name}-s{seed}" + ("" if args.schedule == "constant" else f"-linear{steps}")
+    out = args.results / f"{tag}.json"
+    state_path = args.work_dir / "state" / f"{tag}.pt"
     record: dict[str, Any] = (json.loads(out.read_text()) if out.is_file() else
                               {"name": name, "seed": seed, "run": asdict(run), "evals": {},
-                               "train_loss": [], "train_seconds": 0.0})
+                               "train_loss": [], "train_seconds": 0.0,
+                               "schedule": args.schedule,
+                               "horizon": None if args.schedule == "constant" else steps})
     if record.get("error"):
         del record["error"]
     torch.manual_seed(seed)
@@ -163,7 +168,7 @@ def train_run(name: str, seed: int, steps: int, args: argparse.Namespace,
     model.train()
     while step < steps:
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / WARMUP)
+            g["lr"] = lr_at(step, steps, args)
         ids = train[starts[step].unsqueeze(1) + offsets]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -185,6 +190,15 @@ def train_run(name: str, seed: int, steps: int, args: argparse.Namespace,
             t0 = time.time()
 
 
+def lr_at(step: int, steps: int, args: argparse.Namespace) -> float:
+    """The lr of ``step`` (0-based): a linear warm-up over ``WARMUP`` steps, then constant,
+    or (``--schedule linear``, the Trainer's default) a linear decay to 0 at ``steps``."""
+    warm = min(1.0, (step + 1) / WARMUP)
+    if args.schedule == "constant" or step < WARMUP:
+        return args.lr * warm
+    return args.lr * max(0.0, (steps - step) / (steps - WARMUP))
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     mean = statistics.fmean(values)
     return {"mean": mean, "spread_pct": 100 * (max(values) - min(values)) / mean,
@@ -198,8 +212,12 @@ def summarize(results: Path) -> dict[str, Any]:
     data order)."""
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*-s*.json"))]
     by_run: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in records:
-        by_run.setdefault(r["name"], {})[r["seed"]] = r
+    for r in records:  # a decaying run counts only at its horizon: merged by length
+        if r.get("horizon"):
+            r["evals"] = {k: v for k, v in r["evals"].items() if k == str(r["horizon"])}
+        merged = by_run.setdefault(r["name"], {}).setdefault(r["seed"], {"evals": {}})
+        merged["evals"].update(r["evals"])
+        merged.update({k: v for k, v in r.items() if k != "evals"})
     table: dict[str, Any] = {}
     for name in [n for n in DOMAIN_RUNS if n in by_run]:
         row: dict[str, Any] = {"note": DOMAIN_RUNS[name].note, "by_length": {},
@@ -272,14 +290,17 @@ def main() -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help="the pretrained model directory to fine-tune")
-    parser.add_argument("--runs", default="full,momentum,bdia",
+    parser.add_argument("--runs", default="full,momentum,bdia16",
                         help=f"comma-separated, from {', '.join(DOMAIN_RUNS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     parser.add_argument("--steps", type=int, default=300,
                         help="train each run to this step (resuming a shorter one)")
     parser.add_argument("--order", choices=["seed", "run"], default="run",
                         help="run: every seed of a run before the next run")
-    parser.add_argument("--lr", type=float, default=5e-4, help="constant lr after warm-up")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak lr, after the warm-up")
+    parser.add_argument("--schedule", choices=["constant", "linear"], default="constant",
+                        help="after the warm-up: constant (one run gives every length), or "
+                             "linear decay to 0 at --steps (a run per length)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--eval-every", type=int, default=300,
@@ -316,7 +337,9 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     meta = {"train_tokens": len(train), "held_out_tokens": len(held), "lr": args.lr,
             "warmup": WARMUP, "batch": args.batch, "seq": args.seq, "threads": args.threads,
-            "torch": torch.__version__, "schedule": "linear warm-up, then constant",
+            "torch": torch.__version__,
+            "schedule": ("linear warm-up, then constant" if args.schedule == "constant" else
+                         "linear warm-up, then linear decay to 0 at the run's length"),
             "optimizer": "AdamW(betas 0.9/0.999, weight decay 0), grad norm clip 1"}
     (args.results / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     names, seeds = args.runs.split(","), [int(s) for s in args.seeds.split(",")]

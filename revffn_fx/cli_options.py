@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from revffn_fx import couplings
+from revffn_fx.couplings.bdia import GAMMAS as BDIA_GAMMAS
 from revffn_fx.errors import RevFFNError
 from revffn_fx.options import parse_layer_spec
 
@@ -48,8 +49,8 @@ coupling_options = options(
                  default="revffn", show_default=True,
                  help="; ".join(f"{c.name}: {c.summary}" for c in couplings.REGISTRY.values())
                  + " (docs/quality.md)."),
-    click.option("--bdia-gamma", type=click.Choice(["0.5", "0.25", "0.125"]), default=None,
-                 help="bdia: |gamma|, the weight of the layer before (default 0.5; stores "
+    click.option("--bdia-gamma", type=click.Choice([f"{g:g}" for g in BDIA_GAMMAS]), default=None,
+                 help="bdia: |gamma|, the weight of the layer before (default 0.0625; stores "
                       "log2(1/gamma) bits per element per layer)."),
     click.option("--momentum", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                  default=None, metavar="G",

@@ -39,7 +39,7 @@ def test_generated_backward_is_exact_in_fp64(name: str) -> None:
     assert rf.verify(rev, ids).ok
 
 
-@pytest.mark.parametrize("gamma", [0.5, 0.25, 0.125])
+@pytest.mark.parametrize("gamma", [0.5, 0.25, 0.125, 0.0625])
 def test_gamma_is_drawn_per_sample_and_replayed(gamma: float) -> None:
     """Dropout and gamma's signs replay: the generated backward equals plain autograd from
     the same seed; a different seed draws other signs (another loss)."""
@@ -63,7 +63,7 @@ def test_eval_is_the_original_model_bit_for_bit() -> None:
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(rev(ids, return_logits=True).logits, model(ids).logits)
-    rev.train()  # a training step differs: gamma = +-1/2 mixes in the layer before
+    rev.train()  # a training step differs: gamma = +-1/16 mixes in the layer before
     torch.manual_seed(0)
     train_logits = rev(ids, return_logits=True).logits.detach()
     with torch.no_grad():
@@ -131,6 +131,7 @@ def test_packed_bits_round_trip(k: int) -> None:
 @pytest.mark.parametrize(("coupling", "option", "per_element"), [
     ("bdia", {"bdia_gamma": 0.5}, 1 / 8),       # one bit per element per layer
     ("bdia", {"bdia_gamma": 0.125}, 3 / 8),
+    ("bdia", {}, 4 / 8),                        # the default, gamma 1/16
     ("momentum", {"momentum": 0.125}, 2 * 3 / 8),  # two scaled updates of 3 bits
 ])
 def test_saved_side_bytes_per_layer(coupling: str, option: dict, per_element: float) -> None:

@@ -39,6 +39,16 @@ def test_defaults_meet_the_criterion(coupling: str, dtype: torch.dtype, layers: 
     assert e.ok, str(e)
 
 
+@pytest.mark.parametrize("gamma", [0.125, 0.0625])
+def test_bdia_small_gammas_meet_the_criterion_in_bf16(gamma: float) -> None:
+    """The gammas that fine-tune best (docs/quality.md) store 3-4 bits per element: their
+    reconstruction is as exact in bf16 as the other gammas'."""
+    model = tiny_model("mixtral", dtype=torch.bfloat16, num_hidden_layers=4)
+    rev = rf.transform(model, coupling="bdia", bdia_gamma=gamma).train()
+    e = exactness(rev, _ids())
+    assert e.ok, str(e)
+
+
 def test_the_shipped_model_in_bf16() -> None:
     """The pretrained example (large gains, where wrong reconstructions showed first)."""
     from pathlib import Path

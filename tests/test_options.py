@@ -72,7 +72,7 @@ def test_every_option_survives_save_and_load(case: dict[str, Any], tmp_path: Pat
     (dict(coupling="meft", momentum=0.01), "use momentum=0.0078125"),
     (dict(coupling="meft", momentum=2**-17), "k in 1..16"),
     (dict(guard="maybe"), "unknown guard 'maybe'; choose from raise, warn, off"),
-    (dict(coupling="bdia", bdia_gamma=0.3), "bdia_gamma must be one of 0.5, 0.25, 0.125"),
+    (dict(coupling="bdia", bdia_gamma=0.3), "bdia_gamma must be one of 0.5, 0.25, 0.125, 0.0625"),
     (dict(coupling="revnet", bdia_gamma=0.5), "bdia_gamma is an option of the bdia coupling"),
     (dict(fixed_point_tol=0.0), "fixed_point_tol must be a positive number, not 0.0"),
     (dict(fixed_point_tol=float("nan")), "fixed_point_tol must be a positive number"),

@@ -89,9 +89,9 @@ def test_plan_has_a_row_for_every_coupling_with_its_streams_and_bits() -> None:
     for c in ("momentum", "meft"):  # exact streams, g = 1/8: 3 packed bits per element per
         # scaled update, two per layer
         assert rows[(f"{c} + lean loss head", True)].stored_bits == 4 * 2 * t * d * 3 // 8
-    # bdia, gamma 1/2: one bit per element per layer (the first layer of a stack stores none;
-    # the plan counts every layer)
-    assert rows[("bdia + lean loss head", True)].stored_bits == 4 * t * d // 8
+    # bdia, default gamma 1/16: four bits per element per layer (the first layer of a stack
+    # stores none; the plan counts every layer)
+    assert rows[("bdia + lean loss head", True)].stored_bits == 4 * t * d * 4 // 8
     assert rows[("revnet + lean loss head", True)].stored_bits == 0
     off = rows[("exact mode + offload", True)]
     assert off.host > 0 and off.total < rows[("exact mode", True)].total

@@ -1,8 +1,8 @@
 """Packed side bits: the k low bits a division by g = 2**-k drops, k bits per element.
 
 Stored as k bit planes, each packed eight elements to a byte: k/8 bytes per element (bdia at
-gamma 1/2: one bit, 0.125 bytes; momentum at g = 1/8: three bits, 0.375 bytes per scaled
-update), against a byte per element unpacked.
+gamma 1/2: one bit, 0.125 bytes; at its default 1/16: four bits, 0.5 bytes; momentum at
+g = 1/8: three bits, 0.375 bytes per scaled update), against a byte per element unpacked.
 """
 
 from __future__ import annotations
