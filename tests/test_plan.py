@@ -98,7 +98,7 @@ def test_plan_has_a_row_for_every_coupling_with_its_streams_and_bits() -> None:
 
 
 def test_longest_is_the_last_sequence_that_fits() -> None:
-    from revffn_fx.tools.memory_plan import METHODS, whole_step
+    from revffn_fx.tools.memory_plan import METHODS
 
     cfg = tiny_model("mixtral", num_hidden_layers=4, vocab_size=512).config
     budget = 64 * 2 ** 20
@@ -107,14 +107,14 @@ def test_longest_is_the_last_sequence_that_fits() -> None:
     by = {(f.method, f.fused): f for f in found}
     for f in found:
         assert f.seq > 0 and f.row is not None and f.row.total <= budget, f
-    # one more token does not fit (the boundary of the binary search), checked on two rows
-    from revffn_fx.tools.memory_plan import _param_stats
-
-    n, biggest = _param_stats(cfg, "none")
-    for label, method in (("exact mode", "checkpoint"), ("plain fine-tuning", "none")):
-        head = "chunked" if label == "exact mode" else "original"
-        s = by[(label, True)].seq
-        assert whole_step(cfg, 2, s + 1, method, head, True, n, biggest).total > budget
+    # the rows of memory_plan (token chunks included: --longest once left them out and
+    # disagreed with the plan it searches): at the found length the row fits, one more token
+    # does not (the boundary of the binary search)
+    for f in found:
+        at = {(r.method, r.fused): r for r in memory_plan(cfg, 2, f.seq)}
+        after = {(r.method, r.fused): r for r in memory_plan(cfg, 2, f.seq + 1)}
+        assert at[(f.method, f.fused)].total == f.row.total <= budget, f
+        assert after[(f.method, f.fused)].total > budget, f
     # plain fine-tuning keeps every activation: the shortest (whether a coupling beats the
     # exact mode depends on depth and the MoE's recompute: docs/benchmarks.md)
     assert all(by[("plain fine-tuning", False)].seq < f.seq for f in found

@@ -229,10 +229,12 @@ def longest(config: Any, batch: int, budget: int, optimizer: str = "adamw",
     for label, method, head in METHODS:
         n, biggest = stats[method]
         for fused in (False, True):
-            def peak(seq: int, method: str = method, head: str = head,
+            def peak(seq: int, method: str = method, head: str = head, label: str = label,
                      fused: bool = fused, n: int = n, biggest: int = biggest) -> PlanRow:
+                # the rows of memory_plan, token chunks included
                 return whole_step(config, batch, seq, method, head, fused, n, biggest,
-                                  optimizer, dtype, layers if method in STACKS else None)
+                                  optimizer, dtype, layers if method in STACKS else None,
+                                  token_chunk=_token_chunk(label, method))
 
             lo, hi = 0, max_seq  # peak(lo) fits (or lo == 0), the answer is in [lo, hi]
             while lo < hi:
