@@ -13,7 +13,10 @@ and through each coupling with ``rf.transform``'s defaults (``DOMAIN_RUNS``). Me
 
 Training: AdamW (betas 0.9/0.999, no weight decay), gradients clipped to norm 1, a linear
 warm-up of ``WARMUP`` steps then a **constant** learning rate, so a run evaluated at step 300
-on its way to 1200 *is* the 300-step run: one run gives both figures. Each step reads
+on its way to 1200 *is* the 300-step run: one run gives both figures. With ``--schedule
+linear`` (the Trainer's default) the lr decays linearly to 0 at ``--steps`` instead: a run
+per length (its files end in ``-linear<steps>``; the summary takes each such run at its
+length only). Each step reads
 ``--batch`` random windows of ``--seq`` tokens; the windows of every step are drawn up front
 from the seed (``--seeds``), the same for every run of a seed, so runs of one seed see the
 same data in the same order (bdia's gamma draws also follow the seed).
@@ -30,6 +33,17 @@ benchmark runs in phases, the summary merges whatever finished:
     python benchmarks/quality_domain.py --seeds 0,1,2 --steps 1200 --order seed --eval-every 600 \\
         --runs bdia2,bdia4,meft,none,revnet,revffn
     python benchmarks/quality_domain.py --summarize --out docs/quality-domain.json
+
+and, with the decaying lr, in their own results directory (a run per length):
+
+    python benchmarks/quality_domain.py --schedule linear --steps 300 --order seed \
+        --runs full,bdia16,bdia8,momentum,none,meft,revnet,bdia4,bdia2,revffn \
+        --work-dir /tmp/q-lin --results /tmp/q-lin/results
+    python benchmarks/quality_domain.py --schedule linear --steps 1200 --eval-every 1200 \
+        --order seed --runs full,bdia16,momentum,bdia8 \
+        --work-dir /tmp/q-lin --results /tmp/q-lin/results
+    python benchmarks/quality_domain.py --summarize --results /tmp/q-lin/results \
+        --out docs/quality-domain-linear.json
 """
 
 from __future__ import annotations
@@ -323,7 +337,8 @@ def main() -> None:
             meta = json.loads(meta_src.read_text()) if meta_src else {}
             meta["commands"] = [" ".join(line.split()) for line in __doc__.split("merges whatever "
                                                                        "finished:")[1]
-                                .replace("\\\n", " ").splitlines() if line.strip()]
+                                .replace("\\\n", " ").splitlines()
+                                if line.strip().startswith("python")]
             meta["spread"] = ("spread_pct: (max - min) / mean over seeds; sd_pct: sample "
                               "standard deviation / mean; vs_full_pct: mean over the common "
                               "seeds against full's mean over the same seeds")

@@ -69,3 +69,51 @@ def test_enough_tokens(gen):
     # 5% margin on the estimate (the full corpus measured 1,114,090 and 68,907 tokens)
     assert per_doc * gen.TRAIN_DOCS >= 1.05 * 1_000_000
     assert held_per_doc * gen.HELD_OUT_DOCS >= 1.05 * 50_000
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("quality_domain",
+                                                  ROOT / "benchmarks" / "quality_domain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero_at_the_run_length(bench):
+    from argparse import Namespace
+
+    lin, const = Namespace(lr=1.0, schedule="linear"), Namespace(lr=1.0, schedule="constant")
+    w = bench.WARMUP
+    assert bench.lr_at(0, 300, lin) == pytest.approx(1 / w)
+    assert bench.lr_at(w - 1, 300, lin) == pytest.approx(1.0)
+    assert bench.lr_at(w, 300, lin) == pytest.approx(1.0)
+    assert bench.lr_at(299, 300, lin) == pytest.approx(1 / (300 - w))
+    assert bench.lr_at(150, 300, lin) > bench.lr_at(151, 300, lin) > 0
+    assert bench.lr_at(299, 300, const) == bench.lr_at(w, 1200, const) == 1.0
+
+
+def test_summary_takes_a_decaying_run_only_at_its_length(bench, tmp_path):
+    """A 1200-step linear run passes step 300 with its lr still high: that figure is not the
+    300-step result, the 300-step linear run's is; both merge into one row per seed."""
+    import json
+
+    def write(name, seed, horizon, evals):
+        rec = {"name": name, "seed": seed, "evals": {str(k): {"domain_loss": v,
+                                                               "stdlib_loss": 5.0}
+                                                     for k, v in evals.items()},
+               "schedule": "linear", "horizon": horizon}
+        # the longer run's file read last, so its step-300 figure would win a plain merge
+        (tmp_path / f"{name}-s{seed}-{'z' if horizon > 300 else 'a'}{horizon}.json"
+         ).write_text(json.dumps(rec))
+
+    for seed in (0, 1):
+        write("full", seed, 300, {0: 6.0, 300: 0.60})
+        write("full", seed, 1200, {0: 6.0, 300: 0.90, 1200: 0.40})
+        write("momentum", seed, 300, {300: 0.603})
+    table = bench.summarize(tmp_path)
+    full = table["full"]["by_length"]
+    assert full["300"]["domain"]["mean"] == pytest.approx(0.60)  # not the 1200 run's 0.90
+    assert full["1200"]["domain"]["mean"] == pytest.approx(0.40)
+    assert table["momentum"]["by_length"]["300"]["vs_full_pct"] == pytest.approx(0.5)
