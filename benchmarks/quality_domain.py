@@ -36,13 +36,13 @@ benchmark runs in phases, the summary merges whatever finished:
 
 and, with the decaying lr, in their own results directory (a run per length):
 
-    python benchmarks/quality_domain.py --schedule linear --steps 300 --order seed \
-        --runs full,bdia16,bdia8,momentum,none,meft,revnet,bdia4,bdia2,revffn \
+    python benchmarks/quality_domain.py --schedule linear --steps 300 --order seed \\
+        --runs full,bdia16,bdia8,momentum,none,meft,revnet,bdia4,bdia2,revffn \\
         --work-dir /tmp/q-lin --results /tmp/q-lin/results
-    python benchmarks/quality_domain.py --schedule linear --steps 1200 --eval-every 1200 \
-        --order seed --runs full,bdia16,momentum,bdia8 \
+    python benchmarks/quality_domain.py --schedule linear --steps 1200 --eval-every 1200 \\
+        --order seed --runs full,bdia16,momentum,none,bdia8 \\
         --work-dir /tmp/q-lin --results /tmp/q-lin/results
-    python benchmarks/quality_domain.py --summarize --results /tmp/q-lin/results \
+    python benchmarks/quality_domain.py --summarize --results /tmp/q-lin/results \\
         --out docs/quality-domain-linear.json
 """
 
@@ -226,9 +226,9 @@ def summarize(results: Path) -> dict[str, Any]:
     data order)."""
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*-s*.json"))]
     by_run: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in records:  # a decaying run counts only at its horizon: merged by length
-        if r.get("horizon"):
-            r["evals"] = {k: v for k, v in r["evals"].items() if k == str(r["horizon"])}
+    for r in records:  # a decaying run counts only at its horizon (and at step 0, before
+        if r.get("horizon"):  # any lr): merged by length
+            r["evals"] = {k: v for k, v in r["evals"].items() if k in ("0", str(r["horizon"]))}
         merged = by_run.setdefault(r["name"], {}).setdefault(r["seed"], {"evals": {}})
         merged["evals"].update(r["evals"])
         merged.update({k: v for k, v in r.items() if k != "evals"})
