@@ -17,7 +17,8 @@ from torch import nn
 
 from . import couplings
 from .errors import ConversionError
-from .frontend.ir import TracedModel, call_arguments
+from .frontend.calling_convention import call_arguments
+from .frontend.ir import TracedModel
 from .frontend.registry import facts_for
 from .passes.analyze import analyze_layer, router_ids
 from .passes.chunk_tokens import tokenwise_targets

@@ -163,7 +163,7 @@ def greedy(rev: Any, input_ids: torch.Tensor, max_new_tokens: int = 20,
     """Greedy decoding without a cache, for a hand-written model (no ``generate`` of its
     own): every step reruns the whole sequence. Rows that produced ``eos_token_id`` are
     padded with it. Returns ``input_ids`` with the new tokens appended."""
-    from .frontend.ir import logits_and_loss
+    from .frontend.outputs import logits_and_loss
 
     if kwargs:
         raise RevFFNError(f"{type(rev.model).__name__} has no generate() of its own: the "

@@ -15,7 +15,7 @@ from zoo import PARALLEL_HF, tiny_model, tiny_parallel_hf
 
 import revffn_fx as rf
 from revffn_fx.errors import RevFFNError, TraceError
-from revffn_fx.frontend.ir import logits_and_loss
+from revffn_fx.frontend.outputs import logits_and_loss
 
 HAND = ["gpt", "tokens", "parallel", "three", "skip"]
 

@@ -22,7 +22,7 @@ from zoo import (
 import revffn_fx as rf
 from revffn_fx.errors import ConversionError, RevFFNError
 from revffn_fx.frontend.decoder_layers import find_decoder_layers
-from revffn_fx.frontend.ir import logits_and_loss
+from revffn_fx.frontend.outputs import logits_and_loss
 
 CONVERTS = [n for n in UNSEEN if n not in REFUSED_FORMS and n not in ("handoff", "shared_kv")]
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..frontend.ir import logits_and_loss
+from ..frontend.outputs import logits_and_loss
 
 #: how much worse than autograd in the training dtype a backward may be, absolute
 SLACK = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 0.02, torch.float16: 0.02}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..frontend.ir import logits_and_loss
+from ..frontend.outputs import logits_and_loss
 from ..model import RevModel
 from ..model_setup import input_embeddings
 from ..runtime import guard

@@ -25,10 +25,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
-from .calling_convention import (  # noqa: F401 (call_arguments: compiled.py imports it from here)
+from .calling_convention import (
     CausalLMEntry,
     LayerCall,
-    call_arguments,
     convention_of,
     layer_call_of,
 )
@@ -40,9 +39,8 @@ from .capture import (
     held_tensors,
     residual_shaped,
 )
-from .outputs import (  # noqa: F401 (logits_and_loss: generation.py, checks/exactness.py)
+from .outputs import (
     HF_OUTPUT,
-    logits_and_loss,
     rebuild_output,
     router_logits_off,
 )
