@@ -173,19 +173,29 @@ def memory_plan(config: Any, batch: int, seq: int, optimizer: str = "adamw",
                 layers: Sequence[int] | None = None) -> list[PlanRow]:
     """Estimated peak memory of one training step for every method, ordinary and fused;
     ``layers``: the decoder layers the reversible methods convert (None: all)."""
+    _check_optimizer(optimizer)
+    stats = _stats(config, layers)
+    return [_plan_row(config, batch, seq, label, method, head, fused, stats[method],
+                      optimizer, dtype, layers)
+            for label, method, head in METHODS for fused in (False, True)]
+
+
+def _plan_row(config: Any, batch: int, seq: int, label: str, method: str, head: str,
+              fused: bool, stats: tuple[int, int], optimizer: str,
+              dtype: torch.dtype | str | None, layers: Sequence[int] | None) -> PlanRow:
+    """One row of :func:`memory_plan` (and what :func:`longest` searches): the method's
+    whole step with its token chunks, labelled."""
+    n, biggest = stats
+    row = whole_step(config, batch, seq, method, head, fused, n, biggest, optimizer, dtype,
+                     layers if method in STACKS else None,
+                     token_chunk=_token_chunk(label, method))
+    row.method = label
+    return row
+
+
+def _check_optimizer(optimizer: str) -> None:
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    stats = _stats(config, layers)
-    rows = []
-    for label, method, head in METHODS:
-        n, biggest = stats[method]
-        for fused in (False, True):
-            row = whole_step(config, batch, seq, method, head, fused, n, biggest, optimizer,
-                             dtype, layers if method in STACKS else None,
-                             token_chunk=_token_chunk(label, method))
-            row.method = label
-            rows.append(row)
-    return rows
 
 
 def _token_chunk(label: str, method: str) -> int | None:
@@ -222,19 +232,15 @@ def longest(config: Any, batch: int, budget: int, optimizer: str = "adamw",
     """For every row of :func:`memory_plan`: the longest sequence at ``batch`` whose planned
     whole-step peak is within ``budget`` bytes (binary search; the peak grows with the
     sequence), up to ``max_seq``."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    _check_optimizer(optimizer)
     stats = _stats(config, layers)
     out = []
     for label, method, head in METHODS:
-        n, biggest = stats[method]
         for fused in (False, True):
-            def peak(seq: int, method: str = method, head: str = head, label: str = label,
-                     fused: bool = fused, n: int = n, biggest: int = biggest) -> PlanRow:
-                # the rows of memory_plan, token chunks included
-                return whole_step(config, batch, seq, method, head, fused, n, biggest,
-                                  optimizer, dtype, layers if method in STACKS else None,
-                                  token_chunk=_token_chunk(label, method))
+            def peak(seq: int, label: str = label, method: str = method, head: str = head,
+                     fused: bool = fused) -> PlanRow:
+                return _plan_row(config, batch, seq, label, method, head, fused,
+                                 stats[method], optimizer, dtype, layers)
 
             lo, hi = 0, max_seq  # peak(lo) fits (or lo == 0), the answer is in [lo, hi]
             while lo < hi:
@@ -243,10 +249,7 @@ def longest(config: Any, batch: int, budget: int, optimizer: str = "adamw",
                     lo = mid
                 else:
                     hi = mid - 1
-            row = peak(lo) if lo else None
-            if row is not None:
-                row.method = label
-            out.append(Longest(label, fused, lo, row))
+            out.append(Longest(label, fused, lo, peak(lo) if lo else None))
     return out
 
 
