@@ -137,13 +137,16 @@ transform_options = options(
     output_options,
     cross_attention_options,
     calibration_options,
-    click.option("--stream-dtype", type=click.Choice(["auto", "float64", "float32"]),
+    click.option("--stream-dtype", type=click.Choice(["auto", "float64", "float32", "int32"]),
                  default="auto", show_default=True,
                  help="Dtype of the coupled streams inside the reversible stacks (branches still "
                       "compute in the model's dtype). auto: one step wider than the hidden "
-                      "state at run time (bf16 -> fp32, fp32 -> fp64), float64 with exact "
-                      "streams; the same rule as rf.transform. 16-bit streams are refused "
-                      "(the backward would be less exact than autograd)."),
+                      "state at run time (bf16 -> fp32, fp32 -> fp64); with exact streams "
+                      "(momentum, meft, bdia) int32 units of 2**-16 for 16-bit models (4 "
+                      "bytes) and float64 for fp32; the same rule as rf.transform. int32: "
+                      "exact streams in 4 bytes for any model (|stream| < 16384, else a "
+                      "step retries in float64). 16-bit streams are refused (the backward "
+                      "would be less exact than autograd)."),
     estimate_options,
 )
 

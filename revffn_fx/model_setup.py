@@ -25,7 +25,8 @@ from .runtime.layers import RuntimeOptions, wider_stream_dtype
 from .runtime.router import RouterTap, find_routers
 
 _STREAM_DTYPES = {"float64": torch.float64, "float32": torch.float32,
-                  "bfloat16": torch.bfloat16, "float16": torch.float16}
+                  "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "int32": torch.int32}  # int32: the exact streams' grid (runtime/grid.py)
 
 
 def parse_layers(spec: str | Sequence[int] | None, n: int) -> list[int] | None:
@@ -59,8 +60,10 @@ def hidden_size_of(model: nn.Module) -> int:
 
 
 def parse_stream_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """``None``, a floating torch dtype, or its name ("float64", "float32", ...)."""
-    if value is None or isinstance(value, torch.dtype) and value.is_floating_point:
+    """``None``, a floating torch dtype (or int32, the exact streams' grid), or its name
+    ("float64", "float32", "int32", ...)."""
+    if value is None or isinstance(value, torch.dtype) and (value.is_floating_point
+                                                            or value == torch.int32):
         return value
     if isinstance(value, str) and value.replace("torch.", "") in _STREAM_DTYPES:
         return _STREAM_DTYPES[value.replace("torch.", "")]
@@ -70,7 +73,7 @@ def parse_stream_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
 def checked_options(model: nn.Module, coupling: str, options: TransformOptions | None,
                     option_kwargs: dict[str, Any]) -> TransformOptions:
     """The options, built from the keywords when not given (checked once, in one place),
-    resolved for the model's dtype (exact_streams' grid lives in float64 streams)."""
+    resolved for the model's dtype (:meth:`TransformOptions.resolved`)."""
     if options is None:
         options = TransformOptions.build(coupling=coupling, **option_kwargs)
     elif option_kwargs:

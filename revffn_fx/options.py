@@ -28,7 +28,7 @@ _COUPLING_OPTIONS = {name: tuple(c.name for c in couplings.REGISTRY.values() if 
 ATTENTIONS = ("plain", "cross")
 GUARDS = ("raise", "warn", "off")  # the reconstruction guard (runtime/guard.py)
 LOSS_HEADS = ("chunked", "original")
-STREAM_DTYPES = ("float64", "float32")
+STREAM_DTYPES = ("float64", "float32", "int32")
 # The stream rule (one rule, the API's and the CLI's): unless a stream dtype is given, the
 # coupled streams are carried one step wider than the hidden state they come from, decided
 # at run time (bf16/fp16 -> fp32, fp32 -> fp64), so the backward's reconstruction rounds no
@@ -87,9 +87,14 @@ class TransformOptions:
                                   "original")
         put("stream_dtype", _stream_dtype(self.stream_dtype))
         put("checkpoint_rest", bool(self.checkpoint_rest))
-        # None: the rule decides (exact for the scaled couplings, whose inverse divides)
-        put("exact_streams", self.coupling in SCALED_COUPLINGS if self.exact_streams is None
-            else bool(self.exact_streams))
+        # None: the rule decides (exact for the scaled couplings, whose inverse divides;
+        # int32 streams are exact streams: a grid of integer units)
+        int_streams = self.stream_dtype == "int32"
+        put("exact_streams", (self.coupling in SCALED_COUPLINGS or int_streams)
+            if self.exact_streams is None else bool(self.exact_streams))
+        if int_streams and not self.exact_streams:
+            raise ConversionError("stream_dtype 'int32' is the exact streams' grid (integer "
+                                  "units of 2**-16): it needs exact_streams (leave it unset)")
         it = self.fixed_point_iters
         if it is not None and (isinstance(it, bool) or not isinstance(it, int) or it < 1):
             raise ConversionError(f"fixed_point_iters must be a positive integer, not {it!r}")
@@ -130,12 +135,14 @@ class TransformOptions:
         return dataclasses.replace(self, **changes)
 
     def resolved(self, weight_dtype: str, calibrating: bool = False) -> TransformOptions:
-        """The options with a stream dtype a run can be judged by: ``exact_streams`` always
-        streams in float64; calibrated adapters (large gains) get float64 streams over fp32
-        weights; otherwise the stream dtype stays unset (the run-time rule: one step wider
-        than the hidden state)."""
+        """The options with a stream dtype a run can be judged by: ``exact_streams`` keep
+        a grid (runtime/grid.py: unset, the run-time rule picks int32 units for 16-bit
+        hidden states and float64 values for fp32; "int32" or "float64" as asked; a float32
+        request gets float64, the narrowest float the grid is exact in); calibrated adapters
+        (large gains) get float64 streams over fp32 weights; otherwise the stream dtype
+        stays unset (the run-time rule: one step wider than the hidden state)."""
         dtype = self.stream_dtype
-        if self.exact_streams:  # the fixed-point grid lives in float64
+        if self.exact_streams and dtype == "float32":
             dtype = "float64"
         elif calibrating and dtype is None:
             dtype = "float64" if weight_dtype.replace("torch.", "") in ("float32",

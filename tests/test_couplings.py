@@ -127,14 +127,15 @@ def test_momentum_is_not_an_option_of_revffn() -> None:
 
 def test_transform_dir_records_momentum_and_widens_streams(tmp_path: Path) -> None:
     """``revffn-transform --coupling momentum --momentum G``: the export records g, and
-    exact streams by default (float64 streams on the grid: the inverse divides by g)."""
+    exact streams by default (the inverse divides by g), their dtype left to the run-time
+    rule (runtime/grid.py: float64 values for these fp32 weights, int32 units in bf16)."""
     from revffn_fx.export import transform_dir
 
     example = Path(__file__).resolve().parents[1] / "examples" / "tiny-mixtral"
     transform_dir(example, tmp_path / "out", coupling="momentum", momentum=0.25,
                   stream_dtype="auto")
     options = json.loads((tmp_path / "out" / "config.json").read_text())["revffn"]["transform"]
-    assert options["momentum"] == 0.25 and options["stream_dtype"] == "float64"
+    assert options["momentum"] == 0.25 and options["stream_dtype"] is None
     assert options["exact_streams"] is True
     back = rf.load(tmp_path / "out")
     assert back.coupling == "momentum" and back.momentum == 0.25
@@ -190,8 +191,10 @@ UNEVEN = [0.25, 0.125]
 def test_update_keeps_g_and_its_inverse_divides_by_g(g: float, exact: bool) -> None:
     """Update.combine keeps g of the overwritten stream (``g * old + out``); Update.invert
     gives ``old`` back: to rounding on float streams, bit for bit on the exact grid."""
+    from revffn_fx.runtime.grid import FLOAT64_GRID
     from revffn_fx.runtime.layers import Update
-    from revffn_fx.runtime.stack import EXACT_GRID_BITS
+
+    EXACT_GRID_BITS = FLOAT64_GRID.bits  # noqa: N806
 
     torch.manual_seed(0)
     u = Update(torch.nn.Linear(16, 16, dtype=torch.float64), target=1, reads=[0],

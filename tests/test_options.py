@@ -110,9 +110,14 @@ def test_the_stream_rule() -> None:
     assert auto.resolved("torch.bfloat16", calibrating=True).stream_dtype is None
     for c in SCALED_COUPLINGS:
         opts = TransformOptions(coupling=c)
-        assert opts.exact_streams and opts.resolved("bfloat16").stream_dtype == "float64"
+        # exact streams' grid: the run-time rule unless asked (runtime/grid.py)
+        assert opts.exact_streams and opts.resolved("bfloat16").stream_dtype is None
+        assert opts.replace(stream_dtype="float32").resolved("float32").stream_dtype \
+            == "float64"
+        assert opts.replace(stream_dtype="int32").resolved("float32").stream_dtype == "int32"
         assert not TransformOptions(coupling=c, exact_streams=False).exact_streams
     assert not TransformOptions(coupling="revnet").exact_streams
+    assert TransformOptions(coupling="revnet", stream_dtype="int32").exact_streams
 
 
 def test_inexact_scaled_streams_refused_at_depth() -> None:

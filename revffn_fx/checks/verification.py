@@ -30,7 +30,8 @@ from ..model import RevModel
 from ..model_setup import input_embeddings
 from ..runtime import guard
 from ..runtime.fixed_point import fixed_point
-from ..runtime.stack import EXACT_GRID_BITS, RevStack, round_to_grid
+from ..runtime.grid import choose_grid, round_to_grid, to_units
+from ..runtime.stack import RevStack
 from ..runtime.streams import MERGES
 from .exactness import float64_copy, relative_error, tolerance, worst_parameter
 
@@ -244,15 +245,21 @@ def reconstruction_errors(rev: RevModel, input_ids: torch.Tensor, kw: dict[str, 
         for name, (xs, ctx) in seen.items():
             i = names[name]
             spec, layer = specs[i], by_layer[name]
+            trip = xs
             if opts.exact_streams:  # as training runs it: on the grid, with the stored bits
-                xs = round_to_grid(xs)
+                grid = choose_grid(opts.stream_dtype,
+                                   layer.updates[0].compute_dtype or xs[0].dtype)
+                trip = round_to_grid([x.to(grid.carrier) for x in xs], grid)
+                if grid.int_units:  # the generated backward's int32 units
+                    trip = [to_units(x, grid.bits) for x in trip]
                 for u in layer.updates:
-                    u.grid = EXACT_GRID_BITS
+                    u.grid, u.view_dtype = grid.bits, grid.view_dtype
             try:
-                err = round_trip(layer, xs, ctx, opts.fixed_point_iters, opts.fixed_point_tol)
+                err = round_trip(layer, trip, ctx, opts.fixed_point_iters,
+                                 opts.fixed_point_tol)
             finally:
                 for u in layer.updates:
-                    u.grid = None
+                    u.grid, u.view_dtype = None, None
             fp = any(not u.closed_form for u in layer.updates)
             compute = layer.updates[0].compute_dtype or xs[0].dtype
             rtol = guard.tolerance(xs[0].dtype, compute, opts.fixed_point_tol if fp else None)

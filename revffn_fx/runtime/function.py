@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import FixedPointError, RevFFNError
+from . import grid as grids
 from . import guard, rng
 from .fixed_point import fixed_point
 from .layers import RevLayer, Update, branch_params
@@ -48,50 +50,87 @@ def _updates(stack: Any) -> list[tuple[str, Update, RevLayer]]:
             for j, u in enumerate(layer.updates)]
 
 
+@dataclass
+class _Pass:
+    """What one forward pass over a stack leaves for the backward."""
+
+    streams: list[torch.Tensor]
+    record: bool
+    states: list[Any] = field(default_factory=list)  # RNG state before each branch
+    counts: list[int] = field(default_factory=list)  # router logits per update
+    logits: list[torch.Tensor] = field(default_factory=list)
+    lost: list[torch.Tensor] = field(default_factory=list)  # bits the scaled updates dropped
+    prints: list[torch.Tensor] = field(default_factory=list)  # the guard's, per layer
+    draws: list[Any] = field(default_factory=list)  # drawn before each branch (bdia's gamma)
+
+
+def _forward_pass(stack: Any, streams: list[torch.Tensor], ctx: dict[str, Any],
+                  flags: list[torch.Tensor] | None) -> _Pass:
+    """Run the stack's updates (no grad), keeping only what the backward needs."""
+    opts = stack.options
+    tap = opts.router_tap
+    run = _Pass(streams, bool(opts.record_router_logits and tap is not None))
+    devices = rng.cuda_devices(streams)
+    layer_now, units = None, []
+    layers = list(stack.layers)
+    for _, u, layer in _updates(stack):
+        if layer is not layer_now:  # FSDP2: gather one layer's parameters at a time
+            reshard(units, forward=True)
+            layer_now, units = layer, layer.units(opts)
+            unshard(units, _next_units(layers, layer, 1, opts))
+            if opts.guard != "off":
+                run.prints.append(guard.fingerprint(streams))
+        run.draws.append(u.prepare(streams))  # before the capture: the branch replays alone
+        run.states.append(rng.capture(devices))
+        if run.record:
+            with tap.recording() as rec:  # type: ignore[union-attr]
+                out = u.run(streams, ctx)
+            run.counts.append(len(rec))
+            run.logits.extend(rec)
+        else:
+            run.counts.append(0)
+            out = u.run(streams, ctx)
+        streams[u.target] = u.combine(streams, out, run.lost, flags)
+    reshard(units, forward=True)
+    return run
+
+
 class RevFunction(torch.autograd.Function):
     @staticmethod
     def forward(fctx: Any, stack: Any, ctx_leaves: list[Any], ctx_spec: Any,
                 tensor_pos: list[int], n: int, n_ctx: int, *tensors: torch.Tensor) -> Any:
-        streams = list(tensors[:n])
         ctx_t = tensors[n:n + n_ctx]
         ctx = _rebuild(ctx_leaves, ctx_spec, tensor_pos, ctx_t)
-        opts = stack.options
-        tap = opts.router_tap
-        record = bool(opts.record_router_logits and tap is not None)
-        devices = rng.cuda_devices(streams)
-        states, counts, logits = [], [], []
-        lost: list[torch.Tensor] = []  # exact_streams: the bits the scaled updates dropped
-        layer_now, units = None, []
-        layers = list(stack.layers)
-        prints: list[torch.Tensor] = []  # the guard's fingerprint of each layer's input
-        draws: list[Any] = []  # what each update drew before its branch (bdia's gamma)
-        for _, u, layer in _updates(stack):
-            if layer is not layer_now:  # FSDP2: gather one layer's parameters at a time
-                reshard(units, forward=True)
-                layer_now, units = layer, layer.units(opts)
-                unshard(units, _next_units(layers, layer, 1, opts))
-                if opts.guard != "off":
-                    prints.append(guard.fingerprint(streams))
-            draws.append(u.prepare(streams))  # before the capture: the branch replays alone
-            states.append(rng.capture(devices))
-            if record:
-                with tap.recording() as rec:  # type: ignore[union-attr]
-                    out = u.run(streams, ctx)
-                counts.append(len(rec))
-                logits.extend(rec)
-            else:
-                counts.append(0)
-                out = u.run(streams, ctx)
-            streams[u.target] = u.combine(streams, out, lost)
-        reshard(units, forward=True)
-        fctx.save_for_backward(*streams, *ctx_t, *lost)
+        grid = stack.grid
+        if grid is not None and grid.int_units:
+            # int32 units (4 bytes); a step whose streams leave their range runs again, on
+            # float64 values of the same grid, from the same RNG state (runtime/grid.py)
+            start = rng.capture(rng.cuda_devices(list(tensors[:n])))
+            flags: list[torch.Tensor] = []
+            streams = [grids.to_units(s, grid.bits, flags) for s in tensors[:n]]
+            run = _forward_pass(stack, streams, ctx, flags)
+            if grids.out_of_range(flags):
+                grids.warn_fallback(stack, f"the reversible stack from layer "
+                                    f"{stack.layers[0].name}", grid)
+                with rng.replay(start):
+                    run = _forward_pass(stack, [s.detach().to(torch.float64)
+                                                for s in tensors[:n]], ctx, None)
+        else:
+            run = _forward_pass(stack, list(tensors[:n]), ctx, None)
+        streams = run.streams
+        fctx.save_for_backward(*streams, *ctx_t, *run.lost)
         fctx.stack, fctx.n, fctx.n_ctx = stack, n, n_ctx
         fctx.ctx_meta = (ctx_leaves, ctx_spec, tensor_pos)
         fctx.params = tensors[n + n_ctx:]
-        fctx.states, fctx.counts, fctx.record = states, counts, record
-        fctx.prints, fctx.draws = prints, draws
+        fctx.states, fctx.counts, fctx.record = run.states, run.counts, run.record
+        fctx.prints, fctx.draws = run.prints, run.draws
         fctx.amp = _autocast_state()
-        return (*streams, *logits)
+        if grid is not None:  # handed on in the carrier dtype (float32 on the int32 grid)
+            outs = [grids.from_units(s, grid.bits, grid.carrier) if s.dtype == torch.int32
+                    else s.to(grid.carrier) for s in streams]
+        else:
+            outs = streams
+        return (*outs, *run.logits)
 
     @staticmethod
     def backward(fctx: Any, *grads: torch.Tensor | None) -> Any:
@@ -184,8 +223,10 @@ class _Walk:
             return
         before = self.fctx.prints[self.layer_pos[id(layer)]]
         fp = [u for u in layer.updates if not u.closed_form]
-        compute = layer.updates[0].compute_dtype or self.y[0].dtype
-        tol = guard.tolerance(self.y[0].dtype, compute, self.opts.fixed_point_tol if fp else None)
+        # int32 units are exact: judged as float32 streams (what branches read them as)
+        stream = self.y[0].dtype if self.y[0].is_floating_point() else torch.float32
+        compute = layer.updates[0].compute_dtype or stream
+        tol = guard.tolerance(stream, compute, self.opts.fixed_point_tol if fp else None)
         scaled = any(u.scaled for u in layer.updates)
         if scaled and not self.opts.exact_streams:
             hint = "the scaled coupling's inverse divides by g: use exact_streams=True"
@@ -232,7 +273,9 @@ class _Walk:
         (the inputs it reads, as leaves; its output; the router logits it produced)."""
         u.restore(self.fctx.draws[j])
         with torch.enable_grad(), self._replayed(j):
-            reads = {i: self.y[i].detach().requires_grad_(True) for i in sorted(set(u.reads))}
+            # the streams as the branch reads them (int32 units: float32 values), as leaves
+            reads = {i: u.view(self.y[i]).detach().requires_grad_(True)
+                     for i in sorted(set(u.reads))}
             streams = [reads.get(i, y) for i, y in enumerate(self.y)]
             if self.fctx.record:
                 with self.opts.router_tap.recording() as logits:  # type: ignore[union-attr]

@@ -39,6 +39,8 @@ def fingerprint(streams: list[torch.Tensor]) -> torch.Tensor:
     rows = []
     for s in streams:
         x = s.detach()
+        if not x.is_floating_point():  # int32 units (exact streams): their scale is moot
+            x = x.float()
         flat = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
         proj = (flat @ _projection(flat.shape[-1], flat.dtype, flat.device)).double().sum(1)
         norm = flat.double().pow(2).sum((1, 2)).sqrt()

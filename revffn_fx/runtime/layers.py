@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .bits import pack_bits, unpack_bits
+from .grid import check_units, from_units, to_units
 from .router import RouterTap
 
 
@@ -49,10 +50,11 @@ class RuntimeOptions:
     # backward's recompute: at long context the MoE dispatch's working set, not the stored
     # boundaries, is the backward's peak (runtime/chunking.py)
     token_chunk: int = 4096
-    # exact reconstruction for scaled updates (momentum, meft, bdia): the float64 streams
-    # are kept on a fixed-point grid of 2**-EXACT_GRID_BITS, where adding is exact and
-    # keeping g = 2**-k of a stream drops exactly k low bits, which the forward stores
-    # (packed: k/8 bytes per element per scaled update) for the backward to put back
+    # exact reconstruction for scaled updates (momentum, meft, bdia): the streams are kept
+    # on a fixed-point grid (runtime/grid.py: int32 units of 2**-16 for 16-bit models,
+    # float64 values on 2**-32 for fp32), where adding is exact and keeping g = 2**-k of a
+    # stream drops exactly k low bits, which the forward stores (packed: k/8 bytes per
+    # element per scaled update) for the backward to put back
     exact_streams: bool = False
     # the reconstruction guard (runtime/guard.py): "raise", "warn" or "off"
     guard: str = "raise"
@@ -91,8 +93,10 @@ class Update(nn.Module):
         self.scale = float(scale)
         # set by RevStack.forward when the streams are wider than the branch computes in
         self.compute_dtype: torch.dtype | None = None
-        # set by RevStack.forward with exact_streams: the fixed-point grid's bits
+        # set by RevStack.forward with exact_streams: the fixed-point grid's bits, and the
+        # dtype branches read the streams in (float32 on the int32 grid; runtime/grid.py)
         self.grid: int | None = None
+        self.view_dtype: torch.dtype | None = None
 
     @property
     def scaled(self) -> bool:
@@ -122,17 +126,31 @@ class Update(nn.Module):
         """The branch does not read the stream it updates: invert by subtraction."""
         return self.target not in self.reads
 
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """A stream as branches read it: int32 units as float32 values; on the int32 grid
+        a float64 value converted to float32 too (the same number either way)."""
+        if x.dtype == torch.int32:
+            assert self.grid is not None, "int32 streams without a grid"
+            return from_units(x, self.grid)
+        if self.view_dtype is not None:
+            return x.to(self.view_dtype)
+        return x
+
     def run(self, streams: list[torch.Tensor], ctx: dict[str, Any]) -> torch.Tensor:
-        xs = [streams[i] for i in self.reads]
+        xs = [self.view(streams[i]) for i in self.reads]
         if self.compute_dtype is not None:
             xs = [x.to(self.compute_dtype) for x in xs]
         return self.branch(*xs, **{k: ctx[k] for k in self.ctx_names})
 
     def combine(self, streams: list[torch.Tensor], out: torch.Tensor,
-                lost: list[torch.Tensor] | None = None) -> torch.Tensor:
+                lost: list[torch.Tensor] | None = None,
+                flags: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The new value of the target stream, given the branch output ``out``. With a
-        grid (exact_streams) the bits the scale drops are appended to ``lost``."""
+        grid (exact_streams) the bits the scale drops are appended to ``lost``; on int32
+        units, whether a value left the grid's range to ``flags``."""
         old = streams[self.target]
+        if old.dtype == torch.int32:
+            return self._combine_units(old, out, lost, flags)
         naive = (old if self.scale == 1.0 else old * self.scale) + out
         if self.grid is None:
             return naive
@@ -150,10 +168,37 @@ class Update(nn.Module):
             return exact
         return naive + (exact - naive).detach()  # the grid's rounding, gradient 1
 
+    def _combine_units(self, old: torch.Tensor, out: torch.Tensor,
+                       lost: list[torch.Tensor] | None,
+                       flags: list[torch.Tensor] | None) -> torch.Tensor:
+        """:meth:`combine` on int32 units: ``floor(old / m) + round(out * 2**grid)``, the
+        integers the float64 arithmetic above computes (``>>`` floors, ``&`` is the
+        non-negative remainder), so both hold the same stream."""
+        assert self.grid is not None
+        q = to_units(out, self.grid, flags)
+        kept = old
+        if self.scale != 1.0:
+            m = round(1 / self.scale)
+            k = m.bit_length() - 1
+            if lost is not None:
+                lost.append(pack_bits(old & (m - 1), k))
+            kept = old >> k
+        new = kept + q
+        check_units(new, flags)
+        return new
+
     def invert(self, new: torch.Tensor, out: torch.Tensor, lost: torch.Tensor | None = None,
                streams: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The old value of the target stream from its new value and the branch output
         (exactly, with a grid and the bits :meth:`combine` stored)."""
+        if new.dtype == torch.int32:
+            assert self.grid is not None
+            d = new - to_units(out, self.grid)
+            if self.scale != 1.0:
+                assert lost is not None, "exact_streams: the dropped bits were not stored"
+                m = round(1 / self.scale)
+                d = d * m + unpack_bits(lost, m.bit_length() - 1, d.shape)
+            return d
         if self.grid is None:
             old = new - out
             return old if self.scale == 1.0 else old / self.scale

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .bits import pack_bits, unpack_bits
+from .grid import check_units, to_units
 from .layers import Update
 
 
@@ -57,7 +58,10 @@ class SampledUpdate(Update):
         else:
             sign = torch.randint(0, 2, (w.shape[0],), device=w.device) * 2 - 1
             shape = (w.shape[0],) + (1,) * (w.dim() - 1)
-            self.gamma = (sign.to(w.dtype) * self.magnitude).view(shape)
+            # in the dtype the update's arithmetic runs in (float32 on the int32 grid,
+            # whether the streams are int32 units or float64 values)
+            dtype = self.view_dtype or w.dtype
+            self.gamma = (sign.to(dtype) * self.magnitude).view(shape)
         return self.gamma
 
     def restore(self, gamma: Any) -> None:
@@ -66,15 +70,26 @@ class SampledUpdate(Update):
     def run(self, streams: list[torch.Tensor], ctx: dict[str, Any]) -> torch.Tensor:
         """``(1 + gamma) L(r) - 2 gamma r`` in the streams' dtype (the branch itself
         computes in the compute dtype)."""
-        r = streams[self.reads[0]]
+        r = self.view(streams[self.reads[0]])
         out = super().run(streams, ctx).to(r.dtype)
         if _zero(self.gamma):
             return out
         return (1 + self.gamma) * out - 2 * self.gamma * r
 
     def combine(self, streams: list[torch.Tensor], out: torch.Tensor,
-                lost: list[torch.Tensor] | None = None) -> torch.Tensor:
+                lost: list[torch.Tensor] | None = None,
+                flags: list[torch.Tensor] | None = None) -> torch.Tensor:
         old = streams[self.target]
+        if old.dtype == torch.int32:  # int32 units: the same integers as below
+            assert self.grid is not None
+            new = to_units(out, self.grid, flags)
+            if not _zero(self.gamma):
+                m = round(1 / self.magnitude)
+                if lost is not None:
+                    lost.append(pack_bits(old & (m - 1), m.bit_length() - 1))
+                new = new + (old >> (m.bit_length() - 1)) * _sign(self.gamma)
+            check_units(new, flags)
+            return new
         naive = out if _zero(self.gamma) else self.gamma * old + out
         if self.grid is None:
             return naive
@@ -99,11 +114,21 @@ class SampledUpdate(Update):
             return streams[self.reads[0]].detach().clone()
         if self.grid is None:
             return (new - out) / self.gamma
+        if new.dtype == torch.int32:
+            assert lost is not None, "exact streams: the dropped bits were not stored"
+            m = round(1 / self.magnitude)
+            d = (new - to_units(out, self.grid)) * _sign(self.gamma)
+            return d * m + unpack_bits(lost, m.bit_length() - 1, d.shape)
         s = 2.0 ** self.grid
         d = (new * s - torch.round(out.detach().to(new.dtype) * s)) / self.gamma
         assert lost is not None, "exact streams: the dropped bits were not stored"
         k = round(1 / self.magnitude).bit_length() - 1
         return (d + unpack_bits(lost, k, d.shape).to(d.dtype)) / s
+
+
+def _sign(gamma: torch.Tensor) -> torch.Tensor:
+    """gamma's sign per sample, as int32 (+1 or -1)."""
+    return torch.sign(gamma).to(torch.int32)
 
 
 def _zero(gamma: Any) -> bool:

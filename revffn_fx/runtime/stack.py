@@ -3,7 +3,8 @@
 A stack is a run of reversible layers (``layers.py``) between a split of the hidden state
 into streams and a merge. The forward of a stack keeps only its final streams; the backward
 (``function.py``) walks the updates in reverse, reconstructing each stream and recomputing
-each branch once. Also here: the exact-streams grid and the checkpointed layers left out.
+each branch once. Also here: the checkpointed layers left out (the exact-streams grid is
+``grid.py``).
 This module knows nothing of torch.fx: a branch is any callable module.
 """
 
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import RevFFNError
 from .chunking import ChunkedForwards
 from .function import run_reversible
+from .grid import Grid, choose_grid, round_to_grid
 from .layers import RevLayer, RuntimeOptions, wider_stream_dtype
 from .sharding import check_params, reshard, unshard
 from .streams import MERGES, SPLITS, WRITTEN_LAST
@@ -32,6 +34,7 @@ class RevStack(nn.Module):
         self.split = split
         self.options = options
         self.stats: dict[str, tuple[int, float]] = {}  # fixed-point iterations, residual
+        self.grid: Grid | None = None  # this call's exact-streams grid (runtime/grid.py)
 
     def _params(self) -> list[torch.nn.Parameter]:
         """Trainable parameters passed through the autograd Function (so DDP's and the
@@ -51,23 +54,31 @@ class RevStack(nn.Module):
 
     def forward(self, hidden: torch.Tensor, **ctx: Any) -> torch.Tensor:
         streams = list(SPLITS[self.split](hidden))
-        wide = self.options.stream_dtype
-        if wide is None:  # the rule: one step wider than the hidden state
-            wide = wider_stream_dtype(hidden.dtype)
+        # the grid serves a reconstruction: only in training with gradients (eval keeps the
+        # plain arithmetic; bdia's eval is then the original layers bit for bit)
+        grid = None
+        if self.options.exact_streams and self.training and torch.is_grad_enabled():
+            grid = choose_grid(self.options.stream_dtype, hidden.dtype)
+            wide = grid.carrier
+        else:
+            wide = self.options.stream_dtype
+            if wide is None or wide == torch.int32:  # the rule: one step wider
+                wide = wider_stream_dtype(hidden.dtype)
+        self.grid = grid
+        if grid is not None:
+            check_grid_scales(self)
         wide = wide if wide != hidden.dtype else None
         for i, layer in enumerate(self.layers):
             for j, u in enumerate(layer.updates):
                 u.compute_dtype = hidden.dtype if wide is not None else None
-                u.grid = None
+                u.grid = None if grid is None else grid.bits
+                u.view_dtype = None if grid is None else grid.view_dtype
                 u.first_in_stack = i == 0 and j == 0  # bdia: no state before it
                 u.sampling = self.training and torch.is_grad_enabled()
         if wide is not None:
             streams = [s.to(wide) for s in streams]
-        # the grid serves a reconstruction: only in training with gradients (eval keeps the
-        # plain arithmetic; bdia's eval is then the original layers bit for bit)
-        if self.options.exact_streams and self.training and torch.is_grad_enabled():
-            grid_for(self, streams)
-            streams = round_to_grid(streams)
+        if grid is not None:
+            streams = round_to_grid(streams, grid)
         check_params(self)
         params = self._params()
         sharded = bool(self.options.shard_units)
@@ -86,11 +97,15 @@ class RevStack(nn.Module):
         # path that gathers each layer's parameters again for its backward
         if self.options.plain_autograd or not needs_grad or (not self.training
                                                               and not sharded):
+            if grid is not None and grid.int_units:  # the same numbers, as float64 values
+                streams = [s.to(torch.float64) for s in streams]
             for layer in self.layers:
                 units = layer.units(self.options)
                 unshard(units)
                 streams = layer(streams, ctx)
                 reshard(units)
+            if grid is not None:  # handed on as the generated backward hands them on
+                streams = [s.to(grid.carrier) for s in streams]
         else:
             streams = run_reversible(self, streams, ctx, params)
         if self.split in WRITTEN_LAST:  # the stream the stack's last update wrote
@@ -98,29 +113,14 @@ class RevStack(nn.Module):
         return MERGES[self.split](*streams).to(hidden.dtype)
 
 
-EXACT_GRID_BITS = 32  # streams on multiples of 2**-32: exact while |stream| < 2**20
-
-
-def grid_for(stack: RevStack, streams: list[torch.Tensor]) -> None:
-    if any(s.dtype != torch.float64 for s in streams):
-        raise RevFFNError("exact_streams needs float64 streams: pass stream_dtype='float64' "
-                          "(or a float64 model)")
+def check_grid_scales(stack: RevStack) -> None:
+    """Exact streams undo a scale g only when it is 2**-k (k bits dropped and stored)."""
     for layer in stack.layers:
         for u in layer.updates:
             m = 1 / getattr(u, "magnitude", u.scale)
             if u.scaled and not (m == round(m) and round(m) & (round(m) - 1) == 0):
                 raise RevFFNError(f"exact_streams needs a scale of 2**-k, got {u.scale} "
                                   "(momentum=0.5, 0.25, 0.125, ...)")
-            u.grid = EXACT_GRID_BITS
-
-
-def round_to_grid(streams: list[torch.Tensor]) -> list[torch.Tensor]:
-    s = 2.0 ** EXACT_GRID_BITS
-    out = []
-    for x in streams:
-        q = torch.round(x.detach() * s) / s
-        out.append(q if not x.requires_grad else x + (q - x).detach())
-    return out
 
 
 class Checkpointed(nn.Module):

@@ -232,8 +232,9 @@ def stream_layout(config: Any, coupling: str, dtype: torch.dtype | str | None = 
     """(bytes per stream element, bits stored per element per scaled update) of
     ``coupling``'s stacks for weights in ``dtype``, as the transform's options decide
     (:class:`revffn_fx.options.TransformOptions`: ``exact_streams`` None is its default,
-    on for the scaled couplings; exact streams are float64; an unset stream dtype is the
-    runtime's rule, one step wider than the hidden state: fp32 -> fp64, 16-bit -> fp32)."""
+    on for the scaled couplings; an unset stream dtype is the runtime's rule, one step
+    wider than the hidden state: fp32 -> fp64, 16-bit -> fp32; for exact streams, int32
+    units for 16-bit models and float64 for fp32 (runtime/grid.py): 4 and 8 bytes too)."""
     e = dtype_bytes(config, dtype)
     name = {8: "float64", 4: "float32", 2: "bfloat16"}.get(e, "float32")
     if isinstance(stream_dtype, torch.dtype):
@@ -241,7 +242,7 @@ def stream_layout(config: Any, coupling: str, dtype: torch.dtype | str | None = 
     opts = TransformOptions(coupling=coupling, stream_dtype=stream_dtype,
                             exact_streams=exact_streams).resolved(name)
     sb = (dtype_bytes(config, opts.stream_dtype) if opts.stream_dtype is not None
-          else 8 if e >= 4 else 4)  # runtime/stack.py RevStack.forward
+          else 8 if e >= 4 else 4)  # runtime/stack.py RevStack.forward, runtime/grid.py
     # packed side bits (runtime/bits.py): log2(1/g) per element per scaled update
     bits = couplings.get(coupling).side_bits(opts.to_dict())
     return sb, bits if opts.exact_streams and STACKS[coupling].scaled_updates else 0

@@ -67,6 +67,15 @@ for _c in ("revnet", "bdia"):
     STEP_METHODS[f"{_c}/no-chunks"] = StepMethod(
         f"{_c}, MoE run on all tokens at once", _c, False, "chunked", True,
         (*STEP_METHODS[_c].transform, ("token_chunk", 0)))
+# exact streams in 4 bytes (int32 units, runtime/grid.py) over these fp32 benchmark models,
+# whose default grid is float64 (8 bytes): what 16-bit models get by default
+for _c in ("revnet", "momentum", "bdia"):
+    STEP_METHODS[f"{_c}/int32"] = StepMethod(
+        f"{_c}, exact streams as int32 units", _c, False, "chunked", True,
+        (("stream_dtype", "int32"),))
+STEP_METHODS["bdia/int32+chunk1024"] = StepMethod(
+    "bdia, int32 exact streams, MoE run 1024 tokens at a time", "bdia", False, "chunked",
+    True, (("stream_dtype", "int32"), ("token_chunk", 1024)))
 #: the methods of a long-context comparison: the exact mode, its offloading peer and every
 #: coupling's full stack
 LONG_METHODS = ("exact", "offload", *(m for m in STEP_METHODS

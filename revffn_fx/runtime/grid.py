@@ -1,0 +1,131 @@
+"""The exact-streams grid: what the scaled couplings' streams are held in, so that undoing
+an update is exact at any depth.
+
+A stream on the grid is an integer number of units of ``2**-bits``. Adding a branch
+output rounded to the grid is exact, and keeping g = 2**-k of a stream drops exactly its k
+low bits, which the forward stores (runtime/bits.py) for the backward to put back. Two
+grids:
+
+- :data:`FLOAT64_GRID` (units of 2**-32, float64 values): the streams of fp32 and fp64
+  models; exact while ``|stream| < 2**20``. 8 bytes per element.
+- :data:`INT32_GRID` (units of 2**-16, int32 units inside the generated backward): the
+  streams of 16-bit models, and of any model given ``stream_dtype="int32"``. 4 bytes per
+  element, what a float32 stream costs; branches read the streams as float32. Its range
+  is ``|stream| < 2**14``: a training step whose streams leave it is run again with
+  float64 values on the same grid (the same numbers, 8 bytes per element, one warning),
+  so a model with large residual activations trains, only without the saving.
+
+The arithmetic is the same integers either way: ``floor(old / 2**k) + round(out *
+2**bits)``, in int32 (``>>`` and ``&``) or in float64 (``remainder``), so the reference
+run (plain autograd, float64 values) and the generated backward (int32 units) compute the
+same function bit for bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+#: int32 units are kept below this, so a sum of two never wraps
+INT_UNITS_LIMIT = 2 ** 30
+_WARNED: set[int] = set()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Streams are integer multiples of ``2**-bits``; ``int_units``: the generated
+    backward holds them as int32 units (else as float64 values)."""
+
+    bits: int
+    int_units: bool
+
+    @property
+    def carrier(self) -> torch.dtype:
+        """The float dtype the stack hands its streams to the generated backward in (and
+        gets them back in, and their gradients)."""
+        return torch.float32 if self.int_units else torch.float64
+
+    @property
+    def view_dtype(self) -> torch.dtype | None:
+        """The dtype branches read the streams in (None: the streams' own, float64)."""
+        return torch.float32 if self.int_units else None
+
+    @property
+    def limit(self) -> float:
+        """The largest |stream| value the grid holds exactly."""
+        return float(2.0 ** (30 - self.bits) if self.int_units else 2.0 ** (52 - self.bits))
+
+    def stored_bytes(self) -> int:
+        """Bytes per stream element the generated backward keeps."""
+        return 4 if self.int_units else 8
+
+
+FLOAT64_GRID = Grid(bits=32, int_units=False)
+INT32_GRID = Grid(bits=16, int_units=True)
+
+
+def choose_grid(stream_dtype: torch.dtype | None, hidden_dtype: torch.dtype) -> Grid:
+    """The grid of a stack: int32 when asked (``stream_dtype`` torch.int32) or, unasked,
+    for a 16-bit hidden state; float64 otherwise (asked for, or fp32/fp64 hidden states)."""
+    if stream_dtype == torch.int32:
+        return INT32_GRID
+    if stream_dtype is None and hidden_dtype in (torch.bfloat16, torch.float16):
+        return INT32_GRID
+    return FLOAT64_GRID
+
+
+def round_to_grid(streams: list[torch.Tensor], grid: Grid) -> list[torch.Tensor]:
+    """Each stream rounded to the grid (gradient 1 through the rounding). In float32 the
+    rounding is exact too: ``x * 2**16`` is exact, and a float32 that large is an integer
+    already."""
+    s = 2.0 ** grid.bits
+    out = []
+    for x in streams:
+        q = torch.round(x.detach() * s) / s
+        out.append(q if not x.requires_grad else x + (q - x).detach())
+    return out
+
+
+def to_units(x: torch.Tensor, bits: int, flags: list[torch.Tensor] | None = None
+             ) -> torch.Tensor:
+    """``round(x * 2**bits)`` as int32; a value out of range is noted in ``flags`` (a
+    bool tensor: no device sync here)."""
+    v = x.detach()
+    if v.dtype != torch.float64:
+        v = v.float()  # exact for 16-bit and float32 values
+    q = torch.round(v * 2.0 ** bits)
+    if flags is not None:
+        flags.append((q.abs() >= INT_UNITS_LIMIT).any())
+    return q.to(torch.int32)
+
+
+def check_units(x: torch.Tensor, flags: list[torch.Tensor] | None) -> None:
+    """Note in ``flags`` whether int32 units ``x`` left the range."""
+    if flags is not None:
+        flags.append((x.abs() >= INT_UNITS_LIMIT).any())
+
+
+def from_units(q: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """int32 units as values in ``dtype`` (float32: rounded once, as a float64 value
+    converted to float32 would be)."""
+    return q.to(dtype) * 2.0 ** -bits
+
+
+def out_of_range(flags: list[torch.Tensor]) -> bool:
+    """Whether any flag is set (one device sync)."""
+    return bool(torch.stack(flags).any()) if flags else False
+
+
+def warn_fallback(stack: object, where: str, grid: Grid) -> None:
+    """Once per stack: its streams left the int32 grid's range, the step ran on float64."""
+    if id(stack) in _WARNED:
+        return
+    _WARNED.add(id(stack))
+    warnings.warn(
+        f"{where}: a residual stream reached |x| >= {grid.limit:g}, beyond the int32 exact "
+        "streams' range; the step was run again with float64 streams on the same grid (the "
+        "same numbers, 8 bytes per element instead of 4). To skip the retry, pass "
+        "stream_dtype='float64'", RuntimeWarning, stacklevel=3)
