@@ -176,9 +176,11 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
     full-width copies, no new parameters), or "momentum" / "meft" (no new parameters;
     they keep the pretrained function to within ``momentum``, the fraction g of the
     overwritten stream each update keeps, default 1/8; their inverse divides by g, so pair
-    them with ``stream_dtype``, or for any depth ``exact_streams=True``: float64 streams on
-    a fixed-point grid, the bits each division drops stored in forward, one byte per element
-    per scaled update; docs/quality.md). ``layers``: indices or a spec like "0-3,6"
+    them with ``stream_dtype``, or for any depth ``exact_streams=True`` (their default):
+    streams on a fixed-point grid, the bits each division drops stored in forward, packed,
+    log2(1/g) bits per element per scaled update; the grid is int32 units of 2**-16 for
+    16-bit models (4 bytes) and float64 values on 2**-32 for fp32 (8 bytes),
+    runtime/grid.py; docs/quality.md). ``layers``: indices or a spec like "0-3,6"
     (default: every convertible layer). ``passes``: extra passes run on each coupling graph
     after the built-in rewrite. ``leaf_modules``: modules torch.fx should not trace into.
     ``coupling="none"`` is the exact mode: no layer is rewritten, the model computes what it
@@ -196,6 +198,8 @@ def transform(model: nn.Module | str | os.PathLike[str], coupling: str = "revffn
     for bf16) so that the backward reconstructs them without accumulated rounding error;
     branches still compute in the model's dtype. Worth it when the adapters have large
     gains (after :func:`revffn_fx.calibrate`); costs one wider copy of the streams.
+    "int32": exact streams in 4 bytes for any model (the default grid of 16-bit models;
+    over fp32 weights it rounds the streams to 2**-16, coarser than float64's 2**-32).
     """
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)

@@ -166,3 +166,28 @@ def test_the_plan_counts_4_byte_exact_streams() -> None:
     assert stream_layout(config, "momentum", "float32", stream_dtype="int32") == (4, 3)
     assert stream_layout(config, "bdia", "bfloat16")[0] == 4
     assert stream_layout(config, "momentum", "bfloat16", stream_dtype="float64")[0] == 8
+
+
+def test_bf16_autocast_over_fp32_weights_takes_the_int32_grid() -> None:
+    """The Trainer's bf16=True: fp32 weights, branches in bf16 under autocast; the stacks
+    keep int32 units, and the generated backward's gradients are plain autograd's. (The
+    backward here runs outside autocast: the guard's fingerprint must not follow autocast,
+    which took the forward's projection to bf16 and raised a false ReconstructionError.)"""
+    from revffn_fx.checks.exactness import flat_grads, relative_error
+
+    ids = _ids()
+    rev = rf.transform(tiny_model("mixtral", num_hidden_layers=3), coupling="momentum").train()
+
+    def step() -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return rev(ids, labels=ids).loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved = _saved_dtypes(rev, ids)
+    assert saved.get(torch.int32, 0) > 0 and torch.float64 not in saved, saved
+    torch.manual_seed(0)
+    gen, _ = flat_grads(rev, step)
+    with rev.plain_autograd():
+        torch.manual_seed(0)
+        auto, _ = flat_grads(rev, step)
+    assert gen.keys() == auto.keys() and relative_error(gen, auto) < 1e-5

@@ -66,14 +66,24 @@ FLOAT64_GRID = Grid(bits=32, int_units=False)
 INT32_GRID = Grid(bits=16, int_units=True)
 
 
-def choose_grid(stream_dtype: torch.dtype | None, hidden_dtype: torch.dtype) -> Grid:
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def choose_grid(stream_dtype: torch.dtype | None, hidden_dtype: torch.dtype,
+                device_type: str | None = None) -> Grid:
     """The grid of a stack: int32 when asked (``stream_dtype`` torch.int32) or, unasked,
-    for a 16-bit hidden state; float64 otherwise (asked for, or fp32/fp64 hidden states)."""
+    when the branches compute in 16 bits (a 16-bit hidden state, or 16-bit autocast on
+    ``device_type``: the Trainer's bf16 over fp32 weights); float64 otherwise."""
     if stream_dtype == torch.int32:
         return INT32_GRID
-    if stream_dtype is None and hidden_dtype in (torch.bfloat16, torch.float16):
+    if stream_dtype is None and (hidden_dtype in _HALF or _autocast_16(device_type)):
         return INT32_GRID
     return FLOAT64_GRID
+
+
+def _autocast_16(device_type: str | None) -> bool:
+    return (device_type is not None and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) in _HALF)
 
 
 def round_to_grid(streams: list[torch.Tensor], grid: Grid) -> list[torch.Tensor]:

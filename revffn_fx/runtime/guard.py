@@ -38,14 +38,20 @@ def fingerprint(streams: list[torch.Tensor]) -> torch.Tensor:
     the stream's norm per sample (float64)."""
     rows = []
     for s in streams:
-        x = s.detach()
-        if not x.is_floating_point():  # int32 units (exact streams): their scale is moot
-            x = x.float()
-        flat = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
-        proj = (flat @ _projection(flat.shape[-1], flat.dtype, flat.device)).double().sum(1)
-        norm = flat.double().pow(2).sum((1, 2)).sqrt()
-        rows.append(torch.cat([proj, norm[:, None]], dim=1))
+        with torch.autocast(s.device.type, enabled=False):  # the forward runs under the
+            rows.append(_fingerprint(s))  # user's autocast, the backward's guard may not
     return torch.stack(rows, dim=1)
+
+
+def _fingerprint(s: torch.Tensor) -> torch.Tensor:
+    """One stream's rows of :func:`fingerprint`: (samples, WIDTH + 1)."""
+    x = s.detach()
+    if not x.is_floating_point():  # int32 units (exact streams): their scale is moot
+        x = x.float()
+    flat = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
+    proj = (flat @ _projection(flat.shape[-1], flat.dtype, flat.device)).double().sum(1)
+    norm = flat.double().pow(2).sum((1, 2)).sqrt()
+    return torch.cat([proj, norm[:, None]], dim=1)
 
 
 def mismatch(before: torch.Tensor, after: torch.Tensor) -> float:

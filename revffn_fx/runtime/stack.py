@@ -58,7 +58,7 @@ class RevStack(nn.Module):
         # plain arithmetic; bdia's eval is then the original layers bit for bit)
         grid = None
         if self.options.exact_streams and self.training and torch.is_grad_enabled():
-            grid = choose_grid(self.options.stream_dtype, hidden.dtype)
+            grid = choose_grid(self.options.stream_dtype, hidden.dtype, hidden.device.type)
             wide = grid.carrier
         else:
             wide = self.options.stream_dtype
