@@ -1,5 +1,6 @@
-"""How the exact streams could be held: float64 on the 2**-32 grid (what the runtime does)
-against int64 grid units and int32 units on a coarser 2**-16 grid, for one scaled update
+"""How the exact streams can be held: float64 on the 2**-32 grid (the runtime's grid for
+fp32 models) against int64 grid units and int32 units on a coarser 2**-16 grid (the
+runtime's for 16-bit models, ``revffn_fx/runtime/grid.py``), for one scaled update
 (keep g = 1/8 of the stream, store the 3 dropped bits, add the rounded branch output) and
 its inverse. CPU time per element and bytes per element of the two streams.
 
