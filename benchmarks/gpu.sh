@@ -10,7 +10,7 @@
 #
 # Needs a Python with CUDA torch, transformers, click, rich (the repository is put on
 # PYTHONPATH, nothing is installed or downloaded: the models are synthetic). The default
-# parts, each capped by `timeout` (LIMIT_* seconds), 9 minutes at most together:
+# parts, each capped by `timeout` (LIMIT_* seconds), 9.5 minutes at most together:
 #   1. exactness (LIMIT_EXACT=120): the bf16 exactness table, benchmarks/gpu_exactness.py:
 #      each coupling's generated backward and plain bf16 autograd against float64 of the
 #      same function (the criterion of rf.verify); Mixtral-shaped, hidden 1024, 8 layers,
@@ -22,9 +22,10 @@
 #      4096; methods ckpt (the baseline of the ratios), exact, offload (the exact mode with
 #      its saved tensors in pinned host memory), revffn, revnet, momentum;
 #      $OUT/headline/*.json and .txt;
-#   3. long (LIMIT_LONG=180): one long-context point, Mixtral-shaped hidden 1024 (8 experts
+#   3. long (LIMIT_LONG=210): one long-context point, Mixtral-shaped hidden 1024 (8 experts
 #      top-2, vocab 32000), LONG_LAYERS (16) layers, batch 1 x LONG_SEQ (32768) tokens,
-#      bf16; methods exact (the baseline of the ratios), offload, revnet, revffn, momentum;
+#      bf16; methods exact (the baseline of the ratios), offload, revnet, revffn, momentum,
+#      bdia (momentum and bdia on int32 exact streams, the bf16 default);
 #      $OUT/long/*.json and .txt.
 #   ONLY=bench: the older per-part runs (revffn bench, mixtral-like, fp32 4 x 256 and bf16
 #      8 x 2048; LIMIT_FP32=200, LIMIT_BF16=220), about 7 minutes more.
@@ -106,9 +107,9 @@ if want headline; then
 fi
 if want long; then
     run_step long "mixtral-shaped-h1024-bf16-L${LONG_LAYERS:-16}-s${LONG_SEQ:-32768}" \
-        "${LIMIT_LONG:-180}" --synthetic mixtral-shaped --hidden 1024 \
+        "${LIMIT_LONG:-210}" --synthetic mixtral-shaped --hidden 1024 \
         --layers "${LONG_LAYERS:-16}" --batch 1 --seq "${LONG_SEQ:-32768}" --dtype bfloat16 \
-        --repeats 2 --methods "${LONG_METHODS:-exact,offload,revnet,revffn,momentum}"
+        --repeats 2 --methods "${LONG_METHODS:-exact,offload,revnet,revffn,momentum,bdia}"
 fi
 if want bench; then
     for spec in "mixtral-like-fp32 ${LIMIT_FP32:-200} --batch 4 --seq 256 --layers 4,8,16,32 --dtype float32" \
