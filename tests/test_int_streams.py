@@ -129,22 +129,25 @@ def _big_streams(coupling: str) -> Any:
 
 @pytest.mark.parametrize("coupling", ["momentum", "bdia"])
 def test_streams_beyond_the_int32_range_retry_in_float64(coupling: str) -> None:
+    """The step runs again on float64 values (gradients exact), once: later steps of the
+    stack start on float64 (no second warning, float64 saved, no int32)."""
     rev = _big_streams(coupling)
     with pytest.warns(RuntimeWarning, match="beyond the int32 exact streams' range"):
         r = exactness(rev, _ids())
     assert r.ok, r
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise
+        saved = _saved_dtypes(rev, _ids())
+    assert saved.get(torch.float64, 0) > 0 and torch.int32 not in saved, saved
 
 
 def test_without_the_retry_the_gradients_are_wrong(monkeypatch) -> None:  # noqa: ANN001
     """The retry is what keeps such a step exact: without it the int32 units wrap, the
     wrapped step reconstructs itself consistently (the guard cannot see it) but computes
     another function, and its gradients fail the criterion."""
-    rev = _big_streams("momentum")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert exactness(rev, _ids()).ok
-        monkeypatch.setattr(grids, "out_of_range", lambda flags: False)
-        r = exactness(rev, _ids())
+    rev = _big_streams("momentum")  # with the retry: the test above
+    monkeypatch.setattr(grids, "out_of_range", lambda flags: False)
+    r = exactness(rev, _ids())
     assert not r.ok and r.gen > 0.1, r
 
 

@@ -102,19 +102,24 @@ class RevFunction(torch.autograd.Function):
         ctx_t = tensors[n:n + n_ctx]
         ctx = _rebuild(ctx_leaves, ctx_spec, tensor_pos, ctx_t)
         grid = stack.grid
-        if grid is not None and grid.int_units:
+        if grid is not None and grid.int_units and not stack.int_overflow:
             # int32 units (4 bytes); a step whose streams leave their range runs again, on
-            # float64 values of the same grid, from the same RNG state (runtime/grid.py)
+            # float64 values of the same grid, from the same RNG state, and so does every
+            # later step of this stack (runtime/grid.py)
             start = rng.capture(rng.cuda_devices(list(tensors[:n])))
             flags: list[torch.Tensor] = []
             streams = [grids.to_units(s, grid.bits, flags) for s in tensors[:n]]
             run = _forward_pass(stack, streams, ctx, flags)
             if grids.out_of_range(flags):
-                grids.warn_fallback(stack, f"the reversible stack from layer "
+                stack.int_overflow = True
+                grids.warn_fallback(f"the reversible stack from layer "
                                     f"{stack.layers[0].name}", grid)
                 with rng.replay(start):
                     run = _forward_pass(stack, [s.detach().to(torch.float64)
                                                 for s in tensors[:n]], ctx, None)
+        elif grid is not None and grid.int_units:  # overflowed before: float64 values
+            run = _forward_pass(stack, [s.detach().to(torch.float64) for s in tensors[:n]],
+                                ctx, None)
         else:
             run = _forward_pass(stack, list(tensors[:n]), ctx, None)
         streams = run.streams

@@ -13,7 +13,8 @@ grids:
   element, what a float32 stream costs; branches read the streams as float32. Its range
   is ``|stream| < 2**14``: a training step whose streams leave it is run again with
   float64 values on the same grid (the same numbers, 8 bytes per element, one warning),
-  so a model with large residual activations trains, only without the saving.
+  and so is every later step of that stack, so a model with large residual activations
+  trains, only without the saving.
 
 The arithmetic is the same integers either way: ``floor(old / 2**k) + round(out *
 2**bits)``, in int32 (``>>`` and ``&``) or in float64 (``remainder``), so the reference
@@ -30,7 +31,6 @@ import torch
 
 #: int32 units are kept below this, so a sum of two never wraps
 INT_UNITS_LIMIT = 2 ** 30
-_WARNED: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -129,13 +129,12 @@ def out_of_range(flags: list[torch.Tensor]) -> bool:
     return bool(torch.stack(flags).any()) if flags else False
 
 
-def warn_fallback(stack: object, where: str, grid: Grid) -> None:
-    """Once per stack: its streams left the int32 grid's range, the step ran on float64."""
-    if id(stack) in _WARNED:
-        return
-    _WARNED.add(id(stack))
+def warn_fallback(where: str, grid: Grid) -> None:
+    """A stack's streams left the int32 grid's range: the step ran again on float64 values,
+    and the stack keeps them from now on (called once per stack)."""
     warnings.warn(
         f"{where}: a residual stream reached |x| >= {grid.limit:g}, beyond the int32 exact "
         "streams' range; the step was run again with float64 streams on the same grid (the "
-        "same numbers, 8 bytes per element instead of 4). To skip the retry, pass "
-        "stream_dtype='float64'", RuntimeWarning, stacklevel=3)
+        "same numbers, 8 bytes per element instead of 4), and this stack keeps float64 "
+        "from now on. To start there, pass stream_dtype='float64'", RuntimeWarning,
+        stacklevel=3)

@@ -35,6 +35,8 @@ class RevStack(nn.Module):
         self.options = options
         self.stats: dict[str, tuple[int, float]] = {}  # fixed-point iterations, residual
         self.grid: Grid | None = None  # this call's exact-streams grid (runtime/grid.py)
+        # its streams once left the int32 grid's range: float64 values from then on
+        self.int_overflow = False
 
     def _params(self) -> list[torch.nn.Parameter]:
         """Trainable parameters passed through the autograd Function (so DDP's and the
