@@ -194,3 +194,18 @@ def test_bf16_autocast_over_fp32_weights_takes_the_int32_grid() -> None:
         torch.manual_seed(0)
         auto, _ = flat_grads(rev, step)
     assert gen.keys() == auto.keys() and relative_error(gen, auto) < 1e-5
+
+
+def test_int32_streams_survive_export_and_load(tmp_path) -> None:  # noqa: ANN001
+    """``revffn-transform --stream-dtype int32``: recorded, and the loaded model trains on
+    the int32 grid."""
+    from pathlib import Path
+
+    from revffn_fx.export import transform_dir
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny-mixtral"
+    transform_dir(example, tmp_path / "out", coupling="momentum", stream_dtype="int32")
+    back = rf.load(tmp_path / "out").train()
+    assert back.options.stream_dtype == torch.int32 and back.options.exact_streams
+    saved = _saved_dtypes(back, _ids())
+    assert saved.get(torch.int32, 0) > 0 and torch.float64 not in saved, saved

@@ -127,7 +127,9 @@ class TransformSummary:
         if self.calibration is not None:
             out.append(f"adapters: {self.calibration.summary()}")
         wide = getattr(getattr(self.rev, "options", None), "stream_dtype", None)
-        if wide is not None:
+        if wide == torch.int32:
+            out.append("streams: exact, int32 units of 2**-16 inside the reversible stacks")
+        elif wide is not None:
             out.append(f"streams: carried in {str(wide).replace('torch.', '')} inside the "
                        "reversible stacks")
         if self.verify is not None:
