@@ -164,6 +164,8 @@ def build_model(run: Run, model_dir: Path, device: str = "cpu", tok: Any = None,
         base = rf.load_model(model_dir, experts_implementation="eager").to(device)
         own = ({"momentum": run.momentum} if run.momentum is not None else
                {"bdia_gamma": run.bdia_gamma} if run.bdia_gamma is not None else {})
+        if run.stream_dtype is not None:  # e.g. "int32": the 4-byte exact streams
+            own["stream_dtype"] = run.stream_dtype
         return rf.transform(base, coupling=run.coupling, **own).train()
     if run.random_init:
         from transformers import AutoModelForCausalLM

@@ -81,6 +81,12 @@ DOMAIN_RUNS: dict[str, Run] = {
     "bdia8": Run("bdia", bdia_gamma=0.125, defaults=True, note="bdia, gamma = 1/8 (3 bits)"),
     "bdia16": Run("bdia", bdia_gamma=0.0625, defaults=True,
                   note="bdia, gamma = 1/16 (4 bits; the default)"),
+    # the 4-byte exact streams (int32 units of 2**-16, runtime/grid.py) over these fp32
+    # weights, whose default grid is float64: the coarser grid's cost in quality
+    "momentum-i32": Run("momentum", defaults=True, stream_dtype="int32",
+                        note="momentum, g = 1/8, int32 exact streams"),
+    "bdia16-i32": Run("bdia", bdia_gamma=0.0625, defaults=True, stream_dtype="int32",
+                      note="bdia, gamma = 1/16, int32 exact streams"),
 }
 
 
