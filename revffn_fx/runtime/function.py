@@ -64,6 +64,11 @@ class _Pass:
     draws: list[Any] = field(default_factory=list)  # drawn before each branch (bdia's gamma)
 
 
+def _float64(streams: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The streams as float64 values (the int32 grid's numbers, exactly)."""
+    return [s.detach().to(torch.float64) for s in streams]
+
+
 def _forward_pass(stack: Any, streams: list[torch.Tensor], ctx: dict[str, Any],
                   flags: list[torch.Tensor] | None) -> _Pass:
     """Run the stack's updates (no grad), keeping only what the backward needs."""
@@ -115,11 +120,9 @@ class RevFunction(torch.autograd.Function):
                 grids.warn_fallback(f"the reversible stack from layer "
                                     f"{stack.layers[0].name}", grid)
                 with rng.replay(start):
-                    run = _forward_pass(stack, [s.detach().to(torch.float64)
-                                                for s in tensors[:n]], ctx, None)
+                    run = _forward_pass(stack, _float64(tensors[:n]), ctx, None)
         elif grid is not None and grid.int_units:  # overflowed before: float64 values
-            run = _forward_pass(stack, [s.detach().to(torch.float64) for s in tensors[:n]],
-                                ctx, None)
+            run = _forward_pass(stack, _float64(tensors[:n]), ctx, None)
         else:
             run = _forward_pass(stack, list(tensors[:n]), ctx, None)
         streams = run.streams
