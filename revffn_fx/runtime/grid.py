@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .bits import pack_bits, unpack_bits
+
 #: int32 units are kept below this, so a sum of two never wraps
 INT_UNITS_LIMIT = 2 ** 30
 
@@ -115,6 +117,20 @@ def check_units(x: torch.Tensor, flags: list[torch.Tensor] | None) -> None:
     """Note in ``flags`` whether int32 units ``x`` left the range."""
     if flags is not None:
         flags.append((x.abs() >= INT_UNITS_LIMIT).any())
+
+
+def drop_bits(units: torch.Tensor, m: int, lost: list[torch.Tensor] | None) -> torch.Tensor:
+    """``floor(units / m)`` for m = 2**k (``>>``); the k bits it drops (``&``, the
+    non-negative remainder) packed onto ``lost``."""
+    k = m.bit_length() - 1
+    if lost is not None:
+        lost.append(pack_bits(units & (m - 1), k))
+    return units >> k
+
+
+def put_back_bits(kept: torch.Tensor, m: int, lost: torch.Tensor) -> torch.Tensor:
+    """The units :func:`drop_bits` took ``kept`` from, with the bits it stored."""
+    return kept * m + unpack_bits(lost, m.bit_length() - 1, kept.shape)
 
 
 def from_units(q: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32

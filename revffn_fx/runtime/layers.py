@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .bits import pack_bits, unpack_bits
-from .grid import check_units, from_units, to_units
+from .grid import check_units, drop_bits, from_units, put_back_bits, to_units
 from .router import RouterTap
 
 
@@ -176,13 +176,7 @@ class Update(nn.Module):
         non-negative remainder), so both hold the same stream."""
         assert self.grid is not None
         q = to_units(out, self.grid, flags)
-        kept = old
-        if self.scale != 1.0:
-            m = round(1 / self.scale)
-            k = m.bit_length() - 1
-            if lost is not None:
-                lost.append(pack_bits(old & (m - 1), k))
-            kept = old >> k
+        kept = old if self.scale == 1.0 else drop_bits(old, round(1 / self.scale), lost)
         new = kept + q
         check_units(new, flags)
         return new
@@ -196,8 +190,7 @@ class Update(nn.Module):
             d = new - to_units(out, self.grid)
             if self.scale != 1.0:
                 assert lost is not None, "exact_streams: the dropped bits were not stored"
-                m = round(1 / self.scale)
-                d = d * m + unpack_bits(lost, m.bit_length() - 1, d.shape)
+                d = put_back_bits(d, round(1 / self.scale), lost)
             return d
         if self.grid is None:
             old = new - out

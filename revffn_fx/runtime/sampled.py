@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .bits import pack_bits, unpack_bits
-from .grid import check_units, to_units
+from .grid import check_units, drop_bits, put_back_bits, to_units
 from .layers import Update
 
 
@@ -84,10 +84,8 @@ class SampledUpdate(Update):
             assert self.grid is not None
             new = to_units(out, self.grid, flags)
             if not _zero(self.gamma):
-                m = round(1 / self.magnitude)
-                if lost is not None:
-                    lost.append(pack_bits(old & (m - 1), m.bit_length() - 1))
-                new = new + (old >> (m.bit_length() - 1)) * _sign(self.gamma)
+                kept = drop_bits(old, round(1 / self.magnitude), lost)
+                new = new + kept * _sign(self.gamma)
             check_units(new, flags)
             return new
         naive = out if _zero(self.gamma) else self.gamma * old + out
@@ -116,9 +114,8 @@ class SampledUpdate(Update):
             return (new - out) / self.gamma
         if new.dtype == torch.int32:
             assert lost is not None, "exact streams: the dropped bits were not stored"
-            m = round(1 / self.magnitude)
             d = (new - to_units(out, self.grid)) * _sign(self.gamma)
-            return d * m + unpack_bits(lost, m.bit_length() - 1, d.shape)
+            return put_back_bits(d, round(1 / self.magnitude), lost)
         s = 2.0 ** self.grid
         d = (new * s - torch.round(out.detach().to(new.dtype) * s)) / self.gamma
         assert lost is not None, "exact streams: the dropped bits were not stored"
